@@ -1,1 +1,69 @@
-"""stepforge.simulator"""
+"""The STeP language: types, symbolic shapes, operators, the safe program
+parser and two interpreters (vectorised torch, and a naive element-by-element
+oracle).
+
+Public API::
+
+    parse_dtype(spec)            -> ElemType    ("fp32", "Buffer(fp32, [D])", list for tuples)
+    parse_dims(dims)             -> Shape       (tuple of Dim, innermost first)
+    StreamType(elem, shape)                     static type of a stream
+    Stream(type, data)                          a value: Tensor, or list of Tensors for tuples
+    make_fn(...)                 -> StepFn      a task function from its `apply` source
+    parse_program(text)          -> Program     whitelisted AST walk; never exec
+    check_affine(program)        -> list[AffineViolation]
+    typecheck(program, inputs, fns) -> list[StreamType]   the returned streams' types
+    run_program(program, inputs, fns, binding, engine="vectorised"|"naive",
+                max_elements=2**27) -> list[Stream]
+
+Every error derives from `SimulatorError` and has a one-line `.message` fit to
+show a model; `ProgramSyntaxError`, `StepTypeError`, `ResourceError` and
+`StepRuntimeError` carry the program line.
+"""
+
+from stepforge.simulator.errors import (
+    ProgramSyntaxError,
+    ResourceError,
+    SimulatorError,
+    StepRuntimeError,
+    StepTypeError,
+)
+from stepforge.simulator.fns import StepFn, make_fn
+from stepforge.simulator.interpreter import run_program, typecheck
+from stepforge.simulator.program import AffineViolation, Program, check_affine, parse_program
+from stepforge.simulator.shapes import Dim, Shape, parse_dims
+from stepforge.simulator.types import (
+    BufferType,
+    ElemType,
+    MultihotType,
+    ScalarType,
+    TupleType,
+    parse_dtype,
+)
+from stepforge.simulator.values import Stream, StreamType
+
+__all__ = [
+    "AffineViolation",
+    "BufferType",
+    "Dim",
+    "ElemType",
+    "MultihotType",
+    "Program",
+    "ProgramSyntaxError",
+    "ResourceError",
+    "ScalarType",
+    "Shape",
+    "SimulatorError",
+    "StepFn",
+    "StepRuntimeError",
+    "StepTypeError",
+    "Stream",
+    "StreamType",
+    "TupleType",
+    "check_affine",
+    "make_fn",
+    "parse_dims",
+    "parse_dtype",
+    "parse_program",
+    "run_program",
+    "typecheck",
+]
