@@ -1,0 +1,118 @@
+"""Validated configuration of a model backend, loadable from YAML."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import ConfigError
+
+BackendKind = Literal["hf", "vllm", "openai"]
+
+
+class BackendConfig(BaseModel):
+    """Everything needed to build one backend instance.
+
+    `model` is a local checkpoint directory for `hf` and `vllm`, and the served
+    model name for `openai`. Unknown keys are rejected so typos surface early.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: BackendKind = "hf"
+    model: str = Field(min_length=1)
+    served_model_name: str | None = None
+    tokenizer: str | None = None
+    # OpenAI-compatible HTTP
+    base_url: str | None = None
+    api_key: str | None = None
+    max_concurrency: int = Field(default=8, ge=1)
+    timeout_s: float = Field(default=120.0, gt=0)
+    max_retries: int = Field(default=3, ge=0)
+    backoff_s: float = Field(default=0.5, ge=0)
+    # local engines
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_model_len: int | None = Field(default=None, ge=2)
+    batch_size: int = Field(default=8, ge=1)
+    lora_path: str | None = None
+    # vLLM
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
+    enable_prefix_caching: bool = True
+    max_lora_rank: int | None = Field(default=None, ge=1)
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict)
+    # Ray
+    num_gpus: float | None = Field(default=None, ge=0)
+
+    @model_validator(mode="after")
+    def _check_kind(self) -> "BackendConfig":
+        if self.kind == "openai" and not self.base_url:
+            raise ValueError("kind 'openai' needs base_url (e.g. http://127.0.0.1:8000/v1)")
+        if self.kind != "vllm" and self.tensor_parallel_size != 1:
+            raise ValueError("tensor_parallel_size applies to kind 'vllm' only")
+        return self
+
+    @property
+    def name(self) -> str:
+        """The model name shown to clients (served name, else the model string)."""
+        return self.served_model_name or self.model
+
+    def resolved_api_key(self) -> str:
+        """The API key: configured, else $OPENAI_API_KEY, else a placeholder."""
+        return self.api_key or os.environ.get("OPENAI_API_KEY") or "EMPTY"
+
+    def actor_num_gpus(self) -> float:
+        """GPUs a Ray actor hosting this backend must reserve."""
+        if self.num_gpus is not None:
+            return self.num_gpus
+        if self.kind == "vllm":
+            return float(self.tensor_parallel_size)
+        if self.kind == "hf" and self.device == "cuda":
+            return 1.0
+        return 0.0
+
+
+def load_backend_config(path: str | Path, key: str | None = "backend") -> BackendConfig:
+    """Read a YAML file and validate its backend section.
+
+    The section is `data[key]` when that key exists, else the whole document.
+    Errors name the file and the offending key.
+    """
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if key and isinstance(data, dict) and key in data:
+        data = data[key]
+        where = f"{path}: {key}"
+    else:
+        where = str(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping of backend settings")
+    return config_from_dict(data, where)
+
+
+def config_from_dict(data: dict[str, Any], where: str = "config") -> BackendConfig:
+    """Validate a mapping into a BackendConfig, raising ConfigError with key names."""
+    try:
+        return BackendConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"{where}: {format_validation_error(exc)}") from None
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """One line per problem: `key.path: message`."""
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(root)"
+        parts.append(f"{loc}: {err['msg']}")
+    return "; ".join(parts)

@@ -1,0 +1,52 @@
+"""Shared fixtures of the serve tests: the tiny model, built once per session.
+
+Imported by the `test_serve_*` modules (`from serve_fixtures import ...`).
+Builds are cached by path, so importing the fixtures into several modules
+still builds the model and loads the backend only once.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+_BACKENDS: dict[str, object] = {}
+
+STEPFORGE = str(Path(sys.executable).parent / "stepforge")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random Qwen2 checkpoint directory (built once per session)."""
+    from stepforge.serve.tiny_model import build_tiny_model
+
+    out = tmp_path_factory.getbasetemp() / "tiny_model"
+    if not (out / "config.json").exists():
+        build_tiny_model(out, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def hf_backend(tiny_model_dir):
+    """One transformers backend on the tiny model, shared by the session."""
+    from stepforge.serve.base import BackendConfig, make_backend
+
+    key = str(tiny_model_dir)
+    if key not in _BACKENDS:
+        _BACKENDS[key] = make_backend(BackendConfig(kind="hf", model=key, device="cpu"))
+    return _BACKENDS[key]
+
+
+def free_port() -> int:
+    """A free TCP port on the loopback interface."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
