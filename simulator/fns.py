@@ -1,0 +1,244 @@
+"""Task functions (`fns`): compiled from a task file's `apply` source.
+
+Bodies come from task files (not from model output) and are written for one
+element. `StepFn.map`/`StepFn.fold` evaluate them over a batch of elements with
+`torch.func.vmap`; a body that cannot be vmapped (it branches on a value, calls
+`.item()`, ...) falls back to element-by-element evaluation, and that choice is
+cached per fn. `StepFn.call` evaluates one element (the naive interpreter).
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+import torch
+
+from stepforge.simulator.errors import StepRuntimeError
+from stepforge.simulator.shapes import SizeSymbol, shape_values
+from stepforge.simulator.types import ElemType, LeafType, parse_dtype
+
+INIT_VALUES = {"0": 0.0, "1": 1.0, "-1": -1.0, "-inf": -math.inf, "inf": math.inf}
+
+
+class Ctx(dict):
+    """Size symbol -> value. Keys are symbol names, so `ctx[E]` and `ctx["E"]` agree."""
+
+    def __setitem__(self, key, value):
+        super().__setitem__(str(key), int(value))
+
+
+def build_namespace(
+    binding: Mapping[str, int],
+    input_data: dict | None = None,
+    global_code: str | None = None,
+    symbols: tuple[str, ...] = ("M", "N", "K", "D", "E"),
+) -> dict:
+    """The globals of `global`, fns and oracles: torch, math, ctx, symbols, `X_value`s.
+
+    `global` (task-file code) runs in it; sizes it binds through `ctx` become
+    `X_value` names too. `input_data` is shared, so it can be filled later.
+    """
+    ctx = Ctx()
+    ns: dict[str, Any] = {"torch": torch, "math": math, "ctx": ctx, "input_data": input_data if input_data is not None else {}}
+    for name in set(symbols) | set(binding):
+        ns[name] = SizeSymbol(name)
+    for name, value in binding.items():
+        ctx[name] = value
+        ns[f"{name}_value"] = int(value)
+    if global_code:
+        exec(compile(global_code, "<global>", "exec"), ns)  # task-file code, run in a worker
+        for name, value in ctx.items():
+            ns.setdefault(f"{name}_value", value)
+    return ns
+
+
+def namespace_binding(ns: Mapping[str, Any]) -> dict[str, int]:
+    """The size binding a namespace ended with (after `global` ran)."""
+    return dict(ns["ctx"])
+
+
+def _compile_body(source: str, label: str) -> ast.Module:
+    tree = ast.parse(source, filename=label)
+    if not tree.body:
+        raise ValueError(f"{label}: empty body")
+    has_return = any(isinstance(n, ast.Return) for n in _walk_outside_defs(tree))
+    body = tree.body
+    if not has_return:
+        last = body[-1]
+        if not isinstance(last, ast.Expr):
+            raise ValueError(f"{label}: the body needs a `return` or must end with an expression")
+        body = body[:-1] + [ast.Return(value=last.value)]
+    args = ast.arguments(
+        posonlyargs=[],
+        args=[ast.arg("input"), ast.arg("state")],
+        kwonlyargs=[],
+        kw_defaults=[],
+        defaults=[ast.Constant(None)],
+    )
+    fdef = ast.FunctionDef(name="_step_fn", args=args, body=body, decorator_list=[], returns=None, type_params=[])
+    module = ast.Module(body=[fdef], type_ignores=[])
+    return ast.fix_missing_locations(module)
+
+
+def _walk_outside_defs(tree: ast.AST):
+    stack = list(ast.iter_child_nodes(tree))
+    while stack:
+        node = stack.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+            continue
+        yield node
+        stack.extend(ast.iter_child_nodes(node))
+
+
+@dataclass
+class StepFn:
+    """A task function: typed input/output, optional fold init, compiled body."""
+
+    name: str
+    func_name: str
+    input_type: ElemType
+    output_type: ElemType
+    body: Callable
+    init: list[float] | None = None
+    source: str = ""
+    _vmappable: bool | None = field(default=None, repr=False)
+
+    @property
+    def is_fold(self) -> bool:
+        return self.init is not None
+
+    def init_state(self, binding: Mapping[str, int], batch: tuple[int, ...] = (), device=None) -> list[torch.Tensor]:
+        """The fold's initial state: one tensor per output field, batch axes first."""
+        assert self.init is not None
+        return [
+            torch.full(batch + shape_values(f.elem_dims(), binding), v, dtype=torch.float32, device=device)
+            for f, v in zip(self.output_type.fields(), self.init)
+        ]
+
+    # -- one element --------------------------------------------------------
+    def call(self, inputs: list[torch.Tensor], state: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Evaluate the body on one element (and fold state)."""
+        try:
+            out = self.body(list(inputs), None if state is None else list(state))
+        except Exception as exc:
+            raise StepRuntimeError(f"fn {self.func_name} raised {type(exc).__name__}: {exc}") from None
+        return self._normalise(out)
+
+    def _normalise(self, out) -> list[torch.Tensor]:
+        if isinstance(out, torch.Tensor) or not isinstance(out, (list, tuple)):
+            out = [out]
+        n_out = len(self.output_type.fields())
+        if len(out) != n_out:
+            raise StepRuntimeError(f"fn {self.func_name} returned {len(out)} fields, its output_dtype has {n_out}")
+        return [torch.as_tensor(t).to(torch.float32) for t in out]
+
+    # -- many elements ------------------------------------------------------
+    def map(self, inputs: list[torch.Tensor], binding: Mapping[str, int]) -> list[torch.Tensor]:
+        """Apply to a batch: every input has a leading batch axis."""
+        return self._batched(inputs, None, binding)
+
+    def fold(self, state: list[torch.Tensor], inputs: list[torch.Tensor], binding: Mapping[str, int]) -> list[torch.Tensor]:
+        """One fold step for a batch of independent states."""
+        return self._batched(inputs, state, binding)
+
+    def _batched(self, inputs, state, binding) -> list[torch.Tensor]:
+        batch = inputs[0].shape[0]
+        out_shapes = [shape_values(f.elem_dims(), binding) for f in self.output_type.fields()]
+        if batch == 0:
+            return [torch.zeros((0,) + s, dtype=torch.float32, device=inputs[0].device) for s in out_shapes]
+        result = None
+        if self._vmappable is not False:
+            result = self._try_vmap(inputs, state)
+        if result is None:
+            result = self._loop(inputs, state)
+        for i, (t, s) in enumerate(zip(result, out_shapes)):
+            if tuple(t.shape) != (batch,) + s:
+                if tuple(t.shape) == s:  # the body ignored its input
+                    result[i] = t.expand((batch,) + s)
+                    continue
+                raise StepRuntimeError(
+                    f"fn {self.func_name} returned a tensor of shape {tuple(t.shape[1:])} for output field {i}, "
+                    f"its output_dtype {self.output_type.fields()[i]} needs {s}"
+                )
+        return result
+
+    def _try_vmap(self, inputs, state) -> list[torch.Tensor] | None:
+        n_in = len(inputs)
+
+        def element(*args):
+            ins = list(args[:n_in])
+            st = list(args[n_in:]) if state is not None else None
+            return tuple(self._normalise(self.body(ins, st)))
+
+        try:
+            out = torch.func.vmap(element)(*inputs, *(state or []))
+        except Exception:
+            if self._vmappable is None:
+                self._vmappable = False
+                return None
+            raise
+        self._vmappable = True
+        return list(out)
+
+    def _loop(self, inputs, state) -> list[torch.Tensor]:
+        rows = [
+            self.call([x[b] for x in inputs], None if state is None else [s[b] for s in state])
+            for b in range(inputs[0].shape[0])
+        ]
+        return [torch.stack([r[i] for r in rows]) for i in range(len(rows[0]))]
+
+
+def make_fn(
+    name: str,
+    func_name: str,
+    input_dtype,
+    output_dtype,
+    apply: str,
+    init=None,
+    namespace: dict | None = None,
+) -> StepFn:
+    """Build a StepFn from a task file's fn entry; the body sees `namespace` as globals."""
+    label = f"<fn {func_name}>"
+    module = _compile_body(apply, label)
+    scope = namespace if namespace is not None else build_namespace({})
+    local: dict[str, Any] = {}
+    exec(compile(module, label, "exec"), scope, local)  # task-file code, run in a worker
+    output_type = parse_dtype(output_dtype)
+    return StepFn(
+        name=name,
+        func_name=func_name,
+        input_type=parse_dtype(input_dtype),
+        output_type=output_type,
+        body=local["_step_fn"],
+        init=None if init is None else parse_init(init, len(output_type.fields()), func_name),
+        source=apply,
+    )
+
+
+def parse_init(init, n_fields: int, func_name: str = "fn") -> list[float]:
+    """Fold inits: one of 0, 1, -1, -inf per output field (a bare value for one field)."""
+    values = init if isinstance(init, (list, tuple)) else [init]
+    if len(values) != n_fields:
+        raise ValueError(f"fn {func_name}: init has {len(values)} values, output_dtype has {n_fields} fields")
+    out = []
+    for v in values:
+        key = str(v).strip().replace("float('-inf')", "-inf").replace("float(\"-inf\")", "-inf")
+        if key in INIT_VALUES:
+            out.append(INIT_VALUES[key])
+        else:
+            try:
+                out.append(float(key))
+            except ValueError:
+                raise ValueError(f"fn {func_name}: init value {v!r} is not one of 0, 1, -1, -inf") from None
+    return out
+
+
+def leaf_shapes(elem: ElemType, binding: Mapping[str, int]) -> list[tuple[int, ...]]:
+    """Concrete element tensor shape of each field."""
+    return [shape_values(f.elem_dims(), binding) for f in elem.fields()]
+
+
+__all__ = ["Ctx", "StepFn", "build_namespace", "leaf_shapes", "make_fn", "namespace_binding", "parse_init", "LeafType"]

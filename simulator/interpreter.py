@@ -1,0 +1,289 @@
+"""Type-check and run a parsed STeP program on an engine (vectorised or naive).
+
+`typecheck` walks the program once with the typing rules of `ops`, without
+tensors. `run_program` then checks every tensor's size against the element
+budget before anything is allocated and runs each operator on the chosen
+engine. Both engines share this walk, so they can only differ in how an
+operator computes, which is what the differential tests compare.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Union
+
+from stepforge.simulator.errors import ResourceError, StepRuntimeError, StepTypeError
+from stepforge.simulator.fns import StepFn
+from stepforge.simulator.ops import FnListType, StreamList, TypeContext, infer, resolve_params
+from stepforge.simulator.program import Apply, Comprehension, FnList, OpCall, Program, Return
+from stepforge.simulator.shapes import format_shape, shape_values
+from stepforge.simulator.values import Stream, StreamType
+
+DEFAULT_MAX_ELEMENTS = 2**27
+
+
+@dataclass
+class TypedOp:
+    """One operator application with resolved params and its input/output types."""
+
+    call: OpCall
+    params: dict[str, Any]
+    arg_type: Any
+    out_type: Union[StreamType, list[StreamType]]
+
+
+@dataclass
+class TypedStatement:
+    stmt: Any
+    ops: list[TypedOp] = field(default_factory=list)  # one, or one per comprehension item
+
+
+@dataclass
+class TypedProgram:
+    program: Program
+    statements: list[TypedStatement]
+    outputs: list[StreamType]
+    dyn_bounds: dict
+
+
+def typecheck(
+    program: Program,
+    inputs: Mapping[str, StreamType],
+    fns: Mapping[str, StepFn],
+    binding: Mapping[str, int] | None = None,
+) -> list[StreamType]:
+    """The types of the returned streams; raises StepTypeError on the first broken rule."""
+    return typecheck_program(program, inputs, fns, binding).outputs
+
+
+def typecheck_program(
+    program: Program,
+    inputs: Mapping[str, StreamType],
+    fns: Mapping[str, StepFn],
+    binding: Mapping[str, int] | None = None,
+) -> TypedProgram:
+    """Like `typecheck`, keeping every operator's resolved types for the interpreters."""
+    ctx = TypeContext(fns=fns, binding=dict(binding or {}))
+    env: dict[str, Any] = dict(inputs)
+    typed: list[TypedStatement] = []
+    outputs: list[StreamType] = []
+    for st in program.statements:
+        ts = TypedStatement(st)
+        if isinstance(st, Apply):
+            arg_type = _arg_type(st.arg, env, st.line)
+            op = _typed_op(st.call, arg_type, ctx)
+            ts.ops.append(op)
+            _bind_targets(st, op.out_type, env)
+        elif isinstance(st, FnList):
+            for name in st.fns:
+                if name not in fns:
+                    raise StepTypeError(f"{name} is not a fn of this task (its fns: {', '.join(sorted(fns))})", st.line)
+            env[st.target] = FnListType(st.fns)
+        elif isinstance(st, Comprehension):
+            items = _comprehension_items(st, env, fns)
+            results = []
+            for local_env, fn_vars in items:
+                arg_type = _arg_type(st.arg, local_env, st.line)
+                item_ctx = TypeContext(fns, ctx.binding, fn_vars, ctx.dyn_bounds, ctx._counter)
+                op = _typed_op(st.call, arg_type, item_ctx)
+                ctx._counter = item_ctx._counter
+                if not isinstance(op.out_type, StreamType):
+                    raise StepTypeError(f"{st.call.op} in a list comprehension must produce one stream", st.line)
+                ts.ops.append(op)
+                results.append(op.out_type)
+            env[st.target] = StreamList(tuple(results))
+        elif isinstance(st, Return):
+            for name in st.names:
+                value = _lookup(name, env, st.line)
+                if not isinstance(value, StreamType):
+                    raise StepTypeError(f"return: {name} is not a stream", st.line)
+                outputs.append(value)
+        typed.append(ts)
+    return TypedProgram(program, typed, outputs, ctx.dyn_bounds)
+
+
+def _typed_op(call: OpCall, arg_type, ctx: TypeContext) -> TypedOp:
+    params = resolve_params(call, ctx)
+    return TypedOp(call, params, arg_type, infer(call, arg_type, params, ctx))
+
+
+def _lookup(name: str, env: Mapping[str, Any], line: int):
+    if name not in env:
+        streams = ", ".join(n for n, v in env.items() if isinstance(v, StreamType)) or "none"
+        raise StepTypeError(f"{name} is not defined (streams defined so far: {streams})", line)
+    return env[name]
+
+
+def _arg_type(arg, env, line):
+    if isinstance(arg, str):
+        value = _lookup(arg, env, line)
+        if isinstance(value, FnListType):
+            raise StepTypeError(f"{arg} is a list of fns, not a stream", line)
+        return value
+    return tuple(_arg_type(a, env, line) for a in arg)
+
+
+def _bind_targets(st: Apply, out, env):
+    if st.unpack:
+        outs = out if isinstance(out, list) else [out]
+        if len(outs) != len(st.targets):
+            raise StepTypeError(f"{st.call.op} produces {len(outs)} stream(s), unpacked into {len(st.targets)} names", st.line)
+        env.update(zip(st.targets, outs))
+    else:
+        env[st.targets[0]] = StreamList(tuple(out)) if isinstance(out, list) else out
+        if st.call.op == "Copy":
+            raise StepTypeError("Copy produces two streams: unpack them, e.g. a, b = step.Copy().apply(x)", st.line)
+
+
+def _comprehension_items(st: Comprehension, env, fns):
+    lists = []
+    for it in st.iterables:
+        if isinstance(it, tuple):
+            for name in it:
+                if name not in fns:
+                    raise StepTypeError(f"{name} is not a fn of this task", st.line)
+            lists.append(FnListType(it))
+        else:
+            value = _lookup(it, env, st.line)
+            if not isinstance(value, (StreamList, FnListType)):
+                raise StepTypeError(f"{it} is not a list of streams or fns", st.line)
+            lists.append(value)
+    lengths = {len(v.items) if isinstance(v, StreamList) else len(v.fns) for v in lists}
+    if len(lengths) != 1:
+        raise StepTypeError(f"the lists zipped together have different lengths {sorted(lengths)}", st.line)
+    items = []
+    for i in range(lengths.pop()):
+        local = dict(env)
+        fn_vars = {}
+        for var, value in zip(st.loop_vars, lists):
+            if isinstance(value, StreamList):
+                local[var] = value.items[i]
+            else:
+                fn_vars[var] = value.fns[i]
+                local.pop(var, None)
+        items.append((local, fn_vars))
+    return items
+
+
+# ---------------------------------------------------------------------------
+
+
+def check_resources(typed: TypedProgram, binding: Mapping[str, int], max_elements: int) -> None:
+    """Raise ResourceError if any stream of the program would exceed `max_elements`."""
+    bounds = dict(binding)
+    for name, bound in typed.dyn_bounds.items():
+        bounds[name] = _evaluate(bound, bounds, None, "a route size")
+    for ts in typed.statements:
+        for op in ts.ops:
+            outs = op.out_type if isinstance(op.out_type, list) else [op.out_type]
+            for out in outs:
+                total = 0
+                for shape in _tensor_shapes(out, bounds, op.call):
+                    n = 1
+                    for d in shape:
+                        n *= d
+                    total += n
+                if total > max_elements:
+                    raise ResourceError(
+                        f"{op.call.label()} would make a stream {out} of {total:,} elements "
+                        f"(limit {max_elements:,})", op.call.line)
+
+
+def _tensor_shapes(stype: StreamType, binding, call: OpCall | None):
+    try:
+        return stype.tensor_shapes(binding)
+    except ValueError as exc:
+        where = call.label() if call else "an input"
+        raise StepRuntimeError(f"{where}: shape {format_shape(stype.shape)}: {exc}", call.line if call else None) from None
+
+
+def _evaluate(dim, binding, call, what):
+    try:
+        return dim.evaluate(binding)
+    except ValueError as exc:
+        raise StepRuntimeError(f"{what}: {exc}", call.line if call else None) from None
+
+
+def run_program(
+    program: Program,
+    inputs: Mapping[str, Stream],
+    fns: Mapping[str, StepFn],
+    binding: Mapping[str, int],
+    engine: str = "vectorised",
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+) -> list[Stream]:
+    """Run `program` on `inputs`; returns the returned streams as tensors."""
+    binding = dict(binding)
+    typed = typecheck_program(program, {n: s.type for n, s in inputs.items()}, fns, binding)
+    for name, stream in inputs.items():
+        expected = _tensor_shapes(stream.type, binding, None)
+        got = [tuple(t.shape) for t in stream.field_tensors()]
+        if got != expected:
+            raise StepRuntimeError(f"input {name}: tensor shape {got} does not match its type {stream.type} ({expected})")
+    check_resources(typed, binding, max_elements)
+    eng = _engine(engine)
+    return eng.run(typed, inputs, binding)
+
+
+def _engine(name: str):
+    if name == "vectorised":
+        from stepforge.simulator.vectorised import VectorisedEngine
+
+        return VectorisedEngine()
+    if name == "naive":
+        from stepforge.simulator.naive import NaiveEngine
+
+        return NaiveEngine()
+    raise ValueError(f"unknown engine {name!r}; expected 'vectorised' or 'naive'")
+
+
+class Engine:
+    """Walks a typed program; subclasses say how each operator computes."""
+
+    def load(self, stream: Stream, binding):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def unload(self, value, stype: StreamType, binding) -> Stream:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def execute(self, op: TypedOp, arg, binding: dict):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def run(self, typed: TypedProgram, inputs: Mapping[str, Stream], binding: dict) -> list[Stream]:
+        env: dict[str, Any] = {name: self.load(s, binding) for name, s in inputs.items()}
+        for ts in typed.statements:
+            st = ts.stmt
+            if isinstance(st, Apply):
+                out = self._execute(ts.ops[0], _gather(st.arg, env), binding)
+                if st.unpack:
+                    env.update(zip(st.targets, out))
+                else:
+                    env[st.targets[0]] = out
+            elif isinstance(st, FnList):
+                env[st.target] = list(st.fns)
+            elif isinstance(st, Comprehension):
+                lists = [list(it) if isinstance(it, tuple) else env[it] for it in st.iterables]
+                results = []
+                for i, op in enumerate(ts.ops):
+                    local = dict(env)
+                    for var, values in zip(st.loop_vars, lists):
+                        local[var] = values[i]
+                    results.append(self._execute(op, _gather(st.arg, local), binding))
+                env[st.target] = results
+            elif isinstance(st, Return):
+                return [self.unload(env[n], t, binding) for n, t in zip(st.names, typed.outputs)]
+        raise AssertionError("a parsed program ends with return")
+
+    def _execute(self, op: TypedOp, arg, binding):
+        try:
+            return self.execute(op, arg, binding)
+        except StepRuntimeError as exc:
+            if exc.line is None:
+                raise StepRuntimeError(f"{op.call.label()}: {exc.message}", op.call.line) from None
+            raise
+
+
+def _gather(arg, env):
+    if isinstance(arg, str):
+        return env[arg]
+    return tuple(_gather(a, env) for a in arg)
