@@ -63,3 +63,31 @@ class BufferEntry(BaseModel):
     round: int
     temperature: float
     messages: list[dict[str, str]] | None = None  # the proposer prompt it was earned from
+
+
+class GuardRequest(BaseModel):
+    """Ask a guardian to make one candidate program obey the affine rule."""
+
+    task_key: str
+    task_ir: str
+    program: str  # the proposal's program text (already extracted from the reply)
+    temperature: float = 0.0
+    seed: int = 0
+
+
+class GuardResult(BaseModel):
+    program: str  # the repaired program (unchanged when nothing was needed)
+    changed: bool = False
+    messages: list[dict[str, str]] | None = None  # the chat prompt sent (LLM guardian only)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class Guardian(ABC):
+    """Repairs global constraints (each stream consumed once)."""
+
+    name: str = "guardian"
+
+    @abstractmethod
+    def repair(self, requests: list[GuardRequest]) -> list[GuardResult]:
+        """One result per request, in order."""
