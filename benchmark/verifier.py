@@ -1,0 +1,590 @@
+"""The verifier: is a STeP program a correct solution of a task (STEP_SPEC.md section 6)?
+
+`verify(task, impl)` checks, in this order, and stops at the first failure:
+
+    parse    the text is in the STeP language (never exec'd)
+    type     it type-checks against the task's inputs and fns
+    affine   every stream is consumed at most once (see below)
+    arity    it returns as many streams as the task has outputs
+    dtype    each returned stream has the declared element type
+    shape    ... and the declared symbolic shape
+    value    for every (size binding, input seed), every field matches the
+             float64 oracle within a float32-sound tolerance
+
+The static stages (parse to shape) run once per program; the value stage once
+per (binding, seed): by default the default sizes and each binding the task
+declares, with seeds 0, 1, 2. Failures while running are `resource` (a tensor
+would exceed `max_elements`; checked before allocating) or `runtime`.
+`timeout` is given by the worker pool (benchmark/pool.py), which runs this
+module in worker processes with a time limit.
+
+The affine rule does not stop the functional stages: a program that breaks it
+gets stage `affine` (not passed) but `functional_ok` says whether its numbers
+are right, so baselines without a guardian can be scored on function alone.
+With `check_affine=False` such a program passes and `affine_ok` is False.
+
+Tolerance. The oracle runs in float64 (inputs cast to float64, the default
+dtype set to float64 while it runs); the candidate runs in float32. A field
+passes when, elementwise, |got - ref| <= atol + rtol * |ref| with
+
+    rtol = C * eps32 * sqrt(L)
+    atol = rtol * max|ref| + 4 * dev32
+
+where eps32 = 2**-23, C = 8, L = the largest size in the binding (an upper
+bound on the length of any single-dim reduction, whose float32 rounding error
+grows like sqrt(L) for the random inputs the benchmark draws) and dev32 the
+largest deviation of the same oracle evaluated in float32 from its float64
+value (an empirical measure of how ill-conditioned the computation is, e.g.
+a softmax of large scores; it is 0 for well-conditioned tasks). At the default
+sizes (L = 16) this allows about 3.8e-6 relative to the larger of the element
+and the field's maximum: a 1e-3 relative error is 250 times over it, and a
+dropped 1e-5 epsilon in a norm (about 1.5e-5 relative) is still caught, while
+correct float32 programs stay well inside it at L = 512 (where a sequential
+sum's typical relative error is about 0.3 * eps32 * sqrt(L)). A task's
+`tolerance: {rtol, atol}` replaces the two numbers (absolute values).
+Infinite oracle values must be matched exactly; NaN never matches.
+
+Task-side failures (its `global`, data generation or oracle raise, an oracle
+of the wrong shape, a binding that `global` contradicts) are not the
+candidate's fault: they raise `TaskFileError` instead of returning a verdict.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import math
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Literal, Mapping, Optional, Sequence, Union
+
+import torch
+from pydantic import BaseModel, Field
+
+from stepforge import simulator as sim
+from stepforge.benchmark.schema import MultihotGen, Task, TaskFileError, resolve_task
+from stepforge.simulator.fns import build_namespace, namespace_binding
+from stepforge.simulator.shapes import DEFAULT_SIZES, format_shape
+
+Stage = Literal["ok", "parse", "type", "affine", "arity", "dtype", "shape", "value", "timeout", "resource", "runtime"]
+STAGES: tuple[str, ...] = ("ok", "parse", "type", "affine", "arity", "dtype", "shape", "value", "timeout", "resource", "runtime")
+
+EPS32 = float(torch.finfo(torch.float32).eps)
+TOL_FACTOR = 8.0
+DEV32_FACTOR = 4.0
+DEFAULT_SEEDS = (0, 1, 2)
+DEFAULT_MAX_ELEMENTS = 2**27
+
+
+class Verdict(BaseModel):
+    """The result of verifying one program against one task."""
+
+    passed: bool
+    stage: Stage
+    message: str = Field(description="one line fit to show a model")
+    task: Optional[str] = None
+    binding: Optional[dict[str, int]] = Field(default=None, description="the size binding of the failing run")
+    seed: Optional[int] = Field(default=None, description="the input seed of the failing run")
+    affine_ok: Optional[bool] = Field(default=None, description="None when the program did not parse")
+    functional_ok: bool = False
+    runs: int = Field(default=0, description="(binding, seed) runs completed")
+    timings: dict[str, float] = Field(default_factory=dict, description="seconds: parse, setup, run, check, total")
+
+    def short(self) -> str:
+        """`PASS`/`FAIL <stage>: message` on one line."""
+        return ("PASS" if self.passed else f"FAIL {self.stage}") + f": {self.message}"
+
+
+# ---------------------------------------------------------------------------
+# per-task preparation (cached per process: the pool's workers keep it warm)
+
+
+@dataclass
+class _Prepared:
+    task: Task
+    input_types: dict[str, sim.StreamType]
+    output_types: list[sim.StreamType]
+    static_fns: dict[str, sim.StepFn]
+    static_binding: dict[str, int]
+    oracles: list[list[tuple[Any, Any]]]  # per output, per field: (compiled body, compiled last expression)
+
+
+@dataclass
+class _RunData:
+    binding: dict[str, int]
+    inputs: dict[str, sim.Stream]
+    fns: dict[str, sim.StepFn]
+    refs: list[list[torch.Tensor]]  # float64, per output, per field
+    dev32: list[list[float]]
+    setup_s: float
+
+
+_PREPARED: "OrderedDict[str, _Prepared]" = OrderedDict()
+_RUNS: "OrderedDict[tuple, _RunData]" = OrderedDict()
+_MAX_PREPARED = 64
+_MAX_RUNS = 256
+
+
+def clear_caches() -> None:
+    """Forget prepared tasks and cached inputs/oracles (tests; memory)."""
+    _PREPARED.clear()
+    _RUNS.clear()
+
+
+def _lru_put(cache: OrderedDict, key, value, limit: int) -> None:
+    cache[key] = value
+    cache.move_to_end(key)
+    while len(cache) > limit:
+        cache.popitem(last=False)
+
+
+def _task_error(task: Task, key: str, message: str) -> TaskFileError:
+    return TaskFileError(f"task {task.key}", [(key, message)])
+
+
+def _one_line(exc: BaseException) -> str:
+    text = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+    text = " ".join(str(text).split())
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def _compile_block(code: str, label: str):
+    tree = ast.parse(code, filename=label)
+    last = tree.body[-1]
+    body = ast.Module(body=tree.body[:-1], type_ignores=[])
+    expr = ast.Expression(body=last.value)
+    return compile(body, label, "exec"), compile(expr, label, "eval")
+
+
+def _namespace(task: Task, binding: Mapping[str, int], input_data: dict, where: str = "global") -> dict:
+    try:
+        return build_namespace(dict(binding), input_data, task.global_code)
+    except Exception as exc:
+        raise _task_error(task, where, f"raised {type(exc).__name__}: {_one_line(exc)}") from None
+
+
+def _build_fns(task: Task, ns: dict) -> dict[str, sim.StepFn]:
+    fns = {}
+    for i, f in enumerate(task.fns):
+        try:
+            fns[f.func_name] = sim.make_fn(f.name, f.func_name, f.input_dtype, f.output_dtype, f.apply,
+                                           f.init_list(), namespace=ns)
+        except Exception as exc:
+            raise _task_error(task, f"fns[{i}]", f"cannot build fn {f.func_name}: {_one_line(exc)}") from None
+    return fns
+
+
+def _stream_type(task: Task, decl, where: str) -> sim.StreamType:
+    try:
+        return sim.StreamType(sim.parse_dtype(decl.dtype), sim.parse_dims(decl.dims))
+    except ValueError as exc:
+        raise _task_error(task, where, _one_line(exc)) from None
+
+
+def _prepare(task: Task) -> _Prepared:
+    key = task.fingerprint()
+    if key in _PREPARED:
+        _PREPARED.move_to_end(key)
+        return _PREPARED[key]
+    input_types = {d.name: _stream_type(task, d, f"inputs[{i}]") for i, d in enumerate(task.inputs)}
+    output_types = [_stream_type(task, d, f"outputs[{i}]") for i, d in enumerate(task.outputs)]
+    ns = _namespace(task, DEFAULT_SIZES, {})
+    static_binding = namespace_binding(ns)
+    fns = _build_fns(task, ns)
+    oracles = [[_compile_block(code, f"<oracle {o.name}[{j}]>") for j, code in enumerate(o.transforms())]
+               for o in task.outputs]
+    prepared = _Prepared(task, input_types, output_types, fns, static_binding, oracles)
+    _lru_put(_PREPARED, key, prepared, _MAX_PREPARED)
+    return prepared
+
+
+# ---------------------------------------------------------------------------
+# inputs and oracle for one (binding, seed)
+
+
+def _generate(task: Task, decl, stype: sim.StreamType, binding: Mapping[str, int], gen: torch.Generator,
+              where: str, max_elements: int) -> Union[torch.Tensor, list[torch.Tensor]]:
+    try:
+        shapes = stype.tensor_shapes(binding)
+    except ValueError as exc:
+        raise _task_error(task, where, f"cannot size {format_shape(stype.shape)}: {_one_line(exc)}") from None
+    total = sum(math.prod(s) for s in shapes)
+    if total > max_elements:
+        raise sim.ResourceError(f"{decl.name} would have {total:,} elements for this binding (limit {max_elements:,})")
+    tensors = []
+    for shape, field in zip(shapes, stype.fields()):
+        spec = decl.data_gen
+        if isinstance(spec, MultihotGen):
+            width = shape[-1]
+            if spec.max > width:
+                raise _task_error(task, f"{where}.data_gen", f"max={spec.max} ones but the Multihot has {width} routes")
+            positions = math.prod(shape[:-1])
+            counts = torch.randint(spec.min, spec.max + 1, (positions, 1), generator=gen)
+            ranks = torch.rand((positions, width), generator=gen).argsort(dim=-1).argsort(dim=-1)
+            tensors.append((ranks < counts).to(torch.float32).reshape(shape))
+        elif spec == "torch.rand":
+            tensors.append(torch.rand(shape, generator=gen, dtype=torch.float32))
+        elif spec == "torch.randn":
+            tensors.append(torch.randn(shape, generator=gen, dtype=torch.float32))
+        elif spec == "torch.ones":
+            tensors.append(torch.ones(shape, dtype=torch.float32))
+        elif spec == "binary":
+            tensors.append((torch.rand(shape, generator=gen) < 0.5).to(torch.float32))
+        else:  # the schema admits nothing else
+            raise _task_error(task, f"{where}.data_gen", f"unknown data_gen {spec!r}")
+    return tensors[0] if len(tensors) == 1 else tensors
+
+
+def _eval_oracle(task: Task, prepared: _Prepared, ns: dict, dtype: torch.dtype) -> list[list[torch.Tensor]]:
+    refs = []
+    for i, (out, blocks) in enumerate(zip(task.outputs, prepared.oracles)):
+        fields = []
+        for j, (body, expr) in enumerate(blocks):
+            scope = dict(ns)
+            try:
+                with _default_dtype(dtype):
+                    exec(body, scope)  # task-file code, run in a worker
+                    value = eval(expr, scope)
+                fields.append(torch.as_tensor(value).to(dtype))
+            except Exception as exc:
+                raise _task_error(task, f"outputs[{i}].data_transform[{j}]",
+                                  f"raised {type(exc).__name__}: {_one_line(exc)}") from None
+        refs.append(fields)
+    return refs
+
+
+def _resolve_binding(task: Task, partial: Mapping[str, int]) -> tuple[dict, dict[str, int]]:
+    """Run `global` over the defaults updated by `partial`; the namespace and the full binding."""
+    binding = {**DEFAULT_SIZES, **{str(k): int(v) for k, v in partial.items()}}
+    input_data: dict = {}
+    ns = _namespace(task, binding, input_data)
+    full = namespace_binding(ns)
+    for name, value in partial.items():
+        if full.get(str(name)) != int(value):
+            raise _task_error(task, "bindings", f"the binding sets {name}={value} but global sets {name}={full.get(str(name))}")
+    return ns, full
+
+
+def _run_data(task: Task, prepared: _Prepared, partial: Mapping[str, int], seed: int, max_elements: int) -> _RunData:
+    key = (task.fingerprint(), tuple(sorted((str(k), int(v)) for k, v in partial.items())), int(seed), max_elements)
+    if key in _RUNS:
+        _RUNS.move_to_end(key)
+        return _RUNS[key]
+    t0 = time.perf_counter()
+    ns, binding = _resolve_binding(task, partial)
+    input_data: dict = ns["input_data"]
+    gen = torch.Generator().manual_seed(int(seed))
+    inputs = {}
+    for i, d in enumerate(task.inputs):
+        stype = prepared.input_types[d.name]
+        data = _generate(task, d, stype, binding, gen, f"inputs[{i}]", max_elements)
+        input_data[d.name] = data
+        inputs[d.name] = sim.Stream(stype, data)
+    for i, d in enumerate(task.parameters):
+        stype = _stream_type(task, d, f"parameters[{i}]")
+        input_data[d.name] = _generate(task, d, stype, binding, gen, f"parameters[{i}]", max_elements)
+    fns = _build_fns(task, ns)
+    refs = _reference(task, prepared, binding, input_data)
+    dev32 = _float32_deviation(task, prepared, ns, input_data, refs)
+    run = _RunData(binding, inputs, fns, refs, dev32, time.perf_counter() - t0)
+    _lru_put(_RUNS, key, run, _MAX_RUNS)
+    return run
+
+
+def _as_fields(value) -> list[torch.Tensor]:
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _reference(task: Task, prepared: _Prepared, binding: dict[str, int], input_data: dict) -> list[list[torch.Tensor]]:
+    data64 = {k: [t.double() for t in v] if isinstance(v, list) else v.double() for k, v in input_data.items()}
+    with _default_dtype(torch.float64):
+        ns64 = _namespace(task, binding, data64)
+    refs = _eval_oracle(task, prepared, ns64, torch.float64)
+    for i, (out, stype, fields) in enumerate(zip(task.outputs, prepared.output_types, refs)):
+        expected = stype.tensor_shapes(binding)
+        got = [tuple(t.shape) for t in fields]
+        if got != expected:
+            raise _task_error(task, f"outputs[{i}].data_transform",
+                              f"the oracle of {out.name} has shape {_fmt_shapes(got)}, its dtype and dims need {_fmt_shapes(expected)}")
+    return refs
+
+
+def _float32_deviation(task: Task, prepared: _Prepared, ns: dict, input_data: dict,
+                       refs: list[list[torch.Tensor]]) -> list[list[float]]:
+    """max |oracle(float32) - oracle(float64)| per field; 0 where the float32 oracle cannot run."""
+    copies = {k: [t.clone() for t in v] if isinstance(v, list) else v.clone() for k, v in input_data.items()}
+    scope = dict(ns)
+    scope["input_data"] = copies
+    try:
+        refs32 = _eval_oracle(task, prepared, scope, torch.float32)
+    except TaskFileError:
+        return [[0.0] * len(f) for f in refs]
+    out = []
+    for fields64, fields32 in zip(refs, refs32):
+        devs = []
+        for r64, r32 in zip(fields64, fields32):
+            if r64.shape != r32.shape:
+                devs.append(0.0)
+                continue
+            diff = (r32.double() - r64).abs()
+            finite = torch.isfinite(diff)
+            devs.append(float(diff[finite].max()) if bool(finite.any()) else 0.0)
+        out.append(devs)
+    return out
+
+
+def _fmt_shapes(shapes: list[tuple[int, ...]]) -> str:
+    return ", ".join(str(tuple(s)) for s in shapes)
+
+
+# ---------------------------------------------------------------------------
+# comparison
+
+
+@dataclass
+class _Mismatch:
+    message: str
+
+
+def _axis_labels(stype: sim.StreamType, field: int) -> list[str]:
+    leaf = stype.fields()[field]
+    return [str(d) for d in reversed(stype.shape)] + [str(d) for d in leaf.elem_dims()]
+
+
+def tolerance_for(binding: Mapping[str, int], ref: torch.Tensor, dev32: float = 0.0,
+                  override: Optional[Any] = None) -> tuple[float, float]:
+    """(rtol, atol) for one field; see the module docstring."""
+    sizes = [int(v) for v in binding.values()] or [1]
+    rtol = TOL_FACTOR * EPS32 * math.sqrt(max(max(sizes), 1))
+    finite = ref[torch.isfinite(ref)]
+    scale = float(finite.abs().max()) if finite.numel() else 0.0
+    atol = rtol * scale + DEV32_FACTOR * dev32
+    if override is not None:
+        rtol = override.rtol if override.rtol is not None else rtol
+        atol = override.atol if override.atol is not None else atol
+    return rtol, atol
+
+
+def _compare_field(name: str, stype: sim.StreamType, field: int, got: torch.Tensor, ref: torch.Tensor,
+                   binding: Mapping[str, int], dev32: float, override) -> Optional[_Mismatch]:
+    label = name if len(stype.fields()) == 1 else f"{name} field {field}"
+    got64 = got.detach().to("cpu", torch.float64)
+    rtol, atol = tolerance_for(binding, ref, dev32, override)
+    allowed = atol + rtol * ref.abs()
+    err = (got64 - ref).abs()
+    ok = err <= allowed
+    both_inf = torch.isinf(ref) & (got64 == ref)
+    ok = ok | both_inf
+    if bool(ok.all()):
+        return None
+    bad = ~ok
+    n_bad = int(bad.sum())
+    score = torch.where(bad, torch.nan_to_num(err, nan=math.inf, posinf=math.inf) / allowed.clamp_min(1e-300),
+                        torch.zeros_like(err))
+    flat = int(torch.argmax(torch.nan_to_num(score, nan=math.inf)).item())
+    index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), ref.shape)) if ref.dim() else ()
+    labels = _axis_labels(stype, field)
+    where = "(" + ", ".join(f"{a}={i}" for a, i in zip(labels, index)) + ")" if index else "(the scalar)"
+    g, r = float(got64.reshape(-1)[flat]), float(ref.reshape(-1)[flat])
+    e, tol = float(err.reshape(-1)[flat]), float(allowed.reshape(-1)[flat])
+    return _Mismatch(f"{label}: {n_bad} of {ref.numel()} values differ from the expected output; worst at {where}: "
+                     f"got {g:.7g}, expected {r:.7g} (|error| {e:.2g} > tolerance {tol:.2g})")
+
+
+def _check_values(prepared: _Prepared, outs: list[sim.Stream], run: _RunData) -> Optional[tuple[str, str]]:
+    """None if every field matches; else (stage, message)."""
+    task = prepared.task
+    for i, (decl, stype, stream) in enumerate(zip(task.outputs, prepared.output_types, outs)):
+        fields = stream.field_tensors()
+        expected = stype.tensor_shapes(run.binding)
+        got_shapes = [tuple(t.shape) for t in fields]
+        if got_shapes != expected:
+            return "shape", (f"{decl.name}: the program produced tensors of shape {_fmt_shapes(got_shapes)}, "
+                             f"its type needs {_fmt_shapes(expected)}")
+        for j, (got, ref) in enumerate(zip(fields, run.refs[i])):
+            mismatch = _compare_field(decl.name, stype, j, got, ref, run.binding, run.dev32[i][j], task.tolerance)
+            if mismatch is not None:
+                return "value", mismatch.message
+    return None
+
+
+# ---------------------------------------------------------------------------
+# verify
+
+
+def resolve_bindings(task: Task, bindings: Optional[Iterable[Mapping[str, int]]] = None) -> list[dict[str, int]]:
+    """The partial bindings a verification runs: `{}` (the defaults) and the task's, unless given."""
+    if bindings is None:
+        out = [{}] + [dict(b) for b in task.bindings]
+    else:
+        out = [dict(b) for b in bindings]
+    unique = []
+    for b in out:
+        if b not in unique:
+            unique.append(b)
+    return unique or [{}]
+
+
+def _fmt_binding(binding: Mapping[str, int]) -> str:
+    return " ".join(f"{k}={v}" for k, v in binding.items())
+
+
+def _static_check(prepared: _Prepared, program) -> Optional[tuple[str, str]]:
+    """Types, arity, dtype, shape of the returned streams: None or (stage, message)."""
+    try:
+        out_types = sim.typecheck(program, prepared.input_types, prepared.static_fns, prepared.static_binding)
+    except sim.StepTypeError as exc:
+        return "type", exc.message
+    except sim.SimulatorError as exc:
+        return "type", exc.message
+    expected = prepared.output_types
+    names = [o.name for o in prepared.task.outputs]
+    if len(out_types) != len(expected):
+        wanted = ", ".join(f"{n}: {t}" for n, t in zip(names, expected))
+        return "arity", f"the program returns {len(out_types)} stream(s); the task expects {len(expected)} ({wanted})"
+    for i, (got, exp) in enumerate(zip(out_types, expected)):
+        if got.elem != exp.elem:
+            return "dtype", f"output {i} ({names[i]}) has elements of type {got.elem}; expected {exp.elem}"
+    for i, (got, exp) in enumerate(zip(out_types, expected)):
+        if tuple(got.shape) != tuple(exp.shape):
+            return "shape", f"output {i} ({names[i]}) has shape {format_shape(got.shape)}; expected {format_shape(exp.shape)}"
+    return None
+
+
+def verify(
+    task: Union[Task, str, Path],
+    impl_text: Optional[str] = None,
+    *,
+    seeds: Sequence[int] = DEFAULT_SEEDS,
+    bindings: Optional[Iterable[Mapping[str, int]]] = None,
+    engine: str = "vectorised",
+    check_affine: bool = True,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+) -> Verdict:
+    """Verify `impl_text` (default: the task's reference `impl`) against `task`.
+
+    `task` is a Task, a benchmark key (`norm/G_0_8_01`) or a task file path.
+    `bindings`: partial size bindings over the defaults (`[{"D": 8}]`); None
+    runs the defaults and every binding the task declares. Raises
+    TaskFileError when the task itself is broken (see the module docstring).
+    """
+    if not isinstance(task, Task):
+        task = resolve_task(task)
+    if impl_text is None:
+        if not task.impl:
+            raise ValueError(f"task {task.key} has no reference impl; pass the program to verify")
+        impl_text = task.impl
+    timings = {"parse": 0.0, "setup": 0.0, "run": 0.0, "check": 0.0}
+    t_start = time.perf_counter()
+    base = {"task": task.key}
+
+    def done(**kw) -> Verdict:
+        timings["total"] = time.perf_counter() - t_start
+        return Verdict(timings={k: round(v, 6) for k, v in timings.items()}, **base, **kw)
+
+    # -- static stages, once per program
+    t0 = time.perf_counter()
+    try:
+        program = sim.parse_program(impl_text)
+    except sim.ProgramSyntaxError as exc:
+        timings["parse"] = time.perf_counter() - t0
+        return done(passed=False, stage="parse", message=exc.message, affine_ok=None, functional_ok=False)
+    violations = sim.check_affine(program)
+    affine_ok = not violations
+    affine_msg = ""
+    if violations:
+        affine_msg = violations[0].message + (f" (and {len(violations) - 1} more stream(s))" if len(violations) > 1 else "")
+    prepared = _prepare(task)
+    static = _static_check(prepared, program)
+    timings["parse"] = time.perf_counter() - t0
+    if static is not None:
+        stage, msg = static
+        if stage == "type":
+            return done(passed=False, stage="type", message=msg, affine_ok=affine_ok, functional_ok=False)
+        if not affine_ok and check_affine:
+            return done(passed=False, stage="affine", message=f"{affine_msg}; also: {msg}", affine_ok=False,
+                        functional_ok=False)
+        return done(passed=False, stage=stage, message=msg, affine_ok=affine_ok, functional_ok=False)
+
+    # -- functional stage, per (binding, seed)
+    runs = 0
+    failure: Optional[dict] = None
+    for partial in resolve_bindings(task, bindings):
+        for seed in seeds:
+            t0 = time.perf_counter()
+            try:
+                run = _run_data(task, prepared, partial, seed, max_elements)
+            except sim.ResourceError as exc:
+                timings["setup"] += time.perf_counter() - t0
+                failure = dict(stage="resource", message=exc.message, binding={**DEFAULT_SIZES, **partial},
+                               seed=int(seed))
+                break
+            timings["setup"] += time.perf_counter() - t0
+            where = {"binding": dict(run.binding), "seed": int(seed)}
+            t0 = time.perf_counter()
+            try:
+                inputs = {n: sim.Stream(s.type, [t.clone() for t in s.data] if isinstance(s.data, list) else s.data.clone())
+                          for n, s in run.inputs.items()}
+                outs = sim.run_program(program, inputs, run.fns, run.binding, engine=engine, max_elements=max_elements)
+            except sim.ResourceError as exc:
+                failure = dict(stage="resource", message=exc.message, **where)
+            except MemoryError:
+                failure = dict(stage="resource", message="the program ran out of memory", **where)
+            except sim.StepTypeError as exc:
+                failure = dict(stage="type", message=exc.message, **where)
+            except sim.SimulatorError as exc:
+                failure = dict(stage="runtime", message=exc.message, **where)
+            except Exception as exc:  # a fn body or the engine failed in a way the simulator did not name
+                failure = dict(stage="runtime", message=f"{type(exc).__name__}: {_one_line(exc)}", **where)
+            timings["run"] += time.perf_counter() - t0
+            if failure is not None:
+                break
+            t0 = time.perf_counter()
+            problem = _check_values(prepared, outs, run)
+            timings["check"] += time.perf_counter() - t0
+            if problem is not None:
+                failure = dict(stage=problem[0], message=problem[1], **where)
+                break
+            runs += 1
+        if failure is not None:
+            break
+
+    if failure is not None and failure.get("binding"):
+        failure["message"] += f" [sizes {_fmt_binding(failure['binding'])}, seed {failure['seed']}]"
+    functional_ok = failure is None
+    if not affine_ok and check_affine:
+        msg = affine_msg if functional_ok else f"{affine_msg}; also: {failure['stage']}: {failure['message']}"
+        extra = {k: failure[k] for k in ("binding", "seed")} if failure else {}
+        return done(passed=False, stage="affine", message=msg, affine_ok=False, functional_ok=functional_ok,
+                    runs=runs, **extra)
+    if failure is not None:
+        return done(passed=False, affine_ok=affine_ok, functional_ok=False, runs=runs, **failure)
+    n_bindings = len(resolve_bindings(task, bindings))
+    msg = f"passed {runs} runs ({n_bindings} size binding(s) x {len(seeds)} seed(s))"
+    if not affine_ok:
+        msg += f"; affine rule not checked, broken: {affine_msg}"
+    return done(passed=True, stage="ok", message=msg, affine_ok=affine_ok, functional_ok=True, runs=runs)
+
+
+__all__ = [
+    "DEFAULT_SEEDS",
+    "STAGES",
+    "Stage",
+    "Verdict",
+    "clear_caches",
+    "resolve_bindings",
+    "tolerance_for",
+    "verify",
+]
