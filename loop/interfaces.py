@@ -63,6 +63,8 @@ class BufferEntry(BaseModel):
     round: int
     temperature: float
     messages: list[dict[str, str]] | None = None  # the proposer prompt it was earned from
+    step: int = 0  # Algorithm 1's group index j within the round it was earned in
+    demonstrations: list[str] = Field(default_factory=list)  # task keys shown when it was earned
 
 
 class GuardRequest(BaseModel):
