@@ -232,7 +232,7 @@ class StreamDecl(_Strict):
 
             elem = parse_dtype(self.dtype)
             if not isinstance(elem, MultihotType):
-                raise ValueError(f"data_gen {{min, max}} is for Multihot inputs; {self.name} has dtype {self.dtype}")
+                raise ValueError(f"data_gen: {{min, max}} is for Multihot inputs; {self.name} has dtype {self.dtype}")
         return self
 
 
@@ -291,7 +291,7 @@ class FnDecl(_Strict):
             n_out = len(self.output_dtype) if isinstance(self.output_dtype, list) else 1
             n_init = len(self.init) if isinstance(self.init, list) else 1
             if n_init != n_out:
-                raise ValueError(f"init has {n_init} value(s) but output_dtype has {n_out} field(s)")
+                raise ValueError(f"init: {n_init} value(s) given but output_dtype has {n_out} field(s)")
         return self
 
     def init_list(self) -> Optional[list]:
@@ -347,7 +347,7 @@ class OutputDecl(_Strict):
     def _fields(self):
         n_fields = len(self.dtype) if isinstance(self.dtype, list) else 1
         if len(self.transforms()) != n_fields:
-            raise ValueError(f"data_transform has {len(self.transforms())} block(s) but dtype has {n_fields} field(s)")
+            raise ValueError(f"data_transform: {len(self.transforms())} block(s) given but dtype has {n_fields} field(s)")
         return self
 
     def transforms(self) -> list[str]:
@@ -463,7 +463,7 @@ class Task(_Strict):
         if clash:
             problems.append(f"parameters: {sorted(clash)} also name inputs; input_data needs unique names")
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ValueError(_PROBLEM_SEP.join(problems))
         return self
 
     # -- conveniences -------------------------------------------------------
@@ -649,10 +649,21 @@ def _error_list(exc: ValidationError) -> list[tuple[str, str]]:
                 msg += f", got {_show(err.get('input'))}"
         else:
             msg = err["msg"]
-        if (key, msg) not in seen:
-            seen.add((key, msg))
-            out.append((key, msg))
+        parts = msg.split(_PROBLEM_SEP) if kind == "value_error" else [msg]
+        for part in parts:
+            k, m = key, part
+            located = _LOCATED.match(part) if kind == "value_error" else None
+            if located:  # a check over several keys names the key path it is about
+                k = f"{key}.{located.group(1)}" if key else located.group(1)
+                m = located.group(2)
+            if (k, m) not in seen:
+                seen.add((k, m))
+                out.append((k, m))
     return out
+
+
+_PROBLEM_SEP = " | "
+_LOCATED = re.compile(r"^([A-Za-z_][A-Za-z_0-9]*(?:\[\d+\]|\.[A-Za-z_][A-Za-z_0-9]*)*): (.*)$")
 
 
 def _allowed_keys(parent: str) -> list[str]:

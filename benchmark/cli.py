@@ -1,0 +1,220 @@
+"""`stepforge tasks`, `stepforge verify`, `stepforge export`.
+
+Exit codes of `verify`: 0 passed, 1 not passed, 2 a bad task file, an unknown
+task or a bad argument (one error line on stderr). Heavy imports (torch, the
+simulator) happen inside the commands.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _task_error_line(exc) -> str:
+    more = len(exc.errors) - 1
+    return exc.message + (f" (and {more} more problem(s); see the file)" if more > 0 else "")
+
+
+def _load_task(key_or_file: str, root: Optional[Path]):
+    from stepforge.benchmark.schema import TaskFileError, resolve_task
+
+    try:
+        return resolve_task(key_or_file, root)
+    except TaskFileError as exc:
+        _fail(_task_error_line(exc))
+    except KeyError as exc:
+        _fail(exc.args[0] if exc.args else str(exc))
+
+
+def read_impl(path: Path) -> str:
+    """A program from a file: plain STeP text, or a task-like YAML with an `impl:` key; `-` reads stdin."""
+    text = sys.stdin.read() if str(path) == "-" else path.read_text(encoding="utf-8")
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError:
+            data = None
+        if isinstance(data, dict) and isinstance(data.get("impl"), str):
+            return data["impl"]
+    return text
+
+
+def _parse_seeds(seeds: int) -> tuple[int, ...]:
+    if seeds < 1:
+        _fail("--seeds must be at least 1")
+    return tuple(range(seeds))
+
+
+def _parse_binding(text: Optional[str]) -> Optional[list[dict[str, int]]]:
+    """`--binding D=8,N=3` (repeatable with `;`)."""
+    if not text:
+        return None
+    out = []
+    for part in text.split(";"):
+        b = {}
+        for item in part.split(","):
+            if not item.strip():
+                continue
+            name, _, value = item.partition("=")
+            if not name.strip().isidentifier() or not value.strip().isdigit() or int(value) < 1:
+                _fail(f"--binding: expected SYM=positive int pairs such as D=8,N=3, got {item.strip()!r}")
+            b[name.strip()] = int(value)
+        out.append(b)
+    return out
+
+
+def register(app: typer.Typer) -> None:
+    """Add the benchmark's commands to the root `stepforge` app."""
+
+    @app.command("tasks")
+    def tasks_cmd(
+        root: Optional[Path] = typer.Option(None, help="benchmark folder (default: the packaged tasks)"),
+        as_json: bool = typer.Option(False, "--json", help="one JSON object per task"),
+    ) -> None:
+        """List the benchmark tasks: key, group, number of fns, reference lines and Copies."""
+        from stepforge.benchmark.schema import TaskFileError, load_benchmark
+
+        try:
+            tasks = load_benchmark(root)
+        except TaskFileError as exc:
+            _fail(_task_error_line(exc))
+        rows = []
+        for key, t in tasks.items():
+            rows.append({"key": key, "group": t.group, "test_name": t.test_name, "fns": len(t.fns),
+                         "lines": t.reference_lines(), "copies": (t.impl or "").count("step.Copy()"),
+                         "bindings": len(t.bindings)})
+        if as_json:
+            for r in rows:
+                typer.echo(json.dumps(r))
+            return
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"{len(rows)} tasks")
+        for col in ("key", "group", "fns", "lines", "copies", "bindings"):
+            table.add_column(col, justify="left" if col in ("key", "group") else "right")
+        for r in rows:
+            table.add_row(r["key"], r["group"], str(r["fns"]), str(r["lines"]), str(r["copies"]), str(r["bindings"]))
+        Console().print(table)
+
+    @app.command("verify")
+    def verify_cmd(
+        task: Optional[str] = typer.Argument(None, help="a task key (group/id), a unique id, or a task file"),
+        impl: Optional[Path] = typer.Option(None, "--impl", help="the program to verify (default: the task's reference impl); - reads stdin"),
+        seeds: int = typer.Option(3, "--seeds", help="number of input seeds (0, 1, ...)"),
+        as_json: bool = typer.Option(False, "--json", help="print the verdict as JSON"),
+        all_tasks: bool = typer.Option(False, "--all", help="verify every benchmark task's reference solution"),
+        binding: Optional[str] = typer.Option(None, "--binding", help="sizes instead of the defaults + task bindings, e.g. D=8,N=3;D=32"),
+        engine: str = typer.Option("vectorised", help="vectorised or naive"),
+        no_affine: bool = typer.Option(False, "--no-affine", help="score function only; report the affine rule separately"),
+        root: Optional[Path] = typer.Option(None, help="benchmark folder (default: the packaged tasks)"),
+    ) -> None:
+        """Verify a program against a task (exit 0 passed, 1 not passed, 2 bad task/arguments)."""
+        seed_list = _parse_seeds(seeds)
+        bindings = _parse_binding(binding)
+        if engine not in ("vectorised", "naive"):
+            _fail(f"--engine must be vectorised or naive, got {engine!r}")
+        if all_tasks:
+            if task is not None or impl is not None:
+                _fail("--all verifies the reference solutions; give no task and no --impl with it")
+            raise typer.Exit(_verify_all(root, seed_list, bindings, engine, not no_affine, as_json))
+        if task is None:
+            _fail("give a task key or file (see `stepforge tasks`), or --all")
+        from stepforge.benchmark.schema import TaskFileError
+        from stepforge.benchmark.verifier import verify
+
+        t = _load_task(task, root)
+        if impl is not None:
+            if str(impl) != "-" and not impl.is_file():
+                _fail(f"--impl {impl}: no such file")
+            program = read_impl(impl)
+        elif t.impl:
+            program = t.impl
+        else:
+            _fail(f"task {t.key} has no reference impl; pass the program with --impl")
+        try:
+            verdict = verify(t, program, seeds=seed_list, bindings=bindings, engine=engine, check_affine=not no_affine)
+        except TaskFileError as exc:
+            _fail(_task_error_line(exc))
+        if as_json:
+            typer.echo(verdict.model_dump_json(indent=2))
+        else:
+            typer.echo(f"{t.key}: {verdict.short()}")
+            if not verdict.passed and verdict.functional_ok:
+                typer.echo("  (functionally correct; it fails the affine rule)")
+            typer.echo("  " + ", ".join(f"{k} {v:.3f}s" for k, v in verdict.timings.items()))
+        raise typer.Exit(0 if verdict.passed else 1)
+
+    @app.command("export")
+    def export_cmd(
+        task: str = typer.Argument(..., help="a task key (group/id), a unique id, or a task file"),
+        impl: Optional[Path] = typer.Option(None, "--impl", help="the program (default: the task's reference impl)"),
+        out: Path = typer.Option(..., "--out", help="the pytest file to write, e.g. test_bmm0.py"),
+        seeds: int = typer.Option(3, "--seeds", help="number of input seeds the test uses"),
+        root: Optional[Path] = typer.Option(None, help="benchmark folder (default: the packaged tasks)"),
+    ) -> None:
+        """Write a standalone pytest file that checks a program against a task."""
+        from stepforge.benchmark.export import write_export
+
+        t = _load_task(task, root)
+        if impl is not None:
+            if str(impl) != "-" and not impl.is_file():
+                _fail(f"--impl {impl}: no such file")
+            program = read_impl(impl)
+        elif t.impl:
+            program = t.impl
+        else:
+            _fail(f"task {t.key} has no reference impl; pass the program with --impl")
+        try:
+            path = write_export(t, program, out, _parse_seeds(seeds))
+        except (ValueError, OSError) as exc:
+            _fail(str(exc))
+        typer.echo(f"wrote {path} (run: pytest {path})")
+
+
+def _verify_all(root, seeds, bindings, engine, check_affine, as_json) -> int:
+    from stepforge.benchmark.schema import TaskFileError, load_benchmark
+    from stepforge.benchmark.verifier import verify
+
+    try:
+        tasks = load_benchmark(root)
+    except TaskFileError as exc:
+        _fail(_task_error_line(exc))
+    verdicts = {}
+    for key, t in tasks.items():
+        if not t.impl:
+            continue
+        try:
+            verdicts[key] = verify(t, t.impl, seeds=seeds, bindings=bindings, engine=engine, check_affine=check_affine)
+        except TaskFileError as exc:
+            _fail(_task_error_line(exc))
+    n_pass = sum(v.passed for v in verdicts.values())
+    if as_json:
+        typer.echo(json.dumps({k: v.model_dump() for k, v in verdicts.items()}, indent=2))
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"reference solutions: {n_pass}/{len(verdicts)} passed")
+        for col in ("task", "result", "runs", "seconds", "message"):
+            table.add_column(col, overflow="fold")
+        for key, v in verdicts.items():
+            table.add_row(key, "PASS" if v.passed else f"FAIL {v.stage}", str(v.runs),
+                          f"{v.timings.get('total', 0):.3f}", v.message)
+        Console(width=160).print(table)
+    return 0 if n_pass == len(verdicts) else 1
+
+
+__all__ = ["read_impl", "register"]
