@@ -119,13 +119,46 @@ class StepFn:
         ]
 
     # -- one element --------------------------------------------------------
-    def call(self, inputs: list[torch.Tensor], state: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
-        """Evaluate the body on one element (and fold state)."""
+    def call(
+        self,
+        inputs: list[torch.Tensor],
+        state: list[torch.Tensor] | None = None,
+        binding: Mapping[str, int] | None = None,
+    ) -> list[torch.Tensor]:
+        """Evaluate the body on one element (and fold state).
+
+        With `binding`, each output must have its field's element shape
+        exactly (as the batched path requires), not merely as many values.
+        """
+        watched = list(inputs) + list(state or [])
+        before = _versions(watched)
         try:
             out = self.body(list(inputs), None if state is None else list(state))
         except Exception as exc:
             raise StepRuntimeError(f"fn {self.func_name} raised {type(exc).__name__}: {exc}") from None
-        return self._normalise(out)
+        self._check_not_mutated(watched, before)
+        out = self._normalise(out)
+        if binding is not None:
+            self._check_shapes(out, (), binding)
+        return out
+
+    def _check_not_mutated(self, watched: list[torch.Tensor], before: list[int] | None) -> None:
+        # An in-place update (`state[0] += x`) would alias every emitted Scan state, a Copy's
+        # other stream, or the caller's input; bodies must return new tensors.
+        if before is not None and _versions(watched) != before:
+            raise StepRuntimeError(
+                f"fn {self.func_name} modified its input or state in place; return new tensors "
+                f"(write state[0] + x, not state[0] += x)")
+
+    def _check_shapes(self, out: list[torch.Tensor], batch: tuple[int, ...], binding: Mapping[str, int]) -> None:
+        fields = self.output_type.fields()
+        for i, (t, f) in enumerate(zip(out, fields)):
+            s = shape_values(f.elem_dims(), binding)
+            if tuple(t.shape) != batch + s:
+                raise StepRuntimeError(
+                    f"fn {self.func_name} returned a tensor of shape {tuple(t.shape[len(batch):])} for output "
+                    f"field {i}, its output_dtype {f} needs {s}"
+                )
 
     def _normalise(self, out) -> list[torch.Tensor]:
         if isinstance(out, torch.Tensor) or not isinstance(out, (list, tuple)):
@@ -154,15 +187,9 @@ class StepFn:
             result = self._try_vmap(inputs, state)
         if result is None:
             result = self._loop(inputs, state)
-        for i, (t, s) in enumerate(zip(result, out_shapes)):
-            if tuple(t.shape) != (batch,) + s:
-                if tuple(t.shape) == s:  # the body ignored its input
-                    result[i] = t.expand((batch,) + s)
-                    continue
-                raise StepRuntimeError(
-                    f"fn {self.func_name} returned a tensor of shape {tuple(t.shape[1:])} for output field {i}, "
-                    f"its output_dtype {self.output_type.fields()[i]} needs {s}"
-                )
+        # vmap batches every output (also one that ignores its input), and the loop stacks
+        # rows, so an output without the leading batch axis is a wrong shape, never "broadcast".
+        self._check_shapes(result, (batch,), binding)
         return result
 
     def _try_vmap(self, inputs, state) -> list[torch.Tensor] | None:
@@ -173,13 +200,16 @@ class StepFn:
             st = list(args[n_in:]) if state is not None else None
             return tuple(self._normalise(self.body(ins, st)))
 
+        watched = list(inputs) + list(state or [])
+        before = _versions(watched)
         try:
             out = torch.func.vmap(element)(*inputs, *(state or []))
         except Exception:
             if self._vmappable is None:
                 self._vmappable = False
-                return None
-            raise
+            # evaluate element by element: the same result, or the body's own error as a StepRuntimeError
+            return None
+        self._check_not_mutated(watched, before)
         self._vmappable = True
         return list(out)
 
@@ -189,6 +219,14 @@ class StepFn:
             for b in range(inputs[0].shape[0])
         ]
         return [torch.stack([r[i] for r in rows]) for i in range(len(rows[0]))]
+
+
+def _versions(tensors: list[torch.Tensor]) -> list[int] | None:
+    """Version counters (bumped by in-place ops); None for inference tensors, which keep none."""
+    try:
+        return [t._version for t in tensors]
+    except RuntimeError:
+        return None
 
 
 def make_fn(

@@ -65,7 +65,7 @@ class NaiveEngine(Engine):
             depth = len(op.arg_type[0].shape)
         else:
             depth = len(op.arg_type.shape)
-        return at_depth(arg, depth, fn.call)
+        return at_depth(arg, depth, lambda element: fn.call(element, None, binding))
 
     def _zip(self, op, arg, binding):
         depth = len(op.arg_type[0].shape)
@@ -83,7 +83,7 @@ class NaiveEngine(Engine):
         def fold(node):
             state = fn.init_state(binding)
             for element in nodes_below(node, k):
-                state = fn.call(element, state)
+                state = fn.call(element, state, binding)
             return state
 
         return at_depth(arg, len(op.arg_type.shape) - k, fold)
@@ -97,7 +97,7 @@ class NaiveEngine(Engine):
             def walk(n, d):
                 nonlocal state
                 if d == 0:
-                    state = fn.call(n, state)
+                    state = fn.call(n, state, binding)
                     return state
                 return [walk(c, d - 1) for c in n]
 
@@ -178,7 +178,7 @@ class NaiveEngine(Engine):
 
         def fold(state, x, d):
             if d == 0:
-                return fn.call(x, state)
+                return fn.call(x, state, binding)
             return [fold(s, xc, d - 1) for s, xc in zip(state, x)]
 
         def merge_at(element):
