@@ -70,7 +70,7 @@ def typecheck_program(
     for st in program.statements:
         ts = TypedStatement(st)
         if isinstance(st, Apply):
-            arg_type = _arg_type(st.arg, env, st.line)
+            arg_type = _arg_type(st.arg, env, st.line, st.call.label())
             op = _typed_op(st.call, arg_type, ctx)
             ts.ops.append(op)
             _bind_targets(st, op.out_type, env)
@@ -83,18 +83,18 @@ def typecheck_program(
             items = _comprehension_items(st, env, fns)
             results = []
             for local_env, fn_vars in items:
-                arg_type = _arg_type(st.arg, local_env, st.line)
+                arg_type = _arg_type(st.arg, local_env, st.line, st.call.label())
                 item_ctx = TypeContext(fns, ctx.binding, fn_vars, ctx.dyn_bounds, ctx._counter)
                 op = _typed_op(st.call, arg_type, item_ctx)
                 ctx._counter = item_ctx._counter
                 if not isinstance(op.out_type, StreamType):
-                    raise StepTypeError(f"{st.call.op} in a list comprehension must produce one stream", st.line)
+                    raise StepTypeError(f"{st.call.label()}: in a list comprehension an operator must produce one stream", st.line)
                 ts.ops.append(op)
                 results.append(op.out_type)
             env[st.target] = StreamList(tuple(results))
         elif isinstance(st, Return):
             for name in st.names:
-                value = _lookup(name, env, st.line)
+                value = _lookup(name, env, st.line, "return")
                 if not isinstance(value, StreamType):
                     raise StepTypeError(f"return: {name} is not a stream", st.line)
                 outputs.append(value)
@@ -107,27 +107,27 @@ def _typed_op(call: OpCall, arg_type, ctx: TypeContext) -> TypedOp:
     return TypedOp(call, params, arg_type, infer(call, arg_type, params, ctx))
 
 
-def _lookup(name: str, env: Mapping[str, Any], line: int):
+def _lookup(name: str, env: Mapping[str, Any], line: int, where: str):
     if name not in env:
         streams = ", ".join(n for n, v in env.items() if isinstance(v, StreamType)) or "none"
-        raise StepTypeError(f"{name} is not defined (streams defined so far: {streams})", line)
+        raise StepTypeError(f"{where}: {name} is not defined (streams defined so far: {streams})", line)
     return env[name]
 
 
-def _arg_type(arg, env, line):
+def _arg_type(arg, env, line, where: str):
     if isinstance(arg, str):
-        value = _lookup(arg, env, line)
+        value = _lookup(arg, env, line, where)
         if isinstance(value, FnListType):
-            raise StepTypeError(f"{arg} is a list of fns, not a stream", line)
+            raise StepTypeError(f"{where}: {arg} is a list of fns, not a stream", line)
         return value
-    return tuple(_arg_type(a, env, line) for a in arg)
+    return tuple(_arg_type(a, env, line, where) for a in arg)
 
 
 def _bind_targets(st: Apply, out, env):
     if st.unpack:
         outs = out if isinstance(out, list) else [out]
         if len(outs) != len(st.targets):
-            raise StepTypeError(f"{st.call.op} produces {len(outs)} stream(s), unpacked into {len(st.targets)} names", st.line)
+            raise StepTypeError(f"{st.call.label()}: produces {len(outs)} stream(s), unpacked into {len(st.targets)} names", st.line)
         env.update(zip(st.targets, outs))
     else:
         env[st.targets[0]] = StreamList(tuple(out)) if isinstance(out, list) else out
@@ -141,16 +141,16 @@ def _comprehension_items(st: Comprehension, env, fns):
         if isinstance(it, tuple):
             for name in it:
                 if name not in fns:
-                    raise StepTypeError(f"{name} is not a fn of this task", st.line)
+                    raise StepTypeError(f"{st.call.label()}: {name} is not a fn of this task (its fns: {', '.join(sorted(fns))})", st.line)
             lists.append(FnListType(it))
         else:
-            value = _lookup(it, env, st.line)
+            value = _lookup(it, env, st.line, st.call.label())
             if not isinstance(value, (StreamList, FnListType)):
-                raise StepTypeError(f"{it} is not a list of streams or fns", st.line)
+                raise StepTypeError(f"{st.call.label()}: {it} is not a list of streams or fns", st.line)
             lists.append(value)
     lengths = {len(v.items) if isinstance(v, StreamList) else len(v.fns) for v in lists}
     if len(lengths) != 1:
-        raise StepTypeError(f"the lists zipped together have different lengths {sorted(lengths)}", st.line)
+        raise StepTypeError(f"{st.call.label()}: the lists zipped together have different lengths {sorted(lengths)}", st.line)
     items = []
     for i in range(lengths.pop()):
         local = dict(env)
