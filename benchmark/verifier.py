@@ -377,6 +377,14 @@ def tolerance_for(binding: Mapping[str, int], ref: torch.Tensor, dev32: float = 
     return rtol, atol
 
 
+def _unravel(flat: int, shape: tuple[int, ...]) -> tuple[int, ...]:
+    index = []
+    for size in reversed(shape):
+        flat, i = divmod(flat, size)
+        index.append(i)
+    return tuple(reversed(index))
+
+
 def _compare_field(name: str, stype: sim.StreamType, field: int, got: torch.Tensor, ref: torch.Tensor,
                    binding: Mapping[str, int], dev32: float, override) -> Optional[_Mismatch]:
     label = name if len(stype.fields()) == 1 else f"{name} field {field}"
@@ -394,7 +402,7 @@ def _compare_field(name: str, stype: sim.StreamType, field: int, got: torch.Tens
     score = torch.where(bad, torch.nan_to_num(err, nan=math.inf, posinf=math.inf) / allowed.clamp_min(1e-300),
                         torch.zeros_like(err))
     flat = int(torch.argmax(torch.nan_to_num(score, nan=math.inf)).item())
-    index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), ref.shape)) if ref.dim() else ()
+    index = _unravel(flat, tuple(ref.shape))
     labels = _axis_labels(stype, field)
     where = "(" + ", ".join(f"{a}={i}" for a, i in zip(labels, index)) + ")" if index else "(the scalar)"
     g, r = float(got64.reshape(-1)[flat]), float(ref.reshape(-1)[flat])
@@ -514,7 +522,7 @@ def verify(
         if stage == "type":
             return done(passed=False, stage="type", message=msg, affine_ok=affine_ok, functional_ok=False)
         if not affine_ok and check_affine:
-            return done(passed=False, stage="affine", message=f"{affine_msg}; also: {msg}", affine_ok=False,
+            return done(passed=False, stage="affine", message=f"{affine_msg}; also fails {stage}: {msg}", affine_ok=False,
                         functional_ok=False)
         return done(passed=False, stage=stage, message=msg, affine_ok=affine_ok, functional_ok=False)
 
@@ -565,7 +573,7 @@ def verify(
         failure["message"] += f" [sizes {_fmt_binding(failure['binding'])}, seed {failure['seed']}]"
     functional_ok = failure is None
     if not affine_ok and check_affine:
-        msg = affine_msg if functional_ok else f"{affine_msg}; also: {failure['stage']}: {failure['message']}"
+        msg = affine_msg if functional_ok else f"{affine_msg}; also fails {failure['stage']}: {failure['message']}"
         extra = {k: failure[k] for k in ("binding", "seed")} if failure else {}
         return done(passed=False, stage="affine", message=msg, affine_ok=False, functional_ok=functional_ok,
                     runs=runs, **extra)

@@ -1,0 +1,77 @@
+"""Every benchmark task: its reference solution passes the verifier at every binding, and obeys the affine rule."""
+
+from __future__ import annotations
+
+import pytest
+
+from stepforge import simulator as sim
+from stepforge.benchmark.schema import load_benchmark
+from stepforge.benchmark.verifier import verify
+
+TASKS = load_benchmark()
+SEEDS = (0, 1, 2, 3)
+
+# BENCHMARK.md: fns and Copies of the non-MoE tasks (and the approximate length of the reference).
+TABLE = {
+    "attention/G_0_4_01": (2, 0, 4),
+    "attention/G_0_6_01": (4, 0, 6),
+    "attention/G_0_9_01": (5, 1, 9),
+    "bmm/bmm_0": (2, 0, 6),
+    "bmm/bmm_1": (2, 0, 8),
+    "bmm/bmm_2": (2, 0, 9),
+    "gemm/G_0_7_01": (2, 0, 7),
+    "gemm/G_0_6_03": (2, 0, 6),
+    "gemm/G_0_6_02": (2, 0, 6),
+    "norm/G_0_9_02": (6, 1, 9),
+    "norm/G_0_16_01": (7, 3, 16),
+    "norm/G_0_8_01": (6, 1, 8),
+    "rope/G_0_3_02": (2, 0, 3),
+    "rope/G_0_3_03": (2, 0, 3),
+    "rope/G_0_4_01": (2, 1, 4),
+}
+
+
+@pytest.mark.parametrize("key", list(TASKS))
+def test_reference_passes_at_every_declared_binding(key):
+    task = TASKS[key]
+    assert task.impl, "a benchmark task carries its reference solution"
+    assert task.bindings, "a task declares at least one non-default binding"
+    verdict = verify(task, seeds=SEEDS)
+    assert verdict.passed, verdict.message
+    assert verdict.stage == "ok" and verdict.affine_ok and verdict.functional_ok
+    assert verdict.runs == (1 + len(task.bindings)) * len(SEEDS)
+
+
+@pytest.mark.parametrize("key", list(TASKS))
+def test_reference_obeys_the_affine_rule_and_returns_the_declared_types(key):
+    task = TASKS[key]
+    program = sim.parse_program(task.impl)
+    assert sim.check_affine(program) == []
+    assert isinstance(program.statements[-1], sim.program.Return)
+    assert len(program.returns.names) == len(task.outputs)
+
+
+@pytest.mark.parametrize("key", list(TASKS))
+def test_naive_engine_agrees_at_the_defaults(key):
+    verdict = verify(TASKS[key], seeds=(0,), bindings=[{}], engine="naive")
+    assert verdict.passed, verdict.message
+
+
+@pytest.mark.parametrize("key", list(TABLE))
+def test_non_moe_task_matches_the_benchmark_table(key):
+    task = TASKS[key]
+    n_fns, n_copies, lines = TABLE[key]
+    assert len(task.fns) == n_fns
+    program = sim.parse_program(task.impl)
+    copies = sum(1 for st in program.statements if isinstance(st, sim.program.Apply) and st.call.op == "Copy")
+    assert copies == n_copies
+    assert abs(task.reference_lines() - lines) <= 1
+
+
+def test_rope_bindings_keep_d_even_and_every_binding_is_distinct_from_the_defaults():
+    for key, task in TASKS.items():
+        for b in task.bindings:
+            assert b, key
+            assert any(b.get(k) != v for k, v in {"M": 5, "N": 7, "K": 9, "D": 16}.items()), key
+        if task.group == "rope":
+            assert all(b.get("D", 16) % 2 == 0 for b in task.bindings), key
