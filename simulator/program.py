@@ -142,7 +142,8 @@ def _describe(node: ast.AST) -> str:
         if isinstance(node, cls):
             return text
     if isinstance(node, ast.Call):
-        return "a call to " + (ast.unparse(node.func) if hasattr(ast, "unparse") else "a function")
+        callee = ast.unparse(node.func)
+        return "a call to " + (callee if len(callee) <= 60 else callee[:57] + "...")
     return type(node).__name__
 
 
@@ -164,7 +165,10 @@ def parse_program(text: str) -> Program:
     for node in tree.body:
         if statements and isinstance(statements[-1], Return):
             raise _fail(node, "statements after `return` are not allowed")
-        statements.append(_statement(node))
+        try:
+            statements.append(_statement(node))
+        except RecursionError:  # a deep chain (a.b.c..., M*M*...) that ast.parse accepted
+            raise _fail(node, "the statement is nested too deeply") from None
     if not statements or not isinstance(statements[-1], Return):
         raise ProgramSyntaxError("the program must end with `return` of its output stream(s)", len(text.splitlines()) or None)
     return Program(statements, text)
