@@ -1,0 +1,112 @@
+"""`stepforge improve` and `stepforge report`.
+
+Expected failures (a bad config or override, a missing model directory, a
+run directory in use or not resumable, a broken task file, a backend that
+cannot start) print one line per problem on stderr and exit with status 2;
+they never show a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import NoReturn, Optional
+
+import typer
+
+
+def _fail(message: str) -> NoReturn:
+    for line in str(message).strip().splitlines() or ["error"]:
+        typer.echo(f"error: {line}", err=True)
+    raise typer.Exit(code=2)
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    from stepforge.benchmark.schema import TaskFileError
+    from stepforge.loop.config import ConfigError
+    from stepforge.loop.driver import ImproveError
+    from stepforge.loop.runstore import RunStoreError
+    from stepforge.serve.errors import ServeError
+
+    errors: list[type[BaseException]] = [ConfigError, ImproveError, RunStoreError, TaskFileError, ServeError]
+    try:
+        from stepforge.loop.knowledge import KnowledgeError
+
+        errors.append(KnowledgeError)
+    except ImportError:
+        pass
+    try:
+        from stepforge.benchmark.pool import PoolError
+
+        errors.append(PoolError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def print_summary(summary: dict, run_dir: Path, stream=None) -> None:
+    """A short table: per round, then totals."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(file=stream or sys.stdout, width=120)
+    table = Table(title=f"{summary.get('name')} ({summary.get('variant')}): {summary['status']}, "
+                        f"{summary.get('stop_reason') or '-'}")
+    for col in ("round", "steps", "samples", "correct", "new solved", "solved", "prompt tok", "completion tok", "s"):
+        table.add_column(col, justify="right")
+    for r in summary["rounds"]:
+        table.add_row(str(r["round"]), str(r["steps"]), str(r.get("samples", 0)), str(r.get("correct", 0)),
+                      str(len(r["solved"])), str(r["solved_total"]), str(r.get("prompt_tokens", 0)),
+                      str(r.get("completion_tokens", 0)), f"{r['seconds']:.1f}")
+    console.print(table)
+    run = summary["run"]
+    console.print(f"tasks solved {run['tasks_solved']}/{run['tasks']} ({100 * run['task_completion']:.1f}%), "
+                  f"{run['samples']} samples, {run['verifications']} verifications, "
+                  f"{run['prompt_tokens']} prompt + {run['completion_tokens']} completion tokens, "
+                  f"{run['wall_seconds']:.1f} s")
+    console.print(f"run directory: {run_dir} (report: {run_dir / 'report.md'})")
+
+
+def register(app: typer.Typer) -> None:
+    """Add `improve` and `report` to the root app."""
+
+    @app.command("improve")
+    def improve_cmd(
+        config: Optional[Path] = typer.Option(None, "--config", "-c", help="experiment config (YAML)"),
+        run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="new run directory (default runs/<name>-<time>)"),
+        resume: Optional[Path] = typer.Option(None, "--resume", help="continue the run in this directory"),
+        set_: Optional[list[str]] = typer.Option(None, "--set", help="override a config key: key.path=value (repeatable)"),
+        progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="progress output on stderr"),
+    ) -> None:
+        """Run adaptive self-improvement (Algorithm 1) on the benchmark; write a run directory and its report."""
+        if resume is not None and run_dir is not None:
+            _fail("--resume continues a run in its own directory; leave out --run-dir")
+        if resume is None and config is None:
+            _fail("give --config FILE for a new run (e.g. configs/default.yaml), or --resume RUN_DIR")
+        from stepforge.loop.driver import run_improve
+
+        try:
+            outcome = run_improve(config, run_dir=run_dir, resume=resume, overrides=list(set_ or []),
+                                  progress=progress)
+        except _expected_errors() as exc:
+            _fail(str(exc))
+        except KeyboardInterrupt:
+            where = resume or run_dir
+            typer.echo(f"interrupted; continue with: stepforge improve --resume {where or 'RUN_DIR'}", err=True)
+            raise typer.Exit(code=130)
+        if outcome.result is None:
+            typer.echo(f"{outcome.run_dir}: the run had already finished; summary and report rewritten", err=True)
+        print_summary(outcome.summary, outcome.run_dir)
+
+    @app.command("report")
+    def report_cmd(run_dir: Path = typer.Argument(..., help="a run directory of `stepforge improve`")) -> None:
+        """Write summary.json, report.md and plots (PNG) for a run directory."""
+        from stepforge.loop.report import PLOTS, write_report
+
+        try:
+            summary = write_report(run_dir)
+        except _expected_errors() as exc:
+            _fail(str(exc))
+        typer.echo(f"wrote {run_dir / 'report.md'}, {run_dir / 'summary.json'}, "
+                   + ", ".join(str(run_dir / p) for p in PLOTS))
+        print_summary(summary, run_dir)

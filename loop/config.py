@@ -1,0 +1,473 @@
+"""Experiment configuration of `stepforge improve`, loaded from YAML.
+
+One file (configs/<name>.yaml) names one experiment: which tasks, which
+proposer and guardian, which variant of the published comparison, the
+sampling budget of Algorithm 1 and the verifier and Ray settings. Every key
+has a default, so `{}` is a valid config (the whole benchmark, search
+proposer, rule guardian, adaptive self-improvement).
+
+Errors never show a pydantic traceback: `load_config` raises `ConfigError`
+whose text is one line per problem, `FILE: key.path: what was expected`
+(a key set by `--set` is marked as such).
+
+Variants (DESIGN.md "Agents"):
+
+=============  =====================================================
+single         proposer only (no guardian), base knowledge, round 0
+agent          proposer + guardian, round 0
+agent+si       proposer + guardian + adaptive self-improvement
+ir-ablation    agent+si with the proposer prompted with generated
+               Python instead of the structural IR (proposer.style)
+=============  =====================================================
+
+`single` overrides `guardian.kind` to `none`; `ir-ablation` overrides
+`proposer.style` to `python` (see `effective()`).
+
+Rounds. Round 0 attempts every task with base knowledge only; each later
+round is one pass of Algorithm 1's `repeat` body. `max_rounds` counts all
+rounds including round 0 (so `max_rounds: 2` is round 0 plus one
+self-improvement round); `single` and `agent` always stop after round 0.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from stepforge.serve.config import BackendConfig
+
+Variant = Literal["single", "agent", "agent+si", "ir-ablation"]
+VARIANTS: tuple[str, ...] = ("single", "agent", "agent+si", "ir-ablation")
+ADAPTIVE_VARIANTS = ("agent+si", "ir-ablation")
+
+# keys a resumed run may change: they do not change what is sampled or verified
+RESUME_SETTABLE = (
+    "ray.",
+    "verifier.workers",
+    "verifier.kind",
+    "proposer.replicas",
+    "proposer.backend.model",
+    "proposer.backend.tokenizer",
+    "proposer.backend.device",
+    "proposer.backend.batch_size",
+    "proposer.backend.base_url",
+    "proposer.backend.api_key",
+    "proposer.backend.gpu_memory_utilization",
+    "guardian.backend.model",
+    "guardian.backend.tokenizer",
+    "guardian.backend.device",
+    "guardian.backend.batch_size",
+    "guardian.backend.base_url",
+    "guardian.backend.api_key",
+    "progress",
+)
+
+
+class ConfigError(ValueError):
+    """A bad experiment config or override; `str()` names the file, key and expectation."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ProposerConfig(_Strict):
+    """Who writes candidate programs.
+
+    `kind: null` means `llm` when a backend is configured, else `search`
+    (the model-free search proposer). `custom` builds a proposer with
+    `factory: "package.module:function"`, called as `function(config, tasks)`
+    (an extension point; the tests use it for a scripted proposer).
+    `options` are keyword arguments of the search proposer (or the LLM
+    proposer). `tiny_model: true` builds the tiny random test model
+    (`stepforge tiny-model`) at `backend.model` if that folder is missing.
+    """
+
+    kind: Optional[Literal["llm", "search", "custom"]] = None
+    style: Literal["ir", "python"] = "ir"
+    backend: Optional[BackendConfig] = None
+    replicas: int = Field(default=1, ge=1)
+    max_tokens: int = Field(default=1024, ge=1)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    stop: list[str] = Field(default_factory=list)
+    factory: Optional[str] = None
+    options: dict[str, Any] = Field(default_factory=dict)
+    tiny_model: bool = False  # build the tiny test model at backend.model when that folder does not exist
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop(cls, v):
+        if v is None:
+            return []
+        if isinstance(v, str):
+            return [v]
+        return v
+
+    @model_validator(mode="after")
+    def _kind(self) -> "ProposerConfig":
+        if self.kind == "llm" and self.backend is None:
+            raise ValueError("kind 'llm' needs a backend (proposer.backend: {kind: hf|vllm|openai, model: ...})")
+        if self.kind == "custom" and not self.factory:
+            raise ValueError("kind 'custom' needs factory: 'package.module:function'")
+        if self.factory and ":" not in self.factory:
+            raise ValueError(f"factory: expected 'package.module:function', got {self.factory!r}")
+        return self
+
+    @property
+    def resolved_kind(self) -> str:
+        """`llm`, `search` or `custom` (a null kind resolved from the backend)."""
+        if self.kind is not None:
+            return self.kind
+        return "llm" if self.backend is not None else "search"
+
+
+class GuardianConfig(_Strict):
+    """Who repairs the affine rule: `rule` (program transformation), `llm` or `none`.
+
+    An LLM guardian uses `backend`, or the proposer's backend when null.
+    """
+
+    kind: Literal["rule", "llm", "none"] = "rule"
+    backend: Optional[BackendConfig] = None
+    max_tokens: int = Field(default=1024, ge=1)
+    temperature: float = Field(default=0.0, ge=0.0)
+
+
+class VerifierConfig(_Strict):
+    """How candidates are scored.
+
+    `kind`: `pool` = the benchmark's process pool on this machine; `ray` =
+    Ray actors each holding a warm verifier (spread over a cluster);
+    `inline` = in this process, no time limit (debugging); `auto` = `ray`
+    when generation runs on Ray, else `pool`. `check_affine: false` scores
+    function alone (the affine rule is still reported per sample).
+    `num_cpus` is what each Ray verifier actor reserves.
+    """
+
+    kind: Literal["auto", "pool", "ray", "inline"] = "auto"
+    workers: int = Field(default=2, ge=1)
+    timeout_s: float = Field(default=60.0, gt=0)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    check_affine: bool = True
+    num_cpus: float = Field(default=1.0, gt=0)  # per Ray verifier actor
+
+
+class RayConfig(_Strict):
+    """Ray cluster: `address` (or $RAY_ADDRESS) joins a cluster, null starts a local one."""
+
+    address: Optional[str] = None
+    num_cpus: Optional[int] = Field(default=None, ge=1)
+
+
+class ImproveConfig(_Strict):
+    """The whole experiment (see the module docstring)."""
+
+    name: str = "improve"
+    tasks: list[str] = Field(default_factory=lambda: ["*"], min_length=1)
+    variant: Variant = "agent+si"
+    proposer: ProposerConfig = Field(default_factory=ProposerConfig)
+    guardian: GuardianConfig = Field(default_factory=GuardianConfig)
+    granularity: int = Field(default=3, ge=1)
+    temperatures: list[float] = Field(default_factory=lambda: [0.4, 0.7, 1.0], min_length=1)
+    n: int = Field(default=4, ge=1)
+    max_rounds: int = Field(default=10, ge=1)
+    seed: int = Field(default=0, ge=0)
+    max_demonstrations: Optional[int] = Field(default=None, ge=0)
+    chunk_size: int = Field(default=8, ge=1)
+    verifier: VerifierConfig = Field(default_factory=VerifierConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    progress: bool = True
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _tasks(cls, v):
+        if isinstance(v, str):
+            return [v]
+        return v
+
+    @field_validator("temperatures")
+    @classmethod
+    def _temps(cls, v: list[float]) -> list[float]:
+        if any(t < 0 for t in v):
+            raise ValueError(f"expected temperatures >= 0, got {v}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"expected distinct temperatures, got {v}")
+        return v
+
+    # -- derived -----------------------------------------------------------
+    @property
+    def adaptive(self) -> bool:
+        """True for the variants that run Algorithm 1 after round 0."""
+        return self.variant in ADAPTIVE_VARIANTS
+
+    @property
+    def rounds_limit(self) -> int:
+        """Rounds this variant may run, round 0 included."""
+        return self.max_rounds if self.adaptive else 1
+
+    def effective(self) -> "ImproveConfig":
+        """The config with the variant's overrides applied (what actually runs)."""
+        cfg = self.model_copy(deep=True)
+        if cfg.variant == "single":
+            cfg.guardian = cfg.guardian.model_copy(update={"kind": "none"})
+        if cfg.variant == "ir-ablation":
+            cfg.proposer = cfg.proposer.model_copy(update={"style": "python"})
+        return cfg
+
+    def guardian_backend(self) -> Optional[BackendConfig]:
+        """The LLM guardian's backend: its own, else the proposer's."""
+        return self.guardian.backend or self.proposer.backend
+
+    def uses_ray(self) -> bool:
+        """Generation runs through Ray actors (an LLM proposer or guardian), or a cluster is named."""
+        cfg = self.effective()
+        llm = cfg.proposer.resolved_kind == "llm" or cfg.guardian.kind == "llm"
+        return llm or cfg.verifier.kind == "ray" or bool(cfg.ray.address)
+
+    def to_yaml(self) -> str:
+        """The config as YAML (what the run directory keeps)."""
+        data = self.model_dump(mode="json")
+        return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, width=100)
+
+
+# ---------------------------------------------------------------------------
+# task selection
+
+
+def select_tasks(patterns: list[str], keys: list[str], where: str = "config") -> list[str]:
+    """Task keys matching `patterns` (exact keys, test names or globs), in benchmark order.
+
+    A pattern that matches nothing is an error naming it.
+    """
+    chosen: set[str] = set()
+    for i, pattern in enumerate(patterns):
+        if not isinstance(pattern, str) or not pattern.strip():
+            raise ConfigError(f"{where}: tasks[{i}]: expected a task key or glob such as attention/*, got {pattern!r}")
+        pattern = pattern.strip()
+        if any(ch in pattern for ch in "*?["):
+            hits = [k for k in keys if fnmatch.fnmatchcase(k, pattern)]
+        else:
+            hits = [k for k in keys if k == pattern or k.rsplit("/", 1)[-1] == pattern]
+            if len(hits) > 1 and pattern not in keys:
+                raise ConfigError(f"{where}: tasks[{i}]: {pattern!r} names {len(hits)} tasks ({', '.join(hits)}); "
+                                  f"expected a unique key such as {hits[0]}")
+        if not hits:
+            sample = ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+            raise ConfigError(f"{where}: tasks[{i}]: {pattern!r} matches no task; expected a key or glob over "
+                              f"the benchmark's keys ({sample})")
+        chosen.update(hits)
+    return [k for k in keys if k in chosen]
+
+
+# ---------------------------------------------------------------------------
+# loading and overrides
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`key.path=value` -> (["key", "path"], value parsed as a YAML scalar/flow value)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text}: expected key.path=value")
+    key, _, raw = text.partition("=")
+    key = key.strip()
+    parts = key.split(".")
+    if not key or any(not p for p in parts):
+        raise ConfigError(f"--set {text}: expected key.path=value with a dotted key such as proposer.backend.model")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> tuple[dict, set[str]]:
+    """A copy of `data` with every `--set key.path=value` applied; also the set keys."""
+    out = copy.deepcopy(data)
+    keys: set[str] = set()
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = out
+        for depth, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = {}
+                node[part] = child
+            elif not isinstance(child, dict):
+                where = ".".join(parts[: depth + 1])
+                raise ConfigError(f"--set {text}: {where} is {child!r}, not a mapping; cannot set {'.'.join(parts)}")
+            node = child
+        node[parts[-1]] = value
+        keys.add(".".join(parts))
+    return out, keys
+
+
+def _loc(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            text = str(part)
+            if text.startswith(("function-", "literal[", "union[")) or text in {"str", "int", "float", "bool", "list",
+                                                                               "dict", "none", "BackendConfig"}:
+                continue
+            out += ("." if out else "") + text
+    return out or "(top level)"
+
+
+def _allowed(model: type[BaseModel]) -> str:
+    return ", ".join(model.model_fields)
+
+
+_SECTIONS: dict[str, type[BaseModel]] = {}
+
+
+def _section_model(key: str) -> type[BaseModel]:
+    if not _SECTIONS:
+        _SECTIONS.update({"": ImproveConfig, "proposer": ProposerConfig, "guardian": GuardianConfig,
+                          "verifier": VerifierConfig, "ray": RayConfig, "proposer.backend": BackendConfig,
+                          "guardian.backend": BackendConfig})
+    return _SECTIONS.get(key, ImproveConfig)
+
+
+def format_errors(exc: ValidationError, where: str, set_keys: set[str] | None = None) -> str:
+    """One line per problem: `WHERE: key.path: what was expected, got ...`."""
+    lines = []
+    seen = set()
+    for err in exc.errors(include_url=False):
+        key = _loc(err["loc"])
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            parent, _, name = key.rpartition(".")
+            msg = f"unknown key {name!r}; expected one of: {_allowed(_section_model(parent))}"
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            if msg.startswith("Input should be "):
+                msg = "expected " + msg.removeprefix("Input should be ")
+            if kind not in ("value_error", "missing") and "input" in err:
+                shown = repr(err["input"])
+                msg += f", got {shown if len(shown) <= 60 else shown[:57] + '...'}"
+        origin = " (from --set)" if set_keys and any(key == k or key.startswith(k + ".") or k.startswith(key + ".")
+                                                     for k in set_keys) else ""
+        line = f"{where}: {key}{origin}: {msg}"
+        if line not in seen:
+            seen.add(line)
+            lines.append(line)
+    return "\n".join(lines)
+
+
+def config_from_dict(data: Any, where: str = "config", set_keys: set[str] | None = None) -> ImproveConfig:
+    """Validate a mapping into an ImproveConfig; ConfigError naming `where` and the key."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: (top level): expected a mapping of settings (tasks, proposer, ...), "
+                          f"got {type(data).__name__}")
+    try:
+        return ImproveConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_errors(exc, where, set_keys)) from None
+
+
+def read_yaml(path: str | Path) -> dict:
+    """A YAML file's mapping; ConfigError naming the file on any problem."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "(YAML)"
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: {at}: not valid YAML: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: (top level): expected a mapping of settings (tasks, proposer, ...), "
+                          f"got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ImproveConfig:
+    """Read `path` (None: all defaults), apply `--set` overrides, validate."""
+    data = read_yaml(path) if path is not None else {}
+    where = str(path) if path is not None else "config"
+    data, keys = apply_overrides(data, list(overrides or []))
+    return config_from_dict(data, where, keys)
+
+
+def check_resume_overrides(overrides: list[str]) -> None:
+    """A resumed run may change only operational keys (RESUME_SETTABLE)."""
+    for text in overrides:
+        parts, _ = parse_override(text)
+        key = ".".join(parts)
+        if not any(key == k or (k.endswith(".") and key.startswith(k)) for k in RESUME_SETTABLE):
+            allowed = ", ".join(k + "*" if k.endswith(".") else k for k in RESUME_SETTABLE)
+            raise ConfigError(f"--set {text}: a resumed run keeps its config; only these keys may change: {allowed}")
+
+
+def resolve_model_paths(cfg: ImproveConfig) -> ImproveConfig:
+    """Local model paths (hf, vllm) made absolute, so Ray workers and resumed runs find them."""
+    cfg = cfg.model_copy(deep=True)
+    for section in (cfg.proposer, cfg.guardian):
+        backend = section.backend
+        if backend is None or backend.kind not in ("hf", "vllm"):
+            continue
+        updates = {}
+        for key in ("model", "tokenizer", "lora_path"):
+            value = getattr(backend, key)
+            if value and not Path(value).expanduser().is_absolute():
+                updates[key] = str(Path(value).expanduser().resolve())
+        if updates:
+            section.backend = backend.model_copy(update=updates)
+    return cfg
+
+
+def check_model_paths(cfg: ImproveConfig, where: str = "config") -> None:
+    """Local backends need an existing model directory: fail before starting Ray or a model."""
+    checks = []
+    if cfg.proposer.resolved_kind == "llm" and cfg.proposer.backend is not None:
+        checks.append(("proposer.backend", cfg.proposer.backend))
+    if cfg.effective().guardian.kind == "llm":
+        backend = cfg.guardian_backend()
+        if backend is None:
+            raise ConfigError(f"{where}: guardian.backend: the LLM guardian needs a backend (its own or the proposer's)")
+        if cfg.guardian.backend is not None:
+            checks.append(("guardian.backend", backend))
+    for key, backend in checks:
+        if backend.kind in ("hf", "vllm"):
+            path = Path(backend.model).expanduser()
+            if not path.is_dir():
+                raise ConfigError(f"{where}: {key}.model: expected a local model directory, {backend.model!r} does "
+                                  f"not exist (set it with --set {key}.model=/path/to/model)")
+
+
+__all__ = [
+    "ADAPTIVE_VARIANTS",
+    "ConfigError",
+    "GuardianConfig",
+    "ImproveConfig",
+    "ProposerConfig",
+    "RESUME_SETTABLE",
+    "RayConfig",
+    "VARIANTS",
+    "VerifierConfig",
+    "apply_overrides",
+    "check_model_paths",
+    "check_resume_overrides",
+    "config_from_dict",
+    "load_config",
+    "parse_override",
+    "read_yaml",
+    "resolve_model_paths",
+    "select_tasks",
+]
