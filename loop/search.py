@@ -1,0 +1,1153 @@
+"""A search-based proposer that needs no model: type-directed synthesis of STeP programs.
+
+`SearchProposer` implements the `Proposer` contract (loop/interfaces.py) with
+a best-first (weighted A*) search over well-typed programs. It is what
+`stepforge improve` uses when no model is configured.
+
+The search
+----------
+A search state is the multiset of *live* streams: typed streams not yet
+consumed (the task's inputs at the start). A move applies one operator to
+live streams and makes new ones; every move is typed by the simulator's own
+rules (`stepforge.simulator.ops.resolve_params` / `infer` with a
+`TypeContext`), so only well-typed programs are ever built. Moves are
+
+* fn applications: `Map(fn=f)` of a non-fold fn on a stream whose element
+  type is `f`'s input, `Accum(fn=f, b=k)` / `Scan(fn=f, b=k)` of a fold fn;
+* `Zip` of two equal-shaped streams whose fields are a contiguous part of
+  some fn's input (so a Zip is only made to feed a fn);
+* glue that adapts one stream toward a target type: `Bufferize`,
+  `Streamify`, `Promote`, `Repeat(n=<a size of the task>)`, `Flatten`,
+  `RepeatRef` (and `Reshape` if `allow_reshape`). A glue move is only made
+  if it brings the stream strictly closer to some target (a fn input type,
+  an output's type and shape, or the shape of a stream it must be zipped
+  with) by the glue distance below, and never back to a type it already had;
+* routing: with a Multihot stream of width E and a group of E fns with equal
+  types (the experts), the Partition -> `[Map(fn=f) for p, f in zip(parts,
+  fns)]` -> Merge pattern as one move (its index stream is copied).
+
+Affinity holds by construction: a move either *consumes* an input stream or
+*borrows* it, which is emitted as `a, b = step.Copy().apply(x)` (one copy is
+used, the other stays live). A goal is a state whose live streams are exactly
+the task's outputs (types and symbolic shapes; every other stream was
+consumed) and in which every task fn has been applied. Each goal gives one
+candidate per way of assigning its streams to the outputs.
+
+Order and heuristic: a move costs `-log P` of its tokens under the prior
+(loop/search_prior.py: a trigram over operator tokens plus a fn-order model,
+learned from the demonstrations), plus, at temperature T > 0,
+`T * noise * Exp(1)` of seeded noise (so T = 0 is the prior's order, larger T
+is flatter, and a seed fixes the order). States are expanded in order of
+`g + heuristic_weight * h`, where `h` counts the glue each live stream still
+needs to reach its nearest target (an alignment of its dims, innermost first,
+against the target's, costing Repeat/Promote insertions, Flatten merges and
+the Bufferize/Streamify moves of the buffer boundary), one application per
+unused fn, one Zip per fn whose input no live stream has yet, and the live
+streams in excess of the outputs. A live stream that no target can be reached
+from (wrong leaf type, a dim glue cannot remove) makes the state dead.
+
+Budget: each sample may take at most `max_expansions` expansions and
+`max_seconds` seconds after the previous one; the search stops at `n`
+distinct programs or when a sample's budget is spent. With the expansion
+budget binding, the result is a function of (task, demonstrations, n,
+temperature, seed, config).
+
+Every emitted program is parsed, type-checked (`typecheck_program`) against
+the task's types, checked for the affine rule and for the declared output
+types before it is returned; the proposer cannot run programs (the loop's
+verifier does), so this static check is its whole pre-ranking.
+
+Known limits (see scripts/bench_search.py): the type system cannot tell
+apart programs that apply unary fns of equal types in a different order, or
+that reduce over a different dim of equal size, so such tasks need many
+candidates; long glue chains on both sides of a Zip (bmm_2) and programs of
+more than ~12 statements (norm/G_0_16_01, moe-index/G_0_13_02) exceed the
+default budget.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import itertools
+import math
+import random
+import re
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Mapping, Optional, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from stepforge.loop.interfaces import Demonstration, Proposal, ProposalRequest, Proposer
+from stepforge.loop.search_prior import OpPrior, fn_order_category, make_token
+from stepforge.loop.search_task import SearchTask, SearchTaskError, fields_of
+from stepforge.simulator.errors import SimulatorError, StepTypeError
+from stepforge.simulator.interpreter import typecheck_program
+from stepforge.simulator.ops import StreamList, TypeContext, infer, resolve_params
+from stepforge.simulator.program import NameRef, OpCall, SizeExpr, check_affine, parse_program
+from stepforge.simulator.shapes import Dim, product
+from stepforge.simulator.types import BufferType, MultihotType, TupleType
+from stepforge.simulator.values import StreamType
+
+INF = math.inf
+GLUE_OPS = ("Bufferize", "Streamify", "Promote", "Repeat", "Flatten", "Reshape", "RepeatRef")
+FN_OPS = ("Map", "Accum", "Scan")
+
+
+class SearchConfig(BaseModel):
+    """Settings of the search proposer; every key has a default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_expansions: int = Field(default=3000, ge=1, description="per sample: expansions allowed after the previous program")
+    max_seconds: float = Field(default=30.0, gt=0, description="per sample: seconds allowed after the previous program")
+    heuristic_weight: float = Field(default=2.0, ge=0, description="nats per estimated remaining operator")
+    noise: float = Field(default=1.5, ge=0, description="scale (nats) of the per-move Exp(1) noise at temperature 1")
+    max_statements: int = Field(default=16, ge=1, description="operator applications per program (Copies excluded)")
+    max_live_extra: int = Field(default=3, ge=0, description="live streams allowed beyond the number of outputs")
+    max_fn_uses: int = Field(default=2, ge=1, description="times one fn may be applied")
+    max_copies: int = Field(default=4, ge=0, description="Copy operations per program")
+    allow_reshape: bool = Field(default=False, description="also try Reshape as glue")
+    mix: float = Field(default=0.25, ge=0, le=1, description="weight of the base prior in the learned prior")
+    fn_order: bool = Field(default=True, description="cost fn applications by the task's fn order")
+    max_demonstrations: int = Field(default=64, ge=0, description="most demonstrations the prior is fitted on")
+
+
+# ---------------------------------------------------------------------------
+# candidates
+
+
+@dataclass
+class Candidate:
+    """One program the search found."""
+
+    text: str
+    cost: float  # -log prior of its moves (with noise at T > 0)
+    expansions: int  # states expanded when it was found (total for this search)
+    seconds: float  # search seconds when it was found (total for this search)
+    statements: int  # operator applications (Copies included)
+
+
+@dataclass
+class SearchStats:
+    expansions: int = 0
+    generated: int = 0
+    candidates: int = 0
+    rejected: int = 0  # emitted programs that failed the final static check (should stay 0)
+    seconds: float = 0.0
+    stopped: str = ""  # "n", "expansions", "seconds", "exhausted"
+
+
+# ---------------------------------------------------------------------------
+# states
+
+
+class _State:
+    __slots__ = ("live", "g", "depth", "parent", "move", "created", "used", "ctx", "copies")
+
+    def __init__(self, live, g, depth, parent, move, created, used, ctx, copies):
+        self.live = live  # sorted tuple of term ids (a multiset)
+        self.g = g
+        self.depth = depth  # operator applications so far (Copies excluded)
+        self.parent = parent
+        self.move = move
+        self.created = created  # frozenset of term ids made on this path
+        self.used = used  # tuple: applications per fn (file order)
+        self.ctx = ctx  # the last two prior tokens
+        self.copies = copies
+
+
+@dataclass(frozen=True)
+class _Move:
+    kind: str  # "op" or "route"
+    op: str
+    kwargs: tuple  # program keyword arguments ((key, value), ...)
+    inputs: tuple  # ((term id, borrowed), ...)
+    out: int  # the term made
+    fns: tuple = ()  # route: the expert fns in route order
+    merge_fn: str = ""
+
+
+# ---------------------------------------------------------------------------
+# the searcher
+
+
+class _Searcher:
+    """One search over one task; `run()` yields candidates in the order found."""
+
+    def __init__(self, task: SearchTask, prior: OpPrior, config: SearchConfig, *, n: int,
+                 temperature: float, seed: int):
+        self.task = task
+        self.prior = prior
+        self.config = config
+        self.n = n
+        self.temperature = max(0.0, float(temperature))
+        self.rng = random.Random(seed)
+        self.stats = SearchStats()
+        self.ctx = TypeContext(fns=task.fns, binding=dict(task.binding))
+        self.fn_names = list(task.fns)
+        self.fn_index = {name: i for i, name in enumerate(self.fn_names)}
+        # interned types and terms
+        self.types: list[StreamType] = []
+        self.type_ids: dict[StreamType, int] = {}
+        self.term_keys: dict[tuple, int] = {}
+        self.term_op: list[str] = []
+        self.term_type: list[int] = []
+        self.term_parent: list[int] = []  # the input term of a single-input glue op, else -1
+        self.input_terms: list[int] = []
+        for name, st in task.inputs:
+            self.input_terms.append(self._term(("input", name), "input", self._type(st), -1))
+        self.output_types = [self._type(st) for _, st in task.outputs]
+        self.output_counter = Counter(self.output_types)
+        # caches
+        self._infer_cache: dict[tuple, Any] = {}
+        self._dist_cache: dict[tuple[int, int], float] = {}
+        self._targets: list[tuple] = []
+        self._target_ids: dict[tuple, int] = {}
+        self._glue_cache: dict[int, list] = {}
+        self._fn_cache: dict[int, list] = {}
+        self._pair_cache: dict[tuple[int, int], list] = {}
+        self._targets_cache: dict[tuple, tuple] = {}
+        self._partner_type: dict[int, bool] = {}
+        self._classify_fns()
+
+    # -- interning --------------------------------------------------------------
+    def _type(self, st: StreamType) -> int:
+        tid = self.type_ids.get(st)
+        if tid is None:
+            tid = len(self.types)
+            self.types.append(st)
+            self.type_ids[st] = tid
+        return tid
+
+    def _term(self, key: tuple, op: str, type_id: int, parent: int) -> int:
+        tid = self.term_keys.get(key)
+        if tid is None:
+            tid = len(self.term_op)
+            self.term_keys[key] = tid
+            self.term_op.append(op)
+            self.term_type.append(type_id)
+            self.term_parent.append(parent)
+        return tid
+
+    # -- fns ----------------------------------------------------------------------
+    def _classify_fns(self) -> None:
+        fns = self.task.fns
+        self.fold_fns = [n for n, f in fns.items() if f.is_fold]
+        plain = [n for n, f in fns.items() if not f.is_fold]
+        widths = self.task.multihot_widths()
+        groups: dict[tuple, list[str]] = {}
+        for name in plain:
+            f = fns[name]
+            groups.setdefault((fields_of(f.input_type), fields_of(f.output_type)), []).append(name)
+        self.expert_groups: list[tuple[str, ...]] = []
+        for (ins, outs), names in groups.items():
+            if len(names) >= 2 and len(names) in widths:
+                merges = [m for m in self.fold_fns if fields_of(fns[m].input_type) == outs]
+                if merges:
+                    self.expert_groups.append(tuple(names))
+        self.expert_fns = {n for g in self.expert_groups for n in g}
+        self.map_fns = [n for n in plain if n not in self.expert_fns]
+        self.fn_fields = {n: fields_of(f.input_type) for n, f in fns.items()}
+
+    # -- typing (the simulator's rules) ------------------------------------------
+    def _infer(self, op: str, kwargs: tuple, arg_types: Any):
+        """Output type id(s) of `op(kwargs)` on argument type ids, or None if it does not type-check."""
+        key = (op, kwargs, arg_types)
+        if key in self._infer_cache:
+            return self._infer_cache[key]
+        call = OpCall(op, kwargs, 0)
+
+        def build(a):
+            if isinstance(a, tuple):
+                return tuple(build(x) for x in a)
+            return self.types[a]
+
+        try:
+            params = resolve_params(call, self.ctx)
+            out = infer(call, build(arg_types), params, self.ctx)
+        except StepTypeError:
+            result = None
+        else:
+            result = tuple(self._type(o) for o in out) if isinstance(out, list) else self._type(out)
+        self._infer_cache[key] = result
+        return result
+
+    def _route_type(self, data: int, idx: int, group: tuple[str, ...], merge: str) -> Optional[int]:
+        """The Merge output of Partition -> per-route Map -> Merge, typed op by op, or None."""
+        key = ("route", data, idx, group, merge)
+        if key in self._infer_cache:
+            return self._infer_cache[key]
+        result = None
+        try:
+            width = self.types[idx].elem.width
+            n_kw = self._size_kw(width)
+            part_call = OpCall("Partition", (("N", n_kw),), 0)
+            parts = infer(part_call, (self.types[data], self.types[idx]), resolve_params(part_call, self.ctx), self.ctx)
+            outs = []
+            for p, fn in zip(parts, group):
+                map_call = OpCall("Map", (("fn", NameRef(fn)),), 0)
+                outs.append(infer(map_call, p, resolve_params(map_call, self.ctx), self.ctx))
+            if len(outs) == len(parts):
+                merge_call = OpCall("Merge", (("fn", NameRef(merge)),), 0)
+                out = infer(merge_call, (StreamList(tuple(outs)), self.types[idx]),
+                            resolve_params(merge_call, self.ctx), self.ctx)
+                result = self._type(out)
+        except (StepTypeError, AttributeError):
+            result = None
+        self._infer_cache[key] = result
+        return result
+
+    def _size_kw(self, dim) -> Any:
+        """A size as a keyword value: an int, a symbol's `X_value`-free name, or a product."""
+        dim = dim if isinstance(dim, Dim) else Dim.sym(str(dim))
+        if dim.is_const and dim.coeff.denominator == 1:
+            return int(dim.coeff)
+        factors: list = []
+        if dim.coeff != 1:
+            if dim.coeff.denominator != 1:
+                raise StepTypeError(f"size {dim} is not whole")
+            factors.append(int(dim.coeff))
+        for name, power in dim.powers:
+            if power < 0:
+                raise StepTypeError(f"size {dim} is not a product")
+            factors.extend([NameRef(name)] * power)
+        return factors[0] if len(factors) == 1 else SizeExpr(tuple(factors))
+
+    # -- targets and the glue distance --------------------------------------------
+    def _target(self, t: tuple) -> int:
+        tid = self._target_ids.get(t)
+        if tid is None:
+            tid = len(self._targets)
+            self._targets.append(t)
+            self._target_ids[t] = tid
+        return tid
+
+    def _pre_target(self, leaf, min_sd: int) -> int:
+        if isinstance(leaf, BufferType):
+            return self._target(("pre", leaf.inner, leaf.dims, min_sd))
+        return self._target(("pre", leaf, (), min_sd))
+
+    def _is_partner_type(self, type_id: int) -> bool:
+        """Whether streams of this type fill part of some multi-field fn input (a zip partner)."""
+        cached = self._partner_type.get(type_id)
+        if cached is None:
+            elem_fields = fields_of(self.types[type_id].elem)
+            cached = any(len(f) > 1 and _chunk_span(elem_fields, f) for f in self.fn_fields.values())
+            self._partner_type[type_id] = cached
+        return cached
+
+    def _stream_targets(self, type_id: int, others: tuple[int, ...], used: tuple[int, ...]) -> tuple:
+        """((target id, extra cost), ...) for one live stream, given the other live streams' types.
+
+        Targets: each fn's input (its fields; for a multi-field input, the
+        exact shape of a live zip partner when there is one), at extra cost 1
+        for a fn already applied (applying it again is one more operator) and
+        left out once a fn is at `max_fn_uses`; the Multihot index of an
+        unused expert group; and every output's exact type and shape.
+        """
+        partners = tuple(sorted({t for t in others if self._is_partner_type(t)}))
+        key = (type_id, partners, used)
+        cached = self._targets_cache.get(key)
+        if cached is not None:
+            return cached
+        targets: dict[int, int] = {}
+
+        def add(target_id: int, extra: int):
+            if targets.get(target_id, INF) > extra:
+                targets[target_id] = extra
+
+        for name in self.fn_names:
+            count = used[self.fn_index[name]]
+            if count >= self.config.max_fn_uses:
+                continue
+            if name in self.expert_fns and count:
+                continue
+            extra = 1 if count else 0
+            fields = self.fn_fields[name]
+            min_sd = 2 if self.task.fns[name].is_fold else 1
+            if len(fields) == 1:
+                add(self._pre_target(fields[0], min_sd), extra)
+                continue
+            add(self._target(("fn", fields, min_sd)), extra)
+            for i, field_type in enumerate(fields):
+                shapes = []
+                for p in partners:
+                    st = self.types[p]
+                    span = _chunk_span(fields_of(st.elem), fields)
+                    if span and not (span[0] <= i < span[1]):
+                        shapes.append(st.shape)
+                if shapes:
+                    for shape in shapes:
+                        add(self._target(("exact", field_type, shape)), extra)
+                else:
+                    add(self._pre_target(field_type, min_sd), extra)
+        for g in self.expert_groups:
+            if not used[self.fn_index[g[0]]]:
+                add(self._target(("multihot", len(g))), 0)
+        for tid in self.output_types:
+            st = self.types[tid]
+            add(self._target(("exact", st.elem, st.shape)), 0)
+        result = tuple(sorted(targets.items()))
+        self._targets_cache[key] = result
+        return result
+
+    def _live_targets(self, state: "_State") -> list[tuple]:
+        """The targets of each live stream of `state`, in `state.live` order."""
+        types = [self.term_type[t] for t in state.live]
+        result = []
+        for i, tid in enumerate(types):
+            others = tuple(types[:i] + types[i + 1:])
+            result.append(self._stream_targets(tid, others, state.used))
+        return result
+
+    def _dist(self, type_id: int, target_id: int) -> float:
+        key = (type_id, target_id)
+        d = self._dist_cache.get(key)
+        if d is None:
+            d = self._compute_dist(self.types[type_id], self._targets[target_id])
+            self._dist_cache[key] = d
+        return d
+
+    def _compute_dist(self, st: StreamType, target: tuple) -> float:
+        kind = target[0]
+        elem = st.elem
+        if kind == "fn":
+            _, fields, min_sd = target
+            if not isinstance(elem, TupleType):
+                return INF
+            if not _chunk_span(elem.items, fields):
+                return INF
+            return max(0, min_sd - len(st.shape))
+        if kind == "multihot":
+            return 0 if isinstance(elem, MultihotType) and _width(elem, self.task.binding) == target[1] else INF
+        if kind == "pre":
+            _, leaf, bdims, min_sd = target
+            if isinstance(elem, TupleType):
+                return INF
+            leaf_s, full, p0 = _decompose(st)
+            if leaf_s != leaf:
+                return INF
+            return _prefix_distance(full, p0, tuple(bdims), min_sd, self.task.sizes)
+        if kind == "exact":
+            _, t_elem, t_shape = target
+            if isinstance(elem, TupleType) or isinstance(t_elem, TupleType):
+                if elem != t_elem:
+                    return INF
+                return _full_distance(tuple(st.shape), 0, tuple(t_shape), 0, self.task.sizes, tuple_mode=True)
+            leaf_s, full, p0 = _decompose(st)
+            leaf_t, t_full, p_t = _decompose(StreamType(t_elem, tuple(t_shape)))
+            if leaf_s != leaf_t:
+                return INF
+            return _full_distance(full, p0, t_full, p_t, self.task.sizes)
+        raise AssertionError(kind)
+
+    def _eff_dist(self, type_id: int, targets: tuple) -> float:
+        return min((self._dist(type_id, t) + extra for t, extra in targets), default=INF)
+
+    def _heuristic(self, state: _State) -> float:
+        h = 0.0
+        for term, targets in zip(state.live, self._live_targets(state)):
+            d = self._eff_dist(self.term_type[term], targets)
+            if d == INF:
+                return INF
+            h += d
+        live_fields = {fields_of(self.types[self.term_type[t]].elem) for t in state.live}
+        zips = 0
+        for name in self.fn_names:
+            if state.used[self.fn_index[name]]:
+                continue
+            if name in self.expert_fns:
+                continue
+            h += 1
+            fields = self.fn_fields[name]
+            if len(fields) > 1 and fields not in live_fields:
+                h += 1
+                zips += 1
+        for g in self.expert_groups:
+            if not state.used[self.fn_index[g[0]]]:
+                h += 3  # Copy of the route, Partition, Merge (the comprehension rides along)
+        excess = len(state.live) - len(self.output_types)
+        if excess > zips:
+            h += excess - zips
+        return h
+
+    # -- moves -------------------------------------------------------------------------
+    def _glue_options(self, type_id: int) -> list[tuple[str, tuple, int]]:
+        cached = self._glue_cache.get(type_id)
+        if cached is not None:
+            return cached
+        st = self.types[type_id]
+        rank = st.rank
+        options: list[tuple[str, tuple]] = []
+        if not isinstance(st.elem, TupleType):
+            options += [("Bufferize", (("a", k),)) for k in range(1, rank + 1)]
+        if isinstance(st.elem, BufferType):
+            options.append(("Streamify", ()))
+        options += [("Promote", (("b", k),)) for k in range(0, rank + 2)]
+        options += [("Repeat", (("n", self._size_kw(d)),)) for d in self.task.sizes]
+        for i in range(1, rank + 1):
+            for j in range(i, rank + 1):
+                options.append(("Flatten", (("L", tuple(range(i, j + 1))),)))
+        if self.config.allow_reshape:
+            for i in range(0, rank + 1):
+                for d in self.task.sizes:
+                    options.append(("Reshape", (("L", (i,)), ("S", self._size_kw(d)))))
+        result = []
+        for op, kwargs in options:
+            out = self._infer(op, kwargs, type_id)
+            if out is not None and out != type_id:
+                result.append((op, kwargs, out))
+        self._glue_cache[type_id] = result
+        return result
+
+    def _fn_options(self, type_id: int) -> list[tuple[str, tuple, int, str]]:
+        cached = self._fn_cache.get(type_id)
+        if cached is not None:
+            return cached
+        st = self.types[type_id]
+        fields = fields_of(st.elem)
+        result = []
+        for name in self.map_fns:
+            if self.fn_fields[name] == fields:
+                kwargs = (("fn", NameRef(name)),)
+                out = self._infer("Map", kwargs, type_id)
+                if out is not None:
+                    result.append(("Map", kwargs, out, name))
+        for name in self.fold_fns:
+            if self.fn_fields[name] != fields:
+                continue
+            for op in ("Accum", "Scan"):
+                for k in range(1, st.rank + 1):
+                    kwargs = (("fn", NameRef(name)), ("b", k))
+                    out = self._infer(op, kwargs, type_id)
+                    if out is not None:
+                        result.append((op, kwargs, out, name))
+        self._fn_cache[type_id] = result
+        return result
+
+    def _pair_options(self, t1: int, t2: int) -> list[tuple]:
+        key = (t1, t2)
+        cached = self._pair_cache.get(key)
+        if cached is not None:
+            return cached
+        s1, s2 = self.types[t1], self.types[t2]
+        result: list[tuple] = []
+        zipped = fields_of(s1.elem) + fields_of(s2.elem)
+        if s1.shape == s2.shape and any(_chunk_span(zipped, f) for f in self.fn_fields.values()):
+            out = self._infer("Zip", (), (t1, t2))
+            if out is not None:
+                result.append(("Zip", (), out))
+        if s2.rank == s1.rank + 1 and s2.shape[1:] == s1.shape:
+            out = self._infer("RepeatRef", (), (t1, t2))
+            if out is not None:
+                result.append(("RepeatRef", (), out))
+        if isinstance(s2.elem, MultihotType):
+            width = _width(s2.elem, self.task.binding)
+            for group in self.expert_groups:
+                if len(group) != width or self.fn_fields[group[0]] != fields_of(s1.elem):
+                    continue
+                outs = fields_of(self.task.fns[group[0]].output_type)
+                for merge in self.fold_fns:
+                    if self.fn_fields[merge] != outs:
+                        continue
+                    out = self._route_type(t1, t2, group, merge)
+                    if out is not None:
+                        result.append(("route", (group, merge), out))
+        self._pair_cache[key] = result
+        return result
+
+    def _glue_ancestors(self, term: int) -> set[int]:
+        """Types along the chain of single-input glue ops that made `term` (itself included)."""
+        seen = {self.term_type[term]}
+        while self.term_op[term] in GLUE_OPS and self.term_parent[term] >= 0:
+            term = self.term_parent[term]
+            seen.add(self.term_type[term])
+        return seen
+
+    def _borrowable(self, term: int) -> bool:
+        return self.term_op[term] not in ("Zip",)
+
+    # -- expansion -------------------------------------------------------------------
+    def _children(self, state: _State) -> Iterator[_State]:
+        live = state.live
+        distinct = sorted(set(live))
+        live_targets = dict(zip(live, self._live_targets(state)))
+        can_copy = state.copies < self.config.max_copies
+        at_limit = state.depth >= self.config.max_statements
+        if at_limit:
+            return
+        for term in distinct:
+            tid = self.term_type[term]
+            targets = [t for t, _ in live_targets[term]]
+            modes = (False, True) if can_copy and self._borrowable(term) else (False,)
+            # glue
+            ancestors = None
+            for op, kwargs, out in self._glue_options(tid):
+                if not any(self._dist(out, t) < self._dist(tid, t) for t in targets):
+                    continue
+                if ancestors is None:
+                    ancestors = self._glue_ancestors(term)
+                if out in ancestors:
+                    continue
+                glue_modes = modes if self.term_op[term] not in GLUE_OPS else (False,)
+                for borrowed in glue_modes:
+                    child = self._make_child(state, "op", op, kwargs, ((term, borrowed),), out, None)
+                    if child is not None:
+                        yield child
+            # fn applications
+            for op, kwargs, out, fn in self._fn_options(tid):
+                if state.used[self.fn_index[fn]] >= self.config.max_fn_uses:
+                    continue
+                for borrowed in modes:
+                    child = self._make_child(state, "op", op, kwargs, ((term, borrowed),), out, fn)
+                    if child is not None:
+                        yield child
+        # pairs
+        for t1 in distinct:
+            for t2 in distinct:
+                if t1 == t2:
+                    continue
+                ty1, ty2 = self.term_type[t1], self.term_type[t2]
+                for op, extra, out in self._pair_options(ty1, ty2):
+                    if op == "Zip":
+                        m1 = (False, True) if can_copy and self._borrowable(t1) else (False,)
+                        m2 = (False, True) if can_copy and self._borrowable(t2) else (False,)
+                        for b1 in m1:
+                            for b2 in m2:
+                                if b1 and b2 and state.copies + 2 > self.config.max_copies:
+                                    continue
+                                child = self._make_child(state, "op", "Zip", (), ((t1, b1), (t2, b2)), out, None)
+                                if child is not None:
+                                    yield child
+                    elif op == "RepeatRef":
+                        if not any(self._dist(out, t) < self._dist(ty1, t) for t, _ in live_targets[t1]):
+                            continue
+                        if out in self._glue_ancestors(t1):
+                            continue
+                        m2 = (False, True) if can_copy else (False,)
+                        for b2 in m2:
+                            child = self._make_child(state, "op", "RepeatRef", (), ((t1, False), (t2, b2)), out, None)
+                            if child is not None:
+                                yield child
+                    elif op == "route":
+                        group, merge = extra
+                        if state.used[self.fn_index[group[0]]]:
+                            continue
+                        if state.copies + 1 > self.config.max_copies:
+                            continue
+                        child = self._make_child(state, "route", "Route", (("group", group), ("merge", merge)),
+                                                 ((t1, False), (t2, False)), out, merge, group=group)
+                        if child is not None:
+                            yield child
+
+    def _make_child(self, state: _State, kind: str, op: str, kwargs: tuple, inputs: tuple, out_type: int,
+                    fn: Optional[str], group: tuple[str, ...] = ()) -> Optional[_State]:
+        children = tuple(t for t, _ in inputs)
+        key = (op, kwargs, children)
+        parent = children[0] if op in GLUE_OPS else -1
+        term = self._term(key, op if kind == "op" else "Route", out_type, parent)
+        if term in state.created or term in state.live:
+            return None
+        live = list(state.live)
+        for t, borrowed in inputs:
+            if not borrowed:
+                live.remove(t)
+        live.append(term)
+        if len(live) > len(self.output_types) + self.config.max_live_extra:
+            return None
+        live_t = tuple(sorted(live))
+        # cost: tokens under the prior, in context
+        borrowed_n = sum(1 for _, b in inputs if b)
+        tokens: list[str] = ["Copy"] * borrowed_n
+        if kind == "route":
+            tokens += ["Copy", "Partition", "FnList", "[Map]", "Merge"]
+        else:
+            tokens.append(make_token(op, {k: v for k, v in kwargs if k in ("a", "b", "L")}))
+        cost = 0.0
+        ctx = state.ctx
+        for tok in tokens:
+            cost += self.prior.cost(tok, ctx)
+            ctx = (ctx[-1], tok)
+        used = state.used
+        applied = list(group) if group else ([fn] if fn else [])
+        if kind == "route" and fn:
+            applied.append(fn)
+        if applied:
+            used_l = list(used)
+            if self.config.fn_order:
+                order_idx = min(self.fn_index[a] for a in applied)
+                prev = [i for i, c in enumerate(used) if c]
+                reused = any(used[self.fn_index[a]] for a in applied)
+                cost += self.prior.fn_order_cost(fn_order_category(order_idx, prev, reused))
+            for a in applied:
+                used_l[self.fn_index[a]] += 1
+            used = tuple(used_l)
+        if self.temperature > 0 and self.config.noise > 0:
+            cost += self.temperature * self.config.noise * self.rng.expovariate(1.0)
+        copies = state.copies + borrowed_n + (1 if kind == "route" else 0)
+        move = _Move(kind, op, kwargs, inputs, term, fns=group, merge_fn=(fn or "") if kind == "route" else "")
+        self.stats.generated += 1
+        return _State(live_t, state.g + cost, state.depth + 1, state, move, state.created | {term}, used, ctx, copies)
+
+    # -- goals -------------------------------------------------------------------------
+    def _is_goal(self, state: _State) -> bool:
+        if not all(state.used):
+            return False
+        if len(state.live) != len(self.output_types):
+            return False
+        return Counter(self.term_type[t] for t in state.live) == self.output_counter
+
+    def _assignments(self, state: _State) -> list[tuple[int, ...]]:
+        """Distinct ways to give each output a live term of its type (latest-made first for equal types)."""
+        pools: list[list[int]] = []
+        for tid in self.output_types:
+            pools.append(sorted((t for t in set(state.live) if self.term_type[t] == tid), reverse=True))
+        result = []
+        seen = set()
+        for combo in itertools.product(*pools):
+            if Counter(combo) != Counter(t for t in state.live):
+                continue
+            if combo not in seen:
+                seen.add(combo)
+                result.append(combo)
+        return result
+
+    # -- emission ------------------------------------------------------------------------
+    def _emit(self, state: _State, assignment: tuple[int, ...]) -> tuple[str, int]:
+        moves = []
+        s = state
+        while s.parent is not None:
+            moves.append(s.move)
+            s = s.parent
+        moves.reverse()
+        reserved = set(self.fn_names) | {n for n, _ in self.task.inputs} | set(self.task.binding) \
+            | {f"{k}_value" for k in self.task.binding} | {"step", "zip"}
+        counters: Counter = Counter()
+        names_used = set(reserved)
+
+        def fresh(prefix: str) -> str:
+            while True:
+                counters[prefix] += 1
+                name = f"{prefix}{counters[prefix]}"
+                if name not in names_used:
+                    names_used.add(name)
+                    return name
+
+        names: dict[int, list[str]] = {t: [n] for t, (n, _) in zip(self.input_terms, self.task.inputs)}
+        lines: list[str] = []
+        single_defs: set[str] = set()
+
+        def take(term: int, borrowed: bool) -> str:
+            var = names[term].pop(0)
+            if borrowed:
+                a, b = fresh(var.rstrip("0123456789") + "_c"), fresh(var.rstrip("0123456789") + "_c")
+                lines.append(f"{a}, {b} = step.Copy().apply({var})")
+                names[term].append(b)
+                return a
+            return var
+
+        for mv in moves:
+            if mv.kind == "op":
+                args = [take(t, b) for t, b in mv.inputs]
+                var = fresh(_PREFIX.get(mv.op, "s"))
+                arg = args[0] if len(args) == 1 else "(" + ", ".join(args) + ")"
+                lines.append(f"{var} = step.{mv.op}({_render_kwargs(mv.kwargs)}).apply({arg})")
+                single_defs.add(var)
+            else:
+                data = take(mv.inputs[0][0], mv.inputs[0][1])
+                idx = names[mv.inputs[1][0]].pop(0)
+                i0, i1 = fresh("route_c"), fresh("route_c")
+                lines.append(f"{i0}, {i1} = step.Copy().apply({idx})")
+                parts = fresh("parts")
+                width = self.types[self.term_type[mv.inputs[1][0]]].elem.width
+                lines.append(f"{parts} = step.Partition(N={_render_size_param(width, self.task.binding)}).apply(({data}, {i0}))")
+                fl = fresh("expert_fns")
+                lines.append(f"{fl} = [{', '.join(mv.fns)}]")
+                outs = fresh("outs")
+                lines.append(f"{outs} = [step.Map(fn=f).apply(p) for p, f in zip({parts}, {fl})]")
+                var = fresh("merged")
+                lines.append(f"{var} = step.Merge(fn={mv.merge_fn}).apply(({outs}, {i1}))")
+                single_defs.add(var)
+            names.setdefault(mv.out, []).append(var)
+        returned = [names[t].pop(0) for t in assignment]
+        text = "\n".join(lines + ["return " + ", ".join(returned)]) + "\n"
+        # name the returned streams after the outputs where that is unambiguous
+        for var, (out_name, _) in zip(returned, self.task.outputs):
+            if var in single_defs and out_name not in names_used and returned.count(var) == 1:
+                text = re.sub(rf"\b{re.escape(var)}\b", out_name, text)
+                names_used.add(out_name)
+        return text, len(lines)
+
+    def _check(self, text: str) -> bool:
+        try:
+            program = parse_program(text)
+            typed = typecheck_program(program, dict(self.task.inputs), self.task.fns, self.task.binding)
+        except SimulatorError:
+            return False
+        if check_affine(program):
+            return False
+        return [t for t in typed.outputs] == [st for _, st in self.task.outputs]
+
+    # -- the search loop -------------------------------------------------------------------
+    def run(self) -> Iterator[Candidate]:
+        start = time.perf_counter()
+        root = _State(tuple(sorted(self.input_terms)), 0.0, 0, None, None, frozenset(self.input_terms),
+                      tuple(0 for _ in self.fn_names), ("<s>", "<s>"), 0)
+        counter = itertools.count()
+        h0 = self._heuristic(root)
+        if h0 == INF:
+            self.stats.stopped = "exhausted"
+            return
+        w = self.config.heuristic_weight
+        open_heap: list = [(w * h0, h0, next(counter), root)]
+        best_g: dict[tuple, float] = {root.live: 0.0}
+        seen_texts: set[str] = set()
+        since_expansions = 0
+        since_time = start
+        while open_heap:
+            now = time.perf_counter()
+            if since_expansions >= self.config.max_expansions:
+                self.stats.stopped = "expansions"
+                break
+            if now - since_time >= self.config.max_seconds:
+                self.stats.stopped = "seconds"
+                break
+            f, h, _, state = heapq.heappop(open_heap)
+            if best_g.get(state.live, INF) < state.g:
+                continue
+            if self._is_goal(state):
+                for assignment in self._assignments(state):
+                    text, n_lines = self._emit(state, assignment)
+                    if text in seen_texts:
+                        continue
+                    seen_texts.add(text)
+                    if not self._check(text):
+                        self.stats.rejected += 1
+                        continue
+                    self.stats.candidates += 1
+                    self.stats.seconds = time.perf_counter() - start
+                    yield Candidate(text, state.g, self.stats.expansions, self.stats.seconds, n_lines)
+                    since_expansions = 0
+                    since_time = time.perf_counter()
+                    if self.stats.candidates >= self.n:
+                        self.stats.stopped = "n"
+                        return
+                continue
+            self.stats.expansions += 1
+            since_expansions += 1
+            for child in self._children(state):
+                if child.g >= best_g.get(child.live, INF):
+                    continue
+                ch = self._heuristic(child)
+                if ch == INF:
+                    continue
+                best_g[child.live] = child.g
+                heapq.heappush(open_heap, (child.g + w * ch, ch, next(counter), child))
+        else:
+            self.stats.stopped = "exhausted"
+        self.stats.seconds = time.perf_counter() - start
+
+
+_PREFIX = {
+    "Bufferize": "buf", "Streamify": "st", "Promote": "prom", "Repeat": "rep", "RepeatRef": "rep",
+    "Flatten": "flat", "Reshape": "tiles", "Zip": "zip", "Map": "y", "Accum": "acc", "Scan": "scan",
+}
+
+
+def _render_value(v) -> str:
+    if isinstance(v, NameRef):
+        return v.name
+    if isinstance(v, SizeExpr):
+        return "*".join(_render_value(f) for f in v.factors)
+    if isinstance(v, tuple):
+        return "[" + ", ".join(_render_value(x) for x in v) + "]"
+    return str(v)
+
+
+def _render_kwargs(kwargs: tuple) -> str:
+    return ", ".join(f"{k}={_render_value(v)}" for k, v in kwargs)
+
+
+def _render_size_param(width, binding: Mapping[str, int]) -> str:
+    dim = width if isinstance(width, Dim) else Dim.sym(str(width))
+    if dim.is_const:
+        return str(int(dim.coeff))
+    if len(dim.powers) == 1 and dim.powers[0][1] == 1 and dim.coeff == 1:
+        return f"{dim.powers[0][0]}_value"
+    return str(dim.evaluate(binding))
+
+
+# ---------------------------------------------------------------------------
+# the glue distance (a heuristic; typing is always the simulator's)
+
+
+def _width(elem: MultihotType, binding: Mapping[str, int]) -> Optional[int]:
+    w = elem.width if isinstance(elem.width, Dim) else Dim.sym(str(elem.width))
+    try:
+        return w.evaluate(binding)
+    except ValueError:
+        return None
+
+
+def _chunk_span(part: tuple, whole: tuple) -> Optional[tuple[int, int]]:
+    """(i, j) if `part` equals `whole[i:j]` (first match), else None."""
+    n = len(part)
+    for i in range(len(whole) - n + 1):
+        if whole[i:i + n] == part:
+            return i, i + n
+    return None
+
+
+def _decompose(st: StreamType):
+    """(leaf type, full dims = buffer dims + stream dims, boundary p = number of buffer dims)."""
+    elem = st.elem
+    if isinstance(elem, BufferType):
+        return elem.inner, tuple(elem.dims) + tuple(st.shape), len(elem.dims)
+    return elem, tuple(st.shape), 0
+
+
+_ONE = Dim.const(1)
+
+
+def _align(full: tuple, p0: int, goal: tuple, sizes: Sequence[Dim]):
+    """DP: best[i][j] = (cost, events, pG): cover goal[:j] with full[:i] by runs and insertions.
+
+    A run of one dim costs 0, a longer run whose product is the goal dim costs
+    one Flatten; a goal dim not covered is inserted (Promote for 1, Repeat for a
+    usable size, impossible otherwise). `pG` is where the source's buffer
+    boundary lands in goal coordinates (x.5 when a run crosses it).
+    """
+    nf, ng = len(full), len(goal)
+    best: list[list[Optional[tuple]]] = [[None] * (ng + 1) for _ in range(nf + 1)]
+    best[0][0] = (0, (), 0 if p0 == 0 else None)
+    for i in range(nf + 1):
+        for j in range(ng + 1):
+            cur = best[i][j]
+            if cur is None:
+                continue
+            cost, events, pg = cur
+            if pg is None and i == p0:
+                pg = j
+                cur = (cost, events, pg)
+                best[i][j] = cur
+            if j < ng:
+                g = goal[j]
+                if g == _ONE:
+                    _relax(best, i, j + 1, (cost + 1, events + ((j, "ins1"),), pg))
+                elif g in sizes:
+                    _relax(best, i, j + 1, (cost + 1, events + ((j, "insX"),), pg))
+                prod = _ONE
+                for i2 in range(i + 1, nf + 1):
+                    prod = prod * full[i2 - 1]
+                    if prod == g:
+                        crosses = i < p0 < i2
+                        npg = (j + 0.5) if (crosses and pg is None) else pg
+                        if i2 - i == 1:
+                            _relax(best, i2, j + 1, (cost, events, npg))
+                        else:
+                            _relax(best, i2, j + 1, (cost + 1, events + ((j, "flat"),), npg))
+    return best
+
+
+def _relax(best, i, j, value):
+    cur = best[i][j]
+    if cur is None or value[0] < cur[0]:
+        best[i][j] = value
+
+
+def _trans(a: float, b: int, tuple_mode: bool) -> float:
+    if a == b:
+        return 0
+    if tuple_mode:
+        return INF
+    if b == 0:
+        return 1  # Streamify
+    if b > a:
+        return 1  # Bufferize more dims
+    return 2  # Streamify then Bufferize
+
+
+def _boundary_cost(pg: float, events: tuple, p_final: int, tuple_mode: bool) -> float:
+    p = pg
+    cost = 0.0
+    for j, kind in sorted(events):
+        if kind == "insX":
+            if p != j:
+                cost += _trans(p, j, tuple_mode)
+                p = j
+        elif p > j:  # Promote and Flatten work on stream dims only
+            if tuple_mode:
+                return INF
+            cost += 1
+            p = 0
+    return cost + _trans(p, p_final, tuple_mode)
+
+
+def _full_distance(full: tuple, p0: int, t_full: tuple, p_t: int, sizes: Sequence[Dim],
+                   tuple_mode: bool = False) -> float:
+    best = _align(full, p0, t_full, sizes)
+    cell = best[len(full)][len(t_full)]
+    if cell is None:
+        return INF
+    cost, events, pg = cell
+    if pg is None:
+        pg = len(t_full)
+    return cost + _boundary_cost(pg, events, p_t, tuple_mode)
+
+
+def _prefix_distance(full: tuple, p0: int, bdims: tuple, min_sd: int, sizes: Sequence[Dim]) -> float:
+    best = _align(full, p0, bdims, sizes)
+    nb = len(bdims)
+    result = INF
+    for i in range(len(full) + 1):
+        cell = best[i][nb]
+        if cell is None:
+            continue
+        cost, events, pg = cell
+        rest = len(full) - i
+        if pg is None:
+            pg = nb + (p0 - i)
+        extra = max(0, min_sd - rest)
+        events = events + tuple((nb + rest + k, "ins1") for k in range(extra))
+        result = min(result, cost + extra + _boundary_cost(pg, events, nb, False))
+    return result
+
+
+# ---------------------------------------------------------------------------
+# public functions
+
+
+def search_programs(task: SearchTask | str, *, demonstrations: Sequence[Demonstration | tuple[str, Optional[str]] | str] = (),
+                    n: int = 1, temperature: float = 0.0, seed: int = 0,
+                    config: SearchConfig | Mapping[str, Any] | None = None,
+                    prior: Optional[OpPrior] = None, stats: Optional[SearchStats] = None) -> Iterator[Candidate]:
+    """Yield up to `n` distinct well-typed candidate programs for `task` (a SearchTask or its IR text).
+
+    `demonstrations` fit the prior (ignored when `prior` is given); `stats`,
+    if given, is updated as the search goes.
+    """
+    cfg = _as_config(config)
+    spec = task if isinstance(task, SearchTask) else SearchTask.from_ir(task)
+    if prior is None:
+        prior = fit_prior(demonstrations, cfg)
+    searcher = _Searcher(spec, prior, cfg, n=n, temperature=temperature, seed=seed)
+    if stats is not None:
+        searcher.stats = stats
+    yield from searcher.run()
+
+
+def fit_prior(demonstrations: Sequence[Demonstration | tuple[str, Optional[str]] | str],
+              config: SearchConfig | Mapping[str, Any] | None = None) -> OpPrior:
+    """The base prior with the demonstrations' programs counted in (at most `max_demonstrations`)."""
+    cfg = _as_config(config)
+    pairs = []
+    for d in list(demonstrations)[: cfg.max_demonstrations]:
+        if isinstance(d, Demonstration):
+            pairs.append((d.impl, d.task_ir))
+        elif isinstance(d, str):
+            pairs.append((d, None))
+        else:
+            pairs.append((d[0], d[1]))
+    return OpPrior(mix=cfg.mix).fit(pairs)
+
+
+def _as_config(config) -> SearchConfig:
+    if config is None:
+        return SearchConfig()
+    if isinstance(config, SearchConfig):
+        return config
+    if isinstance(config, Mapping):
+        return SearchConfig(**dict(config))
+    options = getattr(config, "options", None)  # the loop's ProposerConfig carries search settings in `options`
+    if isinstance(options, Mapping):
+        return SearchConfig(**dict(options))
+    raise TypeError(f"expected a SearchConfig, a mapping of its keys or None, got {type(config).__name__}")
+
+
+class SearchProposer(Proposer):
+    """The model-free proposer: type-directed best-first search (see the module docstring).
+
+    `SearchProposer(config)` takes a `SearchConfig`, a mapping of its keys,
+    an object with such a mapping as `.options` (the loop's proposer config),
+    or None for the defaults. Construction is cheap and the object pickles
+    (its caches are dropped). `propose` returns, per request, up to `n`
+    distinct programs in search order; `Proposal.raw` is the program text,
+    token counts are 0, `seconds` is the search time spent on that proposal
+    (since the previous one).
+    """
+
+    name = "search"
+
+    def __init__(self, config: SearchConfig | Mapping[str, Any] | None = None, **overrides: Any):
+        cfg = _as_config(config)
+        if overrides:
+            cfg = cfg.model_copy(update=SearchConfig(**{**cfg.model_dump(), **overrides}).model_dump())
+        self.config = cfg
+        self._priors: dict[str, OpPrior] = {}
+        self._tasks: dict[str, SearchTask] = {}
+        self.last_stats: list[SearchStats] = []
+
+    def __getstate__(self):
+        return {"config": self.config.model_dump(), "_priors": {}, "_tasks": {}, "last_stats": []}
+
+    def __setstate__(self, state):
+        self.config = SearchConfig(**state["config"])
+        self._priors = {}
+        self._tasks = {}
+        self.last_stats = []
+
+    def _prior(self, demonstrations: Sequence[Demonstration]) -> OpPrior:
+        digest = hashlib.sha256("\x00".join(f"{d.impl}\x01{d.task_ir}" for d in demonstrations).encode()).hexdigest()
+        prior = self._priors.get(digest)
+        if prior is None:
+            prior = fit_prior(demonstrations, self.config)
+            if len(self._priors) > 16:
+                self._priors.clear()
+            self._priors[digest] = prior
+        return prior
+
+    def _task(self, task_ir: str) -> SearchTask:
+        key = hashlib.sha256(task_ir.encode()).hexdigest()
+        task = self._tasks.get(key)
+        if task is None:
+            task = SearchTask.from_ir(task_ir)
+            if len(self._tasks) > 64:
+                self._tasks.clear()
+            self._tasks[key] = task
+        return task
+
+    def iter_candidates(self, request: ProposalRequest, stats: Optional[SearchStats] = None) -> Iterator[Candidate]:
+        """The candidates of one request, lazily (for callers that verify as they go)."""
+        return search_programs(self._task(request.task_ir), n=request.n, temperature=request.temperature,
+                               seed=request.seed, config=self.config, prior=self._prior(request.demonstrations),
+                               stats=stats)
+
+    def propose(self, requests: list[ProposalRequest]) -> list[list[Proposal]]:
+        results: list[list[Proposal]] = []
+        self.last_stats = []
+        for request in requests:
+            stats = SearchStats()
+            proposals: list[Proposal] = []
+            last = 0.0
+            for cand in self.iter_candidates(request, stats):
+                proposals.append(Proposal(raw=cand.text, messages=None, prompt_tokens=0, completion_tokens=0,
+                                          seconds=round(cand.seconds - last, 6)))
+                last = cand.seconds
+            self.last_stats.append(stats)
+            results.append(proposals)
+        return results
+
+
+__all__ = [
+    "Candidate",
+    "SearchConfig",
+    "SearchProposer",
+    "SearchStats",
+    "SearchTask",
+    "SearchTaskError",
+    "fit_prior",
+    "search_programs",
+]
