@@ -592,6 +592,20 @@ class Executor:
         n_props = sum(len(p) for p in gen.proposals) or 1
         now = time.time()
         for job, props, progs, whys, guards in zip(gen.jobs, gen.proposals, gen.programs, gen.reasons, gen.guarded):
+            if not props:
+                # nothing came back for this request (a prompt the model cannot take, a search that found
+                # no program): its n samples are recorded as failures, so budgets and pass@k stay comparable
+                errors = getattr(self.proposer, "last_errors", None) or {}
+                why = errors.get(job.task) or f"the {getattr(self.proposer, 'name', 'proposer')} returned no proposal"
+                for b in range(job.n):
+                    if b not in job.skip:
+                        out.append(SampleRecord(
+                            round=job.round, step=job.step, task=job.task, temperature=job.temperature, index=b,
+                            of=job.n, seed=job.seed, demonstrations=job.demo_keys, raw="",
+                            verdict=VerdictRecord(passed=False, stage="generate", message=why),
+                            timings={"generate_s": round(gen.generate_s / max(len(gen.jobs), 1) / job.n, 6),
+                                     "guard_s": 0.0, "verify_s": 0.0}, time=now))
+                continue
             for b, (prop, prog, why, guard) in enumerate(zip(props, progs, whys, guards)):
                 if b in job.skip:
                     continue

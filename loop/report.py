@@ -175,7 +175,7 @@ def render_markdown(store: RunStore, summary: dict[str, Any]) -> str:
     out = [f"# stepforge run: {summary.get('name')}", ""]
     out.append(_table(["setting", "value"], [
         ["variant", summary.get("variant")],
-        ["proposer", f"{kind} ({proposer.get('style', 'ir')} prompts), model {model}"],
+        ["proposer", f"{kind} ({proposer.get('style', 'ir')} prompts), model {model}" if kind == "llm" else kind],
         ["guardian", guardian.get("kind", "rule") if config.get("variant") != "single" else "none (variant single)"],
         ["temperatures x n", f"{config.get('temperatures')} x {config.get('n')}"],
         ["granularity m", config.get("granularity")],

@@ -68,7 +68,7 @@ class VerdictRecord(BaseModel):
     """What the verifier (or the extraction before it) said about one sample."""
 
     passed: bool
-    stage: str  # the verifier's stages (`parse` also when no program was found in the reply)
+    stage: str  # the verifier's stages (`parse` also when no program was found in the reply), or `generate` (the request produced no proposal)
     message: str = ""
     affine_ok: Optional[bool] = None
     functional_ok: bool = False
