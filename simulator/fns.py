@@ -139,8 +139,12 @@ class StepFn:
         self._check_not_mutated(watched, before)
         out = self._normalise(out)
         if binding is not None:
-            self._check_shapes(out, (), binding)
+            self._check_shapes(out, (), self.out_shapes(binding))
         return out
+
+    def out_shapes(self, binding: Mapping[str, int]) -> list[tuple[int, ...]]:
+        """The element tensor shape of each output field."""
+        return [shape_values(f.elem_dims(), binding) for f in self.output_type.fields()]
 
     def _check_not_mutated(self, watched: list[torch.Tensor], before: list[int] | None) -> None:
         # An in-place update (`state[0] += x`) would alias every emitted Scan state, a Copy's
@@ -150,10 +154,9 @@ class StepFn:
                 f"fn {self.func_name} modified its input or state in place; return new tensors "
                 f"(write state[0] + x, not state[0] += x)")
 
-    def _check_shapes(self, out: list[torch.Tensor], batch: tuple[int, ...], binding: Mapping[str, int]) -> None:
+    def _check_shapes(self, out: list[torch.Tensor], batch: tuple[int, ...], shapes: list[tuple[int, ...]]) -> None:
         fields = self.output_type.fields()
-        for i, (t, f) in enumerate(zip(out, fields)):
-            s = shape_values(f.elem_dims(), binding)
+        for i, (t, f, s) in enumerate(zip(out, fields, shapes)):
             if tuple(t.shape) != batch + s:
                 raise StepRuntimeError(
                     f"fn {self.func_name} returned a tensor of shape {tuple(t.shape[len(batch):])} for output "
@@ -177,9 +180,54 @@ class StepFn:
         """One fold step for a batch of independent states."""
         return self._batched(inputs, state, binding)
 
+    def fold_steps(
+        self, state: list[torch.Tensor], inputs: list[torch.Tensor], binding: Mapping[str, int], keep_all: bool
+    ) -> list[torch.Tensor] | None:
+        """A whole fold: inputs are (batch, steps, ...), folded over axis 1 from `state` (batch, ...).
+
+        Returns the final states (batch, ...), or with `keep_all` the state after every step
+        (batch, steps, ...). One vmap runs the step loop for all batch rows at once, so the
+        per-call cost of vmap is paid once per fold, not once per step; every step's body
+        call is the same batched call `fold` makes. Returns None where that is not possible
+        (the body does not vmap, or an empty batch or fold): the caller then folds step by
+        step with `fold`, which also reports a faulty body precisely.
+        """
+        batch, steps = inputs[0].shape[0], inputs[0].shape[1]
+        if self._vmappable is False or batch == 0 or steps == 0:
+            return None
+        shapes = self.out_shapes(binding)
+        n_in = len(inputs)
+
+        def run(*args):
+            xs, st = args[:n_in], list(args[n_in:])
+            history = []
+            for t in range(steps):
+                st = self._normalise(self.body([x[t] for x in xs], list(st)))
+                if any(tuple(o.shape) != s for o, s in zip(st, shapes)):
+                    raise StepRuntimeError("wrong output shape")  # reported precisely by the step-by-step path
+                if keep_all:
+                    history.append(st)
+            if keep_all:
+                return tuple(torch.stack([h[i] for h in history]) for i in range(len(shapes)))
+            return tuple(st)
+
+        # Bodies cannot know the step, and value-dependent ones do not vmap, so an in-place
+        # update happens at step 0 too, where it bumps the real input or initial state.
+        watched = list(inputs) + list(state)
+        before = _versions(watched)
+        try:
+            out = torch.func.vmap(run)(*inputs, *state)
+        except Exception:
+            return None
+        self._check_not_mutated(watched, before)
+        self._vmappable = True
+        out = list(out)
+        self._check_shapes(out, (batch, steps) if keep_all else (batch,), shapes)
+        return out
+
     def _batched(self, inputs, state, binding) -> list[torch.Tensor]:
         batch = inputs[0].shape[0]
-        out_shapes = [shape_values(f.elem_dims(), binding) for f in self.output_type.fields()]
+        out_shapes = self.out_shapes(binding)
         if batch == 0:
             return [torch.zeros((0,) + s, dtype=torch.float32, device=inputs[0].device) for s in out_shapes]
         result = None
@@ -189,7 +237,7 @@ class StepFn:
             result = self._loop(inputs, state)
         # vmap batches every output (also one that ignores its input), and the loop stacks
         # rows, so an output without the leading batch axis is a wrong shape, never "broadcast".
-        self._check_shapes(result, (batch,), binding)
+        self._check_shapes(result, (batch,), out_shapes)
         return result
 
     def _try_vmap(self, inputs, state) -> list[torch.Tensor] | None:

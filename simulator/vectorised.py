@@ -56,6 +56,9 @@ class VectorisedEngine(Engine):
         n_outer, n_inner = _numel(outer), _numel(inner)
         xs = [f.reshape((n_outer, n_inner) + f.shape[sd:]) for f in arg]
         state = fn.init_state(binding, (n_outer,), device=arg[0].device)
+        whole = fn.fold_steps(state, xs, binding, keep_all=scan)
+        if whole is not None:
+            return [w.reshape((axes if scan else outer) + w.shape[2 if scan else 1:]) for w in whole]
         history = []
         for t in range(n_inner):
             state = fn.fold(state, [x[:, t] for x in xs], binding)

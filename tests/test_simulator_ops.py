@@ -553,3 +553,37 @@ def test_vmap_failing_after_success_falls_back_to_elements():
 
     f.body = refuses_vmap
     assert torch.equal(f.map([t([3, 4])], B)[0], t([6, 8]))
+
+
+# ---------------------------------------------------------------------------
+# the vectorised fold runs its step loop inside one vmap (fold_steps), with the step-by-step path as fallback
+
+
+def test_vectorised_fold_uses_one_vmap_per_fold(monkeypatch):
+    from stepforge.simulator import StepFn
+
+    calls = []
+    real_fold = StepFn.fold
+    monkeypatch.setattr(StepFn, "fold", lambda self, *a, **k: calls.append(self.func_name) or real_fold(self, *a, **k))
+    x = t([[1, 2, 3], [4, 5, 6]])
+    src = lambda: {"E0": stream("fp32", ["K", "M"], x.clone())}
+    (acc,) = ex("y = step.Accum(fn=digits, b=1).apply(E0)\nreturn y", src(), "vectorised")
+    (scan,) = ex("y = step.Scan(fn=online, b=1).apply(E0)\nreturn y", src(), "vectorised")
+    assert torch.equal(acc.data, t([123, 456]))
+    assert torch.equal(scan.data[0], t([[1, 2, 3], [4, 5, 6]]))
+    assert calls == []  # no step-by-step fold
+    # a body that branches on its value cannot vmap: the fold goes step by step, element by element
+    (br,) = ex("y = step.Scan(fn=branch_fold, b=1).apply(E0)\nreturn y",
+               {"E0": stream("fp32", ["K", "M"], t([[1, 3, 2], [5, 0, 4]]))}, "vectorised")
+    assert torch.equal(br.data, t([[2, 5, 10], [6, 12, 16]]))
+    assert calls == ["branch_fold"] * 3
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_fold_output_of_wrong_shape_is_reported(engine):
+    fns = fn_table(B, [("bad", "fp32", "fp32", "[state[0] + input[0].reshape(1)]", 0)])
+    with pytest.raises(StepRuntimeError) as err:
+        run("y = step.Accum(fn=bad, b=1).apply(E0)\nreturn y", {"E0": stream("fp32", ["K", "M"], torch.ones(2, 3))},
+            fns, B, engine)
+    assert "line 1: Accum(fn=bad, b=1): fn bad returned a tensor of shape (1,)" in err.value.message
+    assert "needs ()" in err.value.message

@@ -1,0 +1,56 @@
+"""scripts/bench_simulator.py: its built-in programs compute what they claim, in both
+engines, and its output ends with the speedup line (timings themselves are not tested)."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from program_gen import assert_same_streams
+from stepforge.simulator import parse_program, run_program
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_simulator.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_simulator", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the script loads
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(spec.name, None)
+
+
+def test_builtin_programs_match_torch(bench):
+    sizes = {"M": 2, "N": 3, "K": 4, "D": 5}
+    cases = bench.builtin_cases()
+    assert [c.name for c in cases] == ["bmm", "layernorm", "attention", "experts"]
+    for case in cases:
+        inputs, fns, binding, input_data = case.build(sizes, 1)
+        program = parse_program(case.text)
+        vec = run_program(program, inputs, fns, dict(binding), engine="vectorised")
+        nai = run_program(program, inputs, fns, dict(binding), engine="naive")
+        assert_same_streams(vec, nai, rtol=1e-5, atol=1e-5, where=case.name)
+        (ref,) = bench.builtin_reference(case.name, inputs, binding, input_data)
+        assert vec[0].data.shape == ref.shape, case.name
+        assert torch.allclose(vec[0].data, ref, rtol=1e-4, atol=1e-5), case.name
+    # the experts' router leaves some positions without an expert and uses several for others
+    idx = cases[3].build(sizes, 1)[0]["E1"].data.reshape(-1, 4).sum(1)
+    assert (idx == 0).any() and (idx == 2).any()
+
+
+def test_script_prints_the_speedup_line_last(bench, capsys, monkeypatch):
+    monkeypatch.setitem(bench.SIZES, "large", {"M": 2, "N": 2, "K": 3, "D": 2})
+    assert bench.main(["--builtin", "--repeats", "1"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].startswith("programs: built-in representative set")
+    assert sum(" ok" in line for line in lines) == 8  # 4 programs x 2 sizes, engines agree
+    assert re.fullmatch(r"speedup \d+\.\dx at M=2 N=2 K=3 D=2 \(naive \d+\.\d{3}s, vectorised \d+\.\d{3}s\)", lines[-1])
