@@ -22,9 +22,10 @@ deterministic, so all prompts of a round share it as a prefix.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Mapping
 
 import yaml
 
@@ -86,9 +87,10 @@ class GuardianExample:
 class Knowledge:
     sections: tuple[Section, ...]
     operators: tuple[OperatorDoc, ...]
-    example_map: dict[str, KnowledgeExample]
+    example_map: Mapping[str, KnowledgeExample]  # read-only: the loaded knowledge is shared (cached)
     guardian_examples: tuple[GuardianExample, ...]
     root: Path = KNOWLEDGE_DIR
+    _rendered: dict = field(default_factory=dict, compare=False, repr=False)
 
     def examples(self) -> list[tuple[str, str]]:
         """`(name, task YAML with impl)` for every worked example, in the order the prompt shows them."""
@@ -112,10 +114,14 @@ class Knowledge:
 
     def render(self, style: str = "ir") -> str:
         """The knowledge text for the prompt; examples as structural IR (`ir`) or as Python (`python`)."""
-        from stepforge.loop.prompts import render_example
-
         if style not in ("ir", "python"):
             raise ValueError(f"unknown style {style!r}; expected 'ir' or 'python'")
+        if style not in self._rendered:
+            self._rendered[style] = self._render(style)
+        return self._rendered[style]
+
+    def _render(self, style: str) -> str:
+        from stepforge.loop.prompts import render_example
         out = ["# STeP reference", ""]
         for s in self.sections:
             if s.place == "before":
@@ -283,7 +289,7 @@ def _load(root: str) -> Knowledge:
                 raise KnowledgeError(path / "operators.yaml", f"operators[{i}].examples",
                                      f"example {name} does not use {doc.op}")
     guardian = _load_guardian(path / "guardian_examples.yaml", examples)
-    return Knowledge(sections, operators, examples, guardian, path)
+    return Knowledge(sections, operators, MappingProxyType(examples), guardian, path)
 
 
 def load_knowledge(root: str | Path | None = None) -> Knowledge:

@@ -21,6 +21,7 @@ from stepforge.loop.prompts import (
     proposer_messages,
     render_task,
     render_task_ir,
+    strip_impl,
     task_as_python,
 )
 from stepforge.serve.base import Completion, GenerationResult
@@ -62,6 +63,22 @@ def test_render_task_ir_leaves_out_impl_and_metadata_and_round_trips():
     with_impl = render_task_ir(task, include_impl=True)
     assert with_impl.startswith(ir) and "impl: |" in with_impl
     assert "description:" in render_task_ir(task, include_meta=True)
+
+
+def test_strip_impl_keeps_the_rest_verbatim():
+    for key, task in TASKS.items():
+        full = task.to_yaml(include_impl=True, include_meta=True)
+        assert strip_impl(full) == task.to_yaml(include_impl=False, include_meta=True), key
+        assert strip_impl(render_task_ir(task)) == render_task_ir(task)
+    assert strip_impl("a: 1  # note\nimpl: |\n  x = 1\n\n  return x\nb: 2\n") == "a: 1  # note\nb: 2\n"
+    assert strip_impl("{a: 1, impl: x}") == "a: 1\n"
+    assert strip_impl("not: [valid") == "not: [valid"
+
+
+def test_the_task_text_is_shown_as_given():
+    ir = "# a task with a comment\n" + target("bmm/bmm_0")
+    user = proposer_messages(KNOWLEDGE, [], ir)[1]["content"]
+    assert ir.rstrip() in user
 
 
 def test_templates_are_files_and_fully_filled():
