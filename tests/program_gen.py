@@ -584,13 +584,30 @@ class _Gen:
         self._routing(merge=True)
 
     def _routing(self, merge: bool):
-        ok = (lambda t: shape_ok(t) and fn_ok(t)) if merge else shape_ok
+        # the idx is a multihot program input of the data's outer shape, or (always for data
+        # whose shape has route sizes, e.g. a route of an earlier Partition) computed from
+        # the data itself by a Map: x, c = Copy(x); idx = Map(route_fn).apply(c)
+        ok = lambda t: fn_ok(t) and (shape_ok(t) or self.ch.coin(1, 2)) if merge else (shape_ok(t) or fn_ok(t))
         x = self.pick(ok) or self.new_input(self.draw_elem(), self.draw_shape())
-        t = self.consume(x)
-        q = self.ch.integer(0, t.rank)
-        n_text, width = self._route_width()
-        idx = self.new_input(shape=t.shape[q:], multihot_width=width)
-        self.consume(idx)
+        t = self.live[x]
+        if fn_ok(t) and (not shape_ok(t) or self.ch.coin(1, 4)):
+            c = self.fresh()
+            self.emit(f"{x}, {c} = step.Copy().apply({x})", "Copy")  # x: re-assigned, still live
+            route_fn, _ = self.add_fn(t.elem, (MultihotType("fp32", Dim.sym("E")),
+                                               "s = input[0].sum()\n"
+                                               "return [(torch.arange(E_value, dtype=torch.float32) < s * E_value).float()]",
+                                               None, ("derived_route",)))
+            idx = self.fresh("route")
+            self.emit(f"{idx} = step.Map(fn={route_fn}).apply({c})", "Map")
+            if not shape_ok(t):
+                self.features.add("nested_partition")
+            q, n_text, width = 0, self.ch.choice(["E", "E_value"]), Dim.sym("E")
+        else:
+            q = self.ch.integer(0, t.rank)
+            n_text, width = self._route_width()
+            idx = self.new_input(shape=t.shape[q:], multihot_width=width)
+            self.consume(idx)
+        self.consume(x)
         n_routes = self.value(width)
         parts = self.fresh("parts")
         route_types = [StreamType(t.elem, t.shape[:q] + (Dim.sym(f"route{r}_{parts}"),)) for r in range(n_routes)]
@@ -652,6 +669,8 @@ def generate(ch: Chooser, focus: str | None = None, max_elements: int = 600) -> 
     inputs, features = make_inputs(g.inputs, binding, seed)
     g.features |= features
     for idx, init in g.merges:
+        if idx not in inputs:  # a route computed by a Map
+            continue
         bits = inputs[idx].data.reshape(-1, inputs[idx].data.shape[-1])
         inits = init if isinstance(init, list) else [init]
         if bits.numel() and bool((bits.sum(1) == 0).any()):

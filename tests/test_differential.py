@@ -2,7 +2,7 @@
 on random well-typed programs (tests/program_gen.py).
 
 Stratified by operator: each of the 14 operators gets its own hypothesis run
-in which every program contains it (25 programs each, 350 per suite run), plus
+in which every program contains it (40 programs each, 560 per suite run), plus
 150 seeded programs; the generator's coverage of operators and features is
 asserted separately.
 """
@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from program_gen import OPS, DataChooser, RandomChooser, assert_same_streams, generate, run_both
 from stepforge.simulator import check_affine, parse_program, typecheck
 
-EXAMPLES_PER_OP = 25
+EXAMPLES_PER_OP = 40
 SEEN_OPS: Counter = Counter()
 SEEN_FEATURES: Counter = Counter()
 
@@ -52,7 +52,7 @@ def test_engines_agree(focus, data):
 REQUIRED_FEATURES = {
     "tuple_stream", "tuple_fn", "map_tuple_arg", "buffer_of_buffer", "branch", "index", "online", "max",
     "accum_b2", "scan_b2", "comprehension", "empty_route", "no_bit_position", "merge_empty_route",
-    "merge_no_bit_-inf", "reassign",
+    "merge_no_bit_-inf", "reassign", "derived_route", "nested_partition",
 }
 
 
