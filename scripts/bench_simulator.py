@@ -309,7 +309,7 @@ def main(argv: Optional[list] = None) -> int:
         print(f"== {_label(sizes)}")
         print(f"{'program':32s} {'naive s':>9s} {'vectorised s':>13s} {'speedup':>9s}  check")
         tn = tv = 0.0
-        skipped = []
+        skipped, ratios = [], []
         for case in cases:
             try:
                 r = time_case(case, sizes, args.repeats)
@@ -320,11 +320,13 @@ def main(argv: Optional[list] = None) -> int:
                 continue
             tn += r["naive"]
             tv += r["vectorised"]
+            ratios.append(r["naive"] / r["vectorised"])
             check = "ok" if r["ok"] else f"MISMATCH (max rel diff {r['worst']:.2e})"
             print(f"{case.name:32s} {r['naive']:9.3f} {r['vectorised']:13.4f} {r['naive'] / r['vectorised']:8.1f}x  {check}")
             sys.stdout.flush()
-        print(f"{'total':32s} {tn:9.3f} {tv:13.4f} {tn / tv if tv else float('nan'):8.1f}x"
-              + (f"  ({len(skipped)} skipped: {', '.join(skipped)})" if skipped else ""))
+        geomean = math.exp(sum(map(math.log, ratios)) / len(ratios)) if ratios else float("nan")
+        print(f"{'total':32s} {tn:9.3f} {tv:13.4f} {tn / tv if tv else float('nan'):8.1f}x  (geometric mean of "
+              f"per-program speedups {geomean:.1f}x)" + (f"  ({len(skipped)} skipped: {', '.join(skipped)})" if skipped else ""))
         totals[size_name.strip()] = (sizes, tn, tv)
     sizes, tn, tv = totals.get("large", list(totals.values())[-1])
     print(f"speedup {tn / tv:.1f}x at {_label(sizes)} (naive {tn:.3f}s, vectorised {tv:.3f}s)")
