@@ -23,7 +23,7 @@ from __future__ import annotations
 import ast
 import re
 from dataclasses import dataclass, field
-from typing import Optional, Sequence, Union
+from typing import Sequence, Union
 
 from stepforge.loop.interfaces import GuardRequest, GuardResult, Guardian
 from stepforge.simulator import ProgramSyntaxError, check_affine, parse_program
