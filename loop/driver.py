@@ -130,6 +130,8 @@ class SelfImprovementLoop:
     # -- Algorithm 1 --------------------------------------------------------
     def run(self) -> LoopResult:
         s = self.settings
+        if self.store is not None:
+            self.store.write_buffer([])  # replayed from round 0 on resume, like everything else
         self._step(0, 0, [])
         rounds = 1
         if not s.adaptive:
@@ -411,6 +413,13 @@ def _make_events(cfg, n_tasks: int, progress: Optional[bool]) -> Events:
     return LogProgress(n_tasks)
 
 
+def _ray_running() -> bool:
+    import sys
+
+    ray = sys.modules.get("ray")
+    return bool(ray is not None and ray.is_initialized())
+
+
 def run_improve(config_path: Optional[str | Path] = None, *, run_dir: Optional[str | Path] = None,
                 resume: Optional[str | Path] = None, overrides: Sequence[str] = (),
                 progress: Optional[bool] = None) -> ImproveOutcome:
@@ -450,9 +459,7 @@ def run_improve(config_path: Optional[str | Path] = None, *, run_dir: Optional[s
         prompts = store.load_prompts()
         tasks = {k: tasks_all[k] for k in keys}
         task_irs = {k: t.to_yaml(include_impl=False, include_meta=False) for k, t in tasks.items()}
-        import ray as _ray
-
-        ray_was_running = _ray.is_initialized()
+        ray_was_running = _ray_running()
         components = build_components(cfg, tasks)
         events = _make_events(cfg, len(keys), progress)
         executor = Executor(components.proposer, components.guardian, components.verifier,
@@ -466,8 +473,10 @@ def run_improve(config_path: Optional[str | Path] = None, *, run_dir: Optional[s
             events.close()
             executor.close()
             components.close()
-            if not ray_was_running and _ray.is_initialized():
-                _ray.shutdown()
+            if not ray_was_running and _ray_running():
+                import ray
+
+                ray.shutdown()  # a local instance this run started
         summary = write_report(store.root, store)
         return ImproveOutcome(store.root, summary, result, loop.new_samples, loop.replayed_samples)
     finally:

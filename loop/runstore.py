@@ -10,11 +10,12 @@ prompts.jsonl      one line per distinct proposer prompt: {prompt_id, messages}
                    (samples refer to it by id; n samples share one prompt)
 steps.jsonl        one line per finished step of Algorithm 1 (StepRecord)
 buffer.jsonl       the experience buffer: one BufferEntry per solved task
-                   (rewritten atomically whenever it grows)
+                   (rewritten atomically whenever it grows; empty at first)
 state.json         where the run is: round, step, unsolved tasks, seeds,
                    status (rewritten atomically: temp file + os.replace)
 summary.json       metrics of the run (written at the end)
 report.md, *.png   written by `stepforge report` (and at the end of improve)
+.lock              locked (fcntl.flock) while a process runs in the directory
 =================  ==========================================================
 
 Appending. A batch of records becomes one `os.write` of complete lines on

@@ -201,3 +201,27 @@ def test_generation_overlaps_verification_and_batches_reach_the_sink():
     # the proposer worked on chunks 2 and 3 while chunk 1 was still being verified
     assert proposer.calls[2][0] < verified[0][1]
     assert threading.active_count() >= 1
+
+
+def test_progress_outputs_follow_the_steps():
+    import io
+
+    from rich.console import Console
+
+    from stepforge.loop.execution import LogProgress, RichProgress
+
+    out = io.StringIO()
+    log = LogProgress(7, stream=out)
+    run_algorithm1(TASKS, ScriptedProposer(SCRIPT), None, ok_verify, LoopSettings(temperatures=T2, n=2),
+                   extract=lambda raw: raw, events=log)
+    lines = out.getvalue().splitlines()
+    assert lines[0] == "round 0 step 0: 7 tasks, 0 demonstrations, 28 samples (0 already recorded)"
+    assert lines[1].startswith("round 0 step 0: 28 samples, 7 correct, solved 3 new (3/7), 4 unsolved")
+    assert len(lines) == 2 * 6
+    screen = io.StringIO()
+    rich = RichProgress(7, console=Console(file=screen, force_terminal=True, width=160))
+    run_algorithm1(TASKS, ScriptedProposer(SCRIPT), None, ok_verify, LoopSettings(temperatures=T2, n=2),
+                   extract=lambda raw: raw, events=rich)
+    rich.close()
+    text = screen.getvalue()
+    assert "round 2 step 2 (4 demos)" in text and "tasks 4/7" in text

@@ -1,0 +1,126 @@
+"""`stepforge improve` through the CLI with the tiny model on Ray, and the Ray verifier actors.
+
+The tiny random model solves nothing; what is checked is the plumbing: the
+run directory, samples with real token counts (the prompt's count equals the
+tokenizer's count of the recorded chat messages), summary and samples in
+agreement, the report and its plots. One local Ray instance (num_cpus=2) is
+shared by the module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from serve_fixtures import tiny_model_dir  # noqa: F401
+from typer.testing import CliRunner
+
+from stepforge.cli import app
+from stepforge.loop.runstore import load_jsonl
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+RUN_FILES = ("config.yaml", "samples.jsonl", "prompts.jsonl", "steps.jsonl", "buffer.jsonl", "state.json",
+             "summary.json", "report.md", "tasks_solved.png", "tokens.png")
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    from stepforge.serve.actors import init_ray
+
+    saved = os.environ.pop("RAY_ADDRESS", None)
+    init_ray(num_cpus=2)
+    yield ray
+    ray.shutdown()
+    if saved is not None:
+        os.environ["RAY_ADDRESS"] = saved
+
+
+def test_cpu_smoke_end_to_end_through_the_cli(ray_local, tiny_model_dir, tmp_path):  # noqa: F811
+    from transformers import AutoTokenizer
+
+    run = tmp_path / "run"
+    runner = CliRunner()
+    res = runner.invoke(app, ["improve", "--config", str(CONFIGS / "cpu_smoke.yaml"), "--run-dir", str(run),
+                              "--set", f"proposer.backend.model={tiny_model_dir}", "--set", "temperatures=[0.4, 1.0]",
+                              "--set", "n=1", "--set", "proposer.max_tokens=12", "--no-progress"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    for name in RUN_FILES:
+        assert (run / name).is_file(), name
+
+    samples = load_jsonl(run / "samples.jsonl")
+    summary = json.loads((run / "summary.json").read_text())
+    steps = load_jsonl(run / "steps.jsonl")
+    state = json.loads((run / "state.json").read_text())
+    tasks = ["bmm/bmm_0", "rope/G_0_3_02", "moe-index/G_0_3_03"]  # benchmark order
+    # round 0 and one self-improvement round (nothing solved: one step without demonstrations), 3 tasks x 2 temps x 1
+    assert [(s["round"], s["step"], s["demonstrations"], s["tasks"]) for s in steps] == \
+        [(0, 0, [], tasks), (1, 0, [], tasks)]
+    assert len(samples) == 12 == summary["run"]["samples"] == sum(s["samples"] for s in steps)
+    assert sorted({(r["round"], r["task"], r["temperature"]) for r in samples}) == \
+        sorted({(rnd, t, temp) for rnd in (0, 1) for t in tasks for temp in (0.4, 1.0)})
+    assert summary["run"]["tasks"] == 3 and summary["run"]["tasks_solved"] == 0
+    assert summary["status"] == state["status"] == "done" and state["unsolved"] == tasks
+    assert summary["buffer"] == [] and (run / "buffer.jsonl").read_text() == ""
+    assert summary["run"]["verifications"] == sum(1 for r in samples if r["verified"])
+    assert summary["run"]["completion_tokens"] == sum(r["completion_tokens"] for r in samples)
+    assert sum(t["samples"] for t in summary["tasks"].values()) == 12
+
+    # token counts are the model tokenizer's: prompt = the chat template applied to the recorded messages
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompts = {p["prompt_id"]: p["messages"] for p in load_jsonl(run / "prompts.jsonl")}
+    for rec in samples:
+        assert rec["prompt_id"] in prompts
+        messages = prompts[rec["prompt_id"]]
+        assert messages[0]["role"] == "system" and rec["task"].split("/")[1] in messages[-1]["content"]
+        text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        expected = len(tok(text, add_special_tokens=False)["input_ids"])
+        assert rec["prompt_tokens"] > 0 and rec["prompt_tokens"] == expected
+        assert 1 <= rec["completion_tokens"] <= 12
+        assert rec["verdict"]["stage"] in ("parse", "type", "affine", "arity", "dtype", "shape", "value", "runtime",
+                                           "resource", "timeout")
+    # the prompt of each request is counted once in the run's prompt tokens
+    per_request = {(r["round"], r["task"], r["temperature"]): r["prompt_tokens"] for r in samples}
+    assert summary["run"]["prompt_tokens"] == sum(per_request.values())
+    report = (run / "report.md").read_text()
+    assert "## Tasks solved per round" in report and "bmm/bmm_0" in report and "tasks_solved.png" in report
+
+    for name in ("report.md", "summary.json", "tasks_solved.png", "tokens.png"):
+        (run / name).unlink()
+    res = runner.invoke(app, ["report", str(run)])
+    assert res.exit_code == 0, res.output
+    for name in ("report.md", "summary.json", "tasks_solved.png", "tokens.png"):
+        assert (run / name).stat().st_size > 0
+    assert json.loads((run / "summary.json").read_text()) == summary
+
+
+def test_ray_verifier_actors_verify_and_replace_a_worker_past_its_time_limit(ray_local):
+    from stepforge.benchmark.schema import load_benchmark
+    from stepforge.loop.execution import RayVerifier
+
+    task = load_benchmark()["rope/G_0_3_02"]
+    wrong = "x = step.Zip().apply((E0, E1))\nreturn x\n"
+    verifier = RayVerifier(1, timeout_s=120, verify_kwargs={"seeds": (0,)}, num_cpus=0.5)
+
+    def drain(items):
+        verifier.submit(items)
+        got = {}
+        while verifier.pending():
+            got.update(dict(verifier.poll(0.5)))
+        return got
+
+    try:
+        got = drain([(1, task.key, task.impl), (2, task.key, wrong)])
+        assert got[1].passed and got[1].stage == "ok"
+        assert not got[2].passed and got[2].stage in ("type", "dtype", "shape", "arity")
+        verifier.timeout_s = 1e-4
+        got = drain([(3, task.key, task.impl)])
+        assert got[3].stage == "timeout" and not got[3].passed and verifier.replacements == 1
+        verifier.timeout_s = 120
+        got = drain([(4, task.key, task.impl)])
+        assert got[4].passed  # the replacement actor works
+    finally:
+        verifier.close()
