@@ -187,6 +187,7 @@ class _Searcher:
         self.rng = random.Random(seed)
         self.stats = SearchStats()
         self.ctx = TypeContext(fns=task.fns, binding=dict(task.binding))
+        self.dims = _DimTable(task.sizes)
         self.fn_names = list(task.fns)
         self.fn_index = {name: i for i, name in enumerate(self.fn_names)}
         # interned types and terms
@@ -211,6 +212,13 @@ class _Searcher:
         self._pair_cache: dict[tuple[int, int], list] = {}
         self._targets_cache: dict[tuple, tuple] = {}
         self._partner_type: dict[int, bool] = {}
+        self._pair_glue_cache: dict[tuple, float] = {}
+        self._pair_cost_cache: dict[tuple, float] = {}
+        self._common_cache: dict[tuple, list] = {}
+        self._h_cache: dict[tuple, float] = {}
+        self._lt_cache: dict[tuple, list] = {}
+        self._eff_cache: dict[tuple, float] = {}
+        self._relevant_cache: dict[tuple, bool] = {}
         self._classify_fns()
 
     # -- interning --------------------------------------------------------------
@@ -251,6 +259,9 @@ class _Searcher:
         self.expert_fns = {n for g in self.expert_groups for n in g}
         self.map_fns = [n for n in plain if n not in self.expert_fns]
         self.fn_fields = {n: fields_of(f.input_type) for n, f in fns.items()}
+        self._fields_ids: dict[tuple, int] = {}
+        self._type_fields_id: dict[int, int] = {}
+        self._fn_fields_id = {n: self._fields_ids.setdefault(f, len(self._fields_ids)) for n, f in self.fn_fields.items()}
 
     # -- typing (the simulator's rules) ------------------------------------------
     def _infer(self, op: str, kwargs: tuple, arg_types: Any):
@@ -330,6 +341,14 @@ class _Searcher:
             return self._target(("pre", leaf.inner, leaf.dims, min_sd))
         return self._target(("pre", leaf, (), min_sd))
 
+    def _fields_id(self, type_id: int) -> int:
+        """An int naming the type's field tuple (equal field tuples, equal ids)."""
+        r = self._type_fields_id.get(type_id)
+        if r is None:
+            r = self._fields_ids.setdefault(fields_of(self.types[type_id].elem), len(self._fields_ids))
+            self._type_fields_id[type_id] = r
+        return r
+
     def _is_partner_type(self, type_id: int) -> bool:
         """Whether streams of this type fill part of some multi-field fn input (a zip partner)."""
         cached = self._partner_type.get(type_id)
@@ -348,7 +367,7 @@ class _Searcher:
         left out once a fn is at `max_fn_uses`; the Multihot index of an
         unused expert group; and every output's exact type and shape.
         """
-        partners = tuple(sorted({t for t in others if self._is_partner_type(t)}))
+        partners = others  # the caller passes the sorted distinct partner types of the other live streams
         key = (type_id, partners, used)
         cached = self._targets_cache.get(key)
         if cached is not None:
@@ -378,7 +397,8 @@ class _Searcher:
                     st = self.types[p]
                     span = _chunk_span(fields_of(st.elem), fields)
                     if span and not (span[0] <= i < span[1]):
-                        shapes.append(st.shape)
+                        # the partner's shape, or (both sides broadcast) a common supersequence
+                        shapes.extend(self._common_shapes(p, type_id)[:1] + self._common_shapes(type_id, p)[2:])
                 if shapes:
                     for shape in shapes:
                         add(self._target(("exact", field_type, shape)), extra)
@@ -396,11 +416,20 @@ class _Searcher:
 
     def _live_targets(self, state: "_State") -> list[tuple]:
         """The targets of each live stream of `state`, in `state.live` order."""
+        cached = self._lt_cache.get((state.live, state.used))
+        if cached is not None:
+            return cached
         types = [self.term_type[t] for t in state.live]
+        partner_types = Counter(t for t in types if self._is_partner_type(t))
+        everyone = tuple(sorted(partner_types))
         result = []
-        for i, tid in enumerate(types):
-            others = tuple(types[:i] + types[i + 1:])
+        for tid in types:
+            if partner_types.get(tid) == 1:
+                others = tuple(t for t in everyone if t != tid)
+            else:
+                others = everyone
             result.append(self._stream_targets(tid, others, state.used))
+        self._lt_cache[(state.live, state.used)] = result
         return result
 
     def _dist(self, type_id: int, target_id: int) -> float:
@@ -423,6 +452,7 @@ class _Searcher:
             return max(0, min_sd - len(st.shape))
         if kind == "multihot":
             return 0 if isinstance(elem, MultihotType) and _width(elem, self.task.binding) == target[1] else INF
+        dims = self.dims
         if kind == "pre":
             _, leaf, bdims, min_sd = target
             if isinstance(elem, TupleType):
@@ -430,32 +460,56 @@ class _Searcher:
             leaf_s, full, p0 = _decompose(st)
             if leaf_s != leaf:
                 return INF
-            return _prefix_distance(full, p0, tuple(bdims), min_sd, self.task.sizes)
+            return _prefix_distance(dims.ids(full), p0, dims.ids(bdims), min_sd, dims)
         if kind == "exact":
             _, t_elem, t_shape = target
             if isinstance(elem, TupleType) or isinstance(t_elem, TupleType):
                 if elem != t_elem:
                     return INF
-                return _full_distance(tuple(st.shape), 0, tuple(t_shape), 0, self.task.sizes, tuple_mode=True)
+                return _full_distance(dims.ids(st.shape), 0, dims.ids(t_shape), 0, dims, tuple_mode=True)
             leaf_s, full, p0 = _decompose(st)
             leaf_t, t_full, p_t = _decompose(StreamType(t_elem, tuple(t_shape)))
             if leaf_s != leaf_t:
                 return INF
-            return _full_distance(full, p0, t_full, p_t, self.task.sizes)
+            return _full_distance(dims.ids(full), p0, dims.ids(t_full), p_t, dims)
         raise AssertionError(kind)
 
     def _eff_dist(self, type_id: int, targets: tuple) -> float:
-        return min((self._dist(type_id, t) + extra for t, extra in targets), default=INF)
+        key = (type_id, targets)
+        d = self._eff_cache.get(key)
+        if d is None:
+            d = min((self._dist(type_id, t) + extra for t, extra in targets), default=INF)
+            self._eff_cache[key] = d
+        return d
+
+    def _relevant(self, before: int, after: int, targets: tuple) -> bool:
+        """Whether glue from type `before` to `after` brings the stream strictly closer to some target."""
+        key = (before, after, targets)
+        r = self._relevant_cache.get(key)
+        if r is None:
+            r = any(self._dist(after, t) < self._dist(before, t) for t, _ in targets)
+            self._relevant_cache[key] = r
+        return r
 
     def _heuristic(self, state: _State) -> float:
-        h = 0.0
+        h = self._h_cache.get(state.live)
+        if h is None:
+            h = self._compute_heuristic(state)
+            self._h_cache[state.live] = h
+        return h
+
+    def _compute_heuristic(self, state: _State) -> float:
+        glue = 0.0
         for term, targets in zip(state.live, self._live_targets(state)):
             d = self._eff_dist(self.term_type[term], targets)
             if d == INF:
                 return INF
-            h += d
-        live_fields = {fields_of(self.types[self.term_type[t]].elem) for t in state.live}
+            glue += d
+        live_types = [self.term_type[t] for t in state.live]
+        live_fields = {self._fields_id(t) for t in live_types}
         zips = 0
+        h = 0.0
+        pair_glue = 0.0
         for name in self.fn_names:
             if state.used[self.fn_index[name]]:
                 continue
@@ -463,16 +517,72 @@ class _Searcher:
                 continue
             h += 1
             fields = self.fn_fields[name]
-            if len(fields) > 1 and fields not in live_fields:
+            if len(fields) > 1 and self._fn_fields_id[name] not in live_fields:
                 h += 1
                 zips += 1
+                pair_glue += self._pair_glue(name, live_types)
+        h += max(glue, pair_glue)
         for g in self.expert_groups:
             if not state.used[self.fn_index[g[0]]]:
-                h += 3  # Copy of the route, Partition, Merge (the comprehension rides along)
+                h += 1  # one route move (Partition, per-route Map, Merge)
         excess = len(state.live) - len(self.output_types)
         if excess > zips:
             h += excess - zips
         return h
+
+    def _pair_glue(self, fn: str, live_types: Sequence[int]) -> float:
+        """Least glue to make two live streams zippable into `fn`'s input (0 if no two can be).
+
+        For each ordered pair whose fields (a tuple stream's own, or one field a
+        plain stream can be glued to) make up the input, the cheapest common
+        shape: either stream's shape or a shortest common supersequence of both.
+        """
+        key = (fn, tuple(sorted(live_types)))
+        cached = self._pair_glue_cache.get(key)
+        if cached is not None:
+            return cached
+        best = INF
+        for i, ti in enumerate(live_types):
+            for j, tj in enumerate(live_types):
+                if i != j:
+                    best = min(best, self._pair_cost(fn, ti, tj))
+        result = 0.0 if best == INF else best
+        self._pair_glue_cache[key] = result
+        return result
+
+    def _pair_cost(self, fn: str, ti: int, tj: int) -> float:
+        key = (fn, ti, tj)
+        cached = self._pair_cost_cache.get(key)
+        if cached is not None:
+            return cached
+        fields = self.fn_fields[fn]
+        best = INF
+        if True:
+            if True:
+                si, sj = self.types[ti], self.types[tj]
+                ni = len(si.elem.items) if isinstance(si.elem, TupleType) else 1
+                nj = len(sj.elem.items) if isinstance(sj.elem, TupleType) else 1
+                pi, pj = fields[:ni], fields[ni:]
+                if ni + nj == len(fields) and not (ni > 1 and tuple(si.elem.items) != pi) \
+                        and not (nj > 1 and tuple(sj.elem.items) != pj):
+                    ei = si.elem if ni > 1 else pi[0]
+                    ej = sj.elem if nj > 1 else pj[0]
+                    for shape in self._common_shapes(ti, tj):
+                        c = self._dist(ti, self._target(("exact", ei, shape))) \
+                            + self._dist(tj, self._target(("exact", ej, shape)))
+                        best = min(best, c)
+        self._pair_cost_cache[key] = best
+        return best
+
+    def _common_shapes(self, ti: int, tj: int) -> list:
+        """Either stream's shape and the shortest common supersequences of the two (cached)."""
+        key = (ti, tj)
+        cached = self._common_cache.get(key)
+        if cached is None:
+            a, b = self.types[ti].shape, self.types[tj].shape
+            cached = [a] if a == b else [a, b] + [x for x in _common_supersequences(a, b) if x not in (a, b)]
+            self._common_cache[key] = cached
+        return cached
 
     # -- moves -------------------------------------------------------------------------
     def _glue_options(self, type_id: int) -> list[tuple[str, tuple, int]]:
@@ -581,12 +691,12 @@ class _Searcher:
             return
         for term in distinct:
             tid = self.term_type[term]
-            targets = [t for t, _ in live_targets[term]]
+            targets = live_targets[term]
             modes = (False, True) if can_copy and self._borrowable(term) else (False,)
             # glue
             ancestors = None
             for op, kwargs, out in self._glue_options(tid):
-                if not any(self._dist(out, t) < self._dist(tid, t) for t in targets):
+                if not self._relevant(tid, out, targets):
                     continue
                 if ancestors is None:
                     ancestors = self._glue_ancestors(term)
@@ -623,7 +733,7 @@ class _Searcher:
                                 if child is not None:
                                     yield child
                     elif op == "RepeatRef":
-                        if not any(self._dist(out, t) < self._dist(ty1, t) for t, _ in live_targets[t1]):
+                        if not self._relevant(ty1, out, live_targets[t1]):
                             continue
                         if out in self._glue_ancestors(t1):
                             continue
@@ -663,7 +773,7 @@ class _Searcher:
         borrowed_n = sum(1 for _, b in inputs if b)
         tokens: list[str] = ["Copy"] * borrowed_n
         if kind == "route":
-            tokens += ["Copy", "Partition", "FnList", "[Map]", "Merge"]
+            tokens.append("Partition")  # the Copy of the route, the fn list, the per-route Map and the Merge are forced
         else:
             tokens.append(make_token(op, {k: v for k, v in kwargs if k in ("a", "b", "L")}))
         cost = 0.0
@@ -671,6 +781,8 @@ class _Searcher:
         for tok in tokens:
             cost += self.prior.cost(tok, ctx)
             ctx = (ctx[-1], tok)
+        if kind == "route":
+            ctx = ("[Map]", "Merge")
         used = state.used
         applied = list(group) if group else ([fn] if fn else [])
         if kind == "route" and fn:
@@ -901,6 +1013,33 @@ def _chunk_span(part: tuple, whole: tuple) -> Optional[tuple[int, int]]:
     return None
 
 
+def _common_supersequences(a: tuple, b: tuple, limit: int = 4) -> list[tuple]:
+    """Shortest common supersequences of two dim sequences (at most `limit`), e.g. for broadcasting both sides."""
+    na, nb = len(a), len(b)
+    lcs = [[0] * (nb + 1) for _ in range(na + 1)]
+    for i in range(na - 1, -1, -1):
+        for j in range(nb - 1, -1, -1):
+            lcs[i][j] = lcs[i + 1][j + 1] + 1 if a[i] == b[j] else max(lcs[i + 1][j], lcs[i][j + 1])
+    out: list[tuple] = []
+
+    def walk(i: int, j: int, acc: tuple):
+        if len(out) >= limit:
+            return
+        if i == na or j == nb:
+            out.append(acc + tuple(a[i:]) + tuple(b[j:]))
+            return
+        if a[i] == b[j]:
+            walk(i + 1, j + 1, acc + (a[i],))
+            return
+        if lcs[i + 1][j] >= lcs[i][j + 1]:
+            walk(i + 1, j, acc + (a[i],))
+        if lcs[i][j + 1] >= lcs[i + 1][j]:
+            walk(i, j + 1, acc + (b[j],))
+
+    walk(0, 0, ())
+    return [o for k, o in enumerate(out) if o not in out[:k]]
+
+
 def _decompose(st: StreamType):
     """(leaf type, full dims = buffer dims + stream dims, boundary p = number of buffer dims)."""
     elem = st.elem
@@ -909,18 +1048,52 @@ def _decompose(st: StreamType):
     return elem, tuple(st.shape), 0
 
 
-_ONE = Dim.const(1)
+class _DimTable:
+    """Dims interned to ints, with memoised products: the glue distance works on ids only."""
+
+    def __init__(self, sizes: Sequence[Dim]):
+        self._ids: dict[Dim, int] = {}
+        self._dims: list[Dim] = []
+        self._seq: dict[tuple, tuple[int, ...]] = {}
+        self._mul: dict[tuple[int, int], int] = {}
+        self.one = self.id(Dim.const(1))
+        self.sizes = frozenset(self.id(d) for d in sizes)
+
+    def id(self, d: Dim) -> int:
+        i = self._ids.get(d)
+        if i is None:
+            i = len(self._dims)
+            self._ids[d] = i
+            self._dims.append(d)
+        return i
+
+    def ids(self, dims: tuple) -> tuple[int, ...]:
+        r = self._seq.get(dims)
+        if r is None:
+            r = tuple(self.id(d) for d in dims)
+            self._seq[dims] = r
+        return r
+
+    def mul(self, a: int, b: int) -> int:
+        key = (a, b)
+        r = self._mul.get(key)
+        if r is None:
+            r = self.id(self._dims[a] * self._dims[b])
+            self._mul[key] = r
+        return r
 
 
-def _align(full: tuple, p0: int, goal: tuple, sizes: Sequence[Dim]):
+def _align(full: tuple, p0: int, goal: tuple, dims: _DimTable):
     """DP: best[i][j] = (cost, events, pG): cover goal[:j] with full[:i] by runs and insertions.
 
     A run of one dim costs 0, a longer run whose product is the goal dim costs
     one Flatten; a goal dim not covered is inserted (Promote for 1, Repeat for a
     usable size, impossible otherwise). `pG` is where the source's buffer
-    boundary lands in goal coordinates (x.5 when a run crosses it).
+    boundary lands in goal coordinates (x.5 when a run crosses it). Dims are
+    `_DimTable` ids.
     """
     nf, ng = len(full), len(goal)
+    one, sizes = dims.one, dims.sizes
     best: list[list[Optional[tuple]]] = [[None] * (ng + 1) for _ in range(nf + 1)]
     best[0][0] = (0, (), 0 if p0 == 0 else None)
     for i in range(nf + 1):
@@ -931,17 +1104,16 @@ def _align(full: tuple, p0: int, goal: tuple, sizes: Sequence[Dim]):
             cost, events, pg = cur
             if pg is None and i == p0:
                 pg = j
-                cur = (cost, events, pg)
-                best[i][j] = cur
+                best[i][j] = (cost, events, pg)
             if j < ng:
                 g = goal[j]
-                if g == _ONE:
+                if g == one:
                     _relax(best, i, j + 1, (cost + 1, events + ((j, "ins1"),), pg))
                 elif g in sizes:
                     _relax(best, i, j + 1, (cost + 1, events + ((j, "insX"),), pg))
-                prod = _ONE
+                prod = one
                 for i2 in range(i + 1, nf + 1):
-                    prod = prod * full[i2 - 1]
+                    prod = dims.mul(prod, full[i2 - 1])
                     if prod == g:
                         crosses = i < p0 < i2
                         npg = (j + 0.5) if (crosses and pg is None) else pg
@@ -986,9 +1158,9 @@ def _boundary_cost(pg: float, events: tuple, p_final: int, tuple_mode: bool) -> 
     return cost + _trans(p, p_final, tuple_mode)
 
 
-def _full_distance(full: tuple, p0: int, t_full: tuple, p_t: int, sizes: Sequence[Dim],
+def _full_distance(full: tuple, p0: int, t_full: tuple, p_t: int, dims: _DimTable,
                    tuple_mode: bool = False) -> float:
-    best = _align(full, p0, t_full, sizes)
+    best = _align(full, p0, t_full, dims)
     cell = best[len(full)][len(t_full)]
     if cell is None:
         return INF
@@ -998,8 +1170,8 @@ def _full_distance(full: tuple, p0: int, t_full: tuple, p_t: int, sizes: Sequenc
     return cost + _boundary_cost(pg, events, p_t, tuple_mode)
 
 
-def _prefix_distance(full: tuple, p0: int, bdims: tuple, min_sd: int, sizes: Sequence[Dim]) -> float:
-    best = _align(full, p0, bdims, sizes)
+def _prefix_distance(full: tuple, p0: int, bdims: tuple, min_sd: int, dims: _DimTable) -> float:
+    best = _align(full, p0, bdims, dims)
     nb = len(bdims)
     result = INF
     for i in range(len(full) + 1):
