@@ -54,6 +54,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import math
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -490,6 +491,18 @@ def verify(
     """
     if not isinstance(task, Task):
         task = resolve_task(task)
+    with _VERIFY_LOCK:  # the caches and torch's default dtype (set while an oracle runs) are process-wide
+        return _verify(task, impl_text, seeds, bindings, engine, check_affine, max_elements)
+
+
+_VERIFY_LOCK = threading.RLock()
+
+
+def _verify(task: Task, impl_text: Optional[str], seeds: Sequence[int], bindings, engine: str,
+            check_affine: bool, max_elements: int) -> Verdict:
+    seeds = tuple(int(s) for s in seeds)
+    if not seeds:
+        raise ValueError("verify needs at least one seed")
     if impl_text is None:
         if not task.impl:
             raise ValueError(f"task {task.key} has no reference impl; pass the program to verify")
