@@ -315,7 +315,11 @@ def build_components(cfg, tasks: dict[str, Any]) -> Components:
         if cfg.uses_ray():
             from stepforge.serve.actors import init_ray
 
-            init_ray(cfg.ray.address, cfg.ray.num_cpus)
+            try:
+                init_ray(cfg.ray.address, cfg.ray.num_cpus)
+            except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
+                where = cfg.ray.address or "a local instance"
+                raise ImproveError(f"ray: cannot start or join {where}: {exc}".splitlines()[0]) from None
         kind = cfg.proposer.resolved_kind
         if kind == "search":
             from stepforge.loop.search import SearchProposer
