@@ -63,13 +63,14 @@ class HFBackend(ModelBackend):
     """A transformers model (optionally with a peft LoRA adapter) behind the backend interface."""
 
     def __init__(self, config: BackendConfig):
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         self.config = config
         model_dir = check_model_dir(config.model)
         tok_dir = check_model_dir(config.tokenizer, "tokenizer") if config.tokenizer else model_dir
         adapter_dir = check_adapter_dir(config.lora_path) if config.lora_path else None
+
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
         self.device = resolve_device(config.device)
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(tok_dir, local_files_only=True)

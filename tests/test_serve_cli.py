@@ -1,0 +1,97 @@
+"""End to end through the `stepforge` console script: tiny-model, sample, serve."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from serve_fixtures import STEPFORGE, free_port
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def stepforge(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([STEPFORGE, *args], capture_output=True, text=True, timeout=timeout, env=ENV)
+
+
+@pytest.fixture(scope="module")
+def cli_model(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "tiny"
+    proc = stepforge("tiny-model", str(out), "--seed", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == str(out)
+    return out
+
+
+def test_tiny_model_is_a_loadable_qwen2_checkpoint(cli_model):
+    from transformers import AutoConfig, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(cli_model, local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(cli_model, local_files_only=True)
+    assert config.model_type == "qwen2" and config.num_hidden_layers == 2
+    assert config.vocab_size == len(tok) <= 4096
+    assert {"<|im_start|>", "<|im_end|>", "<|endoftext|>"} <= set(tok.get_vocab())
+    rendered = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert rendered.endswith("<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
+
+
+SAMPLE_ARGS = ["--prompt", "E1 = step.", "-n", "4", "--max-tokens", "12", "--seed", "5", "--json"]
+
+
+@pytest.fixture(scope="module")
+def hf_sample(cli_model) -> dict:
+    proc = stepforge("sample", "--backend", "hf", "--model", str(cli_model), *SAMPLE_ARGS)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_sample_hf_json(cli_model, hf_sample):
+    from transformers import AutoTokenizer
+
+    data = hf_sample
+    assert len(data["completions"]) == 4 and len(set(data["completions"])) > 1
+    tok = AutoTokenizer.from_pretrained(cli_model, local_files_only=True)
+    assert data["usage"]["prompt_tokens"] == len(tok("E1 = step.")["input_ids"])
+    assert data["usage"]["completion_tokens"] == sum(data["completion_tokens"]) > 0
+    assert all(k <= 12 for k in data["completion_tokens"])
+
+
+def test_sample_openai_against_stepforge_serve(cli_model, hf_sample):
+    port = free_port()
+    server = subprocess.Popen(
+        [STEPFORGE, "serve", "--backend", "hf", "--model", str(cli_model), "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+    )
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert server.poll() is None, server.stderr.read()
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "server did not come up"
+            time.sleep(0.3)
+        remote = stepforge("sample", "--backend", "openai", "--base-url", f"http://127.0.0.1:{port}/v1",
+                           "--model", str(cli_model), *SAMPLE_ARGS)
+        assert remote.returncode == 0, remote.stderr
+        assert json.loads(remote.stdout) == hf_sample  # same model and seed: same answers and token counts
+        wrong = stepforge("sample", "--backend", "openai", "--base-url", f"http://127.0.0.1:{port}/v1", "--model", "other", "--prompt", "x")
+        assert wrong.returncode == 1 and "does not serve model 'other'" in wrong.stderr
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_expected_errors_are_one_line(tmp_path):
+    proc = stepforge("sample", "--backend", "hf", "--model", str(tmp_path / "none"), "--prompt", "x")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [f"error: ModelNotFoundError: model path does not exist: {tmp_path / 'none'}"]
+    proc = stepforge("sample", "--backend", "openai", "--model", "m", "--prompt", "x")
+    assert proc.returncode == 2 and "base_url" in proc.stderr and "Traceback" not in proc.stderr
