@@ -76,11 +76,16 @@ class BackendConfig(BaseModel):
         return 0.0
 
 
-def load_backend_config(path: str | Path, key: str | None = "backend") -> BackendConfig:
+SECTION_KEYS = ("backend", "proposer.backend")
+
+
+def load_backend_config(path: str | Path, key: str | None = None) -> BackendConfig:
     """Read a YAML file and validate its backend section.
 
-    The section is `data[key]` when that key exists, else the whole document.
-    Errors name the file and the offending key.
+    `key` is a dotted path to the section (e.g. `proposer.backend`). Without
+    one, the first of `backend` and `proposer.backend` that exists is used
+    (so an experiment config works as is), else the whole document. Errors
+    name the file and the offending key.
     """
     import yaml
 
@@ -89,16 +94,26 @@ def load_backend_config(path: str | Path, key: str | None = "backend") -> Backen
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    if key and isinstance(data, dict) and key in data:
-        data = data[key]
-        where = f"{path}: {key}"
-    else:
-        where = str(path)
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: cannot read YAML: {exc}") from None
+    keys = [key] if key else [k for k in SECTION_KEYS if _lookup(data, k) is not None]
+    where = str(path)
+    if keys:
+        section = _lookup(data, keys[0])
+        if section is None:
+            raise ConfigError(f"{path}: no section {keys[0]!r}")
+        data, where = section, f"{path}: {keys[0]}"
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping of backend settings")
     return config_from_dict(data, where)
+
+
+def _lookup(data: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return None
+        data = data[part]
+    return data
 
 
 def config_from_dict(data: dict[str, Any], where: str = "config") -> BackendConfig:
