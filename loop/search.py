@@ -46,6 +46,15 @@ unused fn, one Zip per fn whose input no live stream has yet, and the live
 streams in excess of the outputs. A live stream that no target can be reached
 from (wrong leaf type, a dim glue cannot remove) makes the state dead.
 
+Learning from experience: the prior is fitted on the demonstrations' impls,
+so earned programs make the operator sequences they contain cheap and later
+searches reach similar programs in far fewer expansions. Because the type
+system cannot tell apart many wrong programs from the right one, any prior
+only re-orders candidates; so that demonstrations cannot push a program the
+base prior would have found past the budget, a request with demonstrations
+takes `base_share` of its samples from a second search in the base prior's
+order (candidates alternate, duplicates dropped).
+
 Budget: each sample may take at most `max_expansions` expansions and
 `max_seconds` seconds after the previous one; the search stops at `n`
 distinct programs or when a sample's budget is spent. With the expansion
@@ -113,6 +122,9 @@ class SearchConfig(BaseModel):
     mix: float = Field(default=0.25, ge=0, le=1, description="weight of the base prior in the learned prior")
     fn_order: bool = Field(default=True, description="cost fn applications by the task's fn order")
     max_demonstrations: int = Field(default=64, ge=0, description="most demonstrations the prior is fitted on")
+    base_share: float = Field(default=0.5, ge=0, lt=1, description="with demonstrations: share of the samples "
+                              "drawn from a second search in the base prior's order, so demonstrations cannot hide "
+                              "what the base prior finds (0: learned prior only)")
 
 
 # ---------------------------------------------------------------------------
@@ -1205,10 +1217,53 @@ def search_programs(task: SearchTask | str, *, demonstrations: Sequence[Demonstr
     spec = task if isinstance(task, SearchTask) else SearchTask.from_ir(task)
     if prior is None:
         prior = fit_prior(demonstrations, cfg)
-    searcher = _Searcher(spec, prior, cfg, n=n, temperature=temperature, seed=seed)
-    if stats is not None:
+    stats = stats if stats is not None else SearchStats()
+    if prior.n_programs == 0 or cfg.base_share <= 0:
+        searcher = _Searcher(spec, prior, cfg, n=n, temperature=temperature, seed=seed)
         searcher.stats = stats
-    yield from searcher.run()
+        yield from searcher.run()
+        return
+    learned = _Searcher(spec, prior, cfg, n=n, temperature=temperature, seed=seed)
+    base = _Searcher(spec, OpPrior(mix=cfg.mix), cfg, n=n, temperature=temperature, seed=seed)
+    yield from _portfolio([(learned, 1.0 - cfg.base_share), (base, cfg.base_share)], n, stats)
+
+
+def _portfolio(members: list[tuple["_Searcher", float]], n: int, stats: SearchStats) -> Iterator[Candidate]:
+    """Candidates of several searches, each getting its share of the `n` samples, duplicates dropped.
+
+    The next candidate comes from the member furthest below its share; an
+    exhausted member drops out and the others fill the remaining samples.
+    """
+    start = time.perf_counter()
+    runs = [(s, s.run(), w) for s, w in members if w > 0]
+    taken = [0] * len(runs)
+    alive = [True] * len(runs)
+    seen: set[str] = set()
+
+    def sync(stopped: str = "") -> None:
+        stats.expansions = sum(s.stats.expansions for s, _, _ in runs)
+        stats.generated = sum(s.stats.generated for s, _, _ in runs)
+        stats.rejected = sum(s.stats.rejected for s, _, _ in runs)
+        stats.seconds = time.perf_counter() - start
+        if stopped:
+            stats.stopped = stopped
+
+    while stats.candidates < n and any(alive):
+        i = min((k for k in range(len(runs)) if alive[k]), key=lambda k: ((taken[k] + 1) / runs[k][2], k))
+        searcher, gen, _ = runs[i]
+        cand = next(gen, None)
+        if cand is None:
+            alive[i] = False
+            continue
+        taken[i] += 1
+        if cand.text in seen:
+            continue
+        seen.add(cand.text)
+        stats.candidates += 1
+        sync()
+        yield Candidate(cand.text, cand.cost, stats.expansions, stats.seconds, cand.statements)
+    reasons = sorted({s.stats.stopped for s, _, _ in runs if s.stats.stopped})
+    sync("n" if stats.candidates >= n else "/".join(reasons) or "exhausted")
 
 
 def fit_prior(demonstrations: Sequence[Demonstration | tuple[str, Optional[str]] | str],
