@@ -160,7 +160,7 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, vocab_size: int = 2048,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=2048,
+        max_position_embeddings=16384,  # rotary: a long context costs no weights; real prompts fit
         tie_word_embeddings=True,
         bos_token_id=endoftext,
         eos_token_id=im_end,
