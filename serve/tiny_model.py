@@ -145,7 +145,7 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, vocab_size: int = 2048,
         tokenizer_object=raw,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-        model_max_length=2048,
+        model_max_length=16384,
         chat_template=CHAT_TEMPLATE,
     )
     tokenizer.save_pretrained(out)
