@@ -90,13 +90,13 @@ def test_bad_requests_get_openai_errors(server, body, status, fragment):
 
 
 def test_client_errors_are_typed_and_not_retried(server):
-    backend = make_backend(BackendConfig(kind="openai", model="other", base_url=server.base_url, max_retries=3, backoff_s=5))
     start = time.monotonic()
-    with pytest.raises(ModelNotFoundError):
-        backend.generate([GenerationRequest(prompt="x", sampling=SamplingParams(max_tokens=2))])
-    ok = make_backend(BackendConfig(kind="openai", model=MODEL, base_url=server.base_url, max_retries=3, backoff_s=5))
-    with pytest.raises(PromptTooLongError):
-        ok.generate([GenerationRequest(prompt="step " * 2100, sampling=SamplingParams(max_tokens=2))])
+    with make_backend(BackendConfig(kind="openai", model="other", base_url=server.base_url, max_retries=3, backoff_s=5)) as b:
+        with pytest.raises(ModelNotFoundError):
+            b.generate([GenerationRequest(prompt="x", sampling=SamplingParams(max_tokens=2))])
+    with make_backend(BackendConfig(kind="openai", model=MODEL, base_url=server.base_url, max_retries=3, backoff_s=5)) as b:
+        with pytest.raises(PromptTooLongError):
+            b.generate([GenerationRequest(prompt="step " * 2100, sampling=SamplingParams(max_tokens=2))])
     assert time.monotonic() - start < 5  # no backoff sleeps happened
 
 
@@ -147,31 +147,32 @@ def flaky_server():
 
 def test_retries_on_503_then_succeeds(flaky_server):
     FlakyHandler.failures = 2
-    backend = make_backend(BackendConfig(kind="openai", model="m", base_url=flaky_server, max_retries=3, backoff_s=0.01))
-    result = backend.generate([GenerationRequest(prompt="hi", sampling=SamplingParams(max_tokens=4))])[0]
+    with make_backend(BackendConfig(kind="openai", model="m", base_url=flaky_server, max_retries=3, backoff_s=0.01)) as b:
+        result = b.generate([GenerationRequest(prompt="hi", sampling=SamplingParams(max_tokens=4))])[0]
     assert FlakyHandler.attempts == 3
     assert (result.texts, result.prompt_tokens, result.completion_tokens) == (["ok"], 3, 2)
 
 
 def test_gives_up_after_max_retries(flaky_server):
     FlakyHandler.failures = 10
-    backend = make_backend(BackendConfig(kind="openai", model="m", base_url=flaky_server, max_retries=2, backoff_s=0.01))
-    with pytest.raises(BackendUnavailableError, match="503 after 3 attempt"):
-        backend.generate([GenerationRequest(prompt="hi")])
+    with make_backend(BackendConfig(kind="openai", model="m", base_url=flaky_server, max_retries=2, backoff_s=0.01)) as b:
+        with pytest.raises(BackendUnavailableError, match="503 after 3 attempt"):
+            b.generate([GenerationRequest(prompt="hi")])
     assert FlakyHandler.attempts == 3
 
 
 def test_unreachable_server_fails_fast():
     url = f"http://127.0.0.1:{free_port()}/v1"
-    backend = make_backend(BackendConfig(kind="openai", model="m", base_url=url, max_retries=1, backoff_s=0.01, timeout_s=5))
     start = time.monotonic()
-    with pytest.raises(BackendUnavailableError, match="unreachable after 2 attempt"):
-        backend.generate([GenerationRequest(prompt="hi")])
+    with make_backend(BackendConfig(kind="openai", model="m", base_url=url, max_retries=1, backoff_s=0.01, timeout_s=5)) as b:
+        with pytest.raises(BackendUnavailableError, match="unreachable after 2 attempt"):
+            b.generate([GenerationRequest(prompt="hi")])
     assert time.monotonic() - start < 5
 
 
-def test_openai_backend_needs_base_url():
-    with pytest.raises(ValueError, match="base_url"):
-        BackendConfig(kind="openai", model="m")
-    with pytest.raises(InvalidRequestError):
-        raise InvalidRequestError("typed errors share ServeError")
+def test_server_rejections_map_to_typed_errors(server):
+    with make_backend(BackendConfig(kind="openai", model=MODEL, base_url=server.base_url, max_retries=2, backoff_s=5)) as b:
+        start = time.monotonic()
+        with pytest.raises(InvalidRequestError, match=r"rejected the request \(400\).*n: "):
+            b.generate([GenerationRequest(prompt="x", sampling=SamplingParams(n=300, max_tokens=1))])  # server allows n <= 256
+        assert time.monotonic() - start < 5

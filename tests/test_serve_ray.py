@@ -10,7 +10,7 @@ from serve_fixtures import hf_backend, tiny_model_dir  # noqa: F401
 
 from stepforge.serve.actors import ModelPool, init_ray, split_balanced
 from stepforge.serve.base import BackendConfig, GenerationRequest, SamplingParams
-from stepforge.serve.errors import BackendUnavailableError, ModelNotFoundError
+from stepforge.serve.errors import BackendUnavailableError, ModelNotFoundError, PromptTooLongError
 
 
 @pytest.fixture(scope="module")
@@ -59,15 +59,17 @@ def test_pool_spreads_a_batch_and_keeps_order(pool, hf_backend, ray_cluster):
     pids = ray_cluster.get([a.ready.remote() for a in pool.actors])
     assert len(set(pids)) == 2 and os.getpid() not in pids
     assert pool.count_tokens("E1 = step.Map") == hf_backend.count_tokens("E1 = step.Map")
+    with pytest.raises(PromptTooLongError):  # the actor's typed error reaches the caller as itself
+        pool.generate([GenerationRequest(prompt="step " * 2100)])
 
 
 def test_killed_actor_is_replaced_and_batch_completes(pool, ray_cluster):
-    reqs = batch(8, n=4, max_tokens=160)
+    reqs = batch(8, n=4, max_tokens=256)  # each shard takes ~1-3 s, the kill lands well inside it
     replaced_before = pool.replacements
     pending = pool.submit(reqs)
     victim_shard = pending.shards[0]
     victim = victim_shard.actor
-    time.sleep(0.3)  # let the shard start generating, then kill its replica mid-way
+    time.sleep(0.1)  # let the shard start generating, then kill its replica mid-way
     ray_cluster.kill(victim)
     results = pool.collect(pending)
     assert [r.request_id for r in results] == [r.request_id for r in reqs]
