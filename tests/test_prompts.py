@@ -284,9 +284,13 @@ def test_llm_proposer_isolates_a_prompt_that_is_too_long():
         LLMProposer(ScriptedBackend(fail=lambda r: BackendUnavailableError("down")), KNOWLEDGE).propose([_request("bmm/bmm_0")])
 
 
-def test_llm_proposer_through_the_transformers_backend_reports_a_too_long_prompt(hf_backend):  # noqa: F811
-    """The tiny model's context (2048 tokens) is shorter than the knowledge: the request fails alone, typed."""
+def test_llm_proposer_through_the_transformers_backend_sends_the_full_prompt(hf_backend):  # noqa: F811
+    """The real proposer prompt (knowledge included) fits the tiny model and is counted exactly."""
     proposer = LLMProposer(hf_backend, KNOWLEDGE, max_tokens=4)
-    (out,) = proposer.propose([_request("bmm/bmm_0", n=1, temperature=0.0)])
-    assert out == [] and "PromptTooLongError" in proposer.last_errors["bmm/bmm_0"]
+    request = _request("bmm/bmm_0", n=2, temperature=0.7)
+    (out,) = proposer.propose([request])
+    assert len(out) == 2 and not proposer.last_errors
+    expected = len(hf_backend.tokenizer.apply_chat_template(out[0].messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+    assert out[0].prompt_tokens == expected > 4000
+    assert all(0 < p.completion_tokens <= 4 for p in out)
 
