@@ -22,7 +22,10 @@ def encode_prompt(tokenizer, request: GenerationRequest) -> list[int]:
     """Token ids of the prompt. A rendered chat template already holds its
     special tokens, so only raw prompts get the tokenizer's own (e.g. BOS)."""
     text = render_prompt(tokenizer, request)
-    return list(tokenizer(text, add_special_tokens=not request.is_chat)["input_ids"])
+    ids = list(tokenizer(text, add_special_tokens=not request.is_chat)["input_ids"])
+    if not ids:
+        raise InvalidRequestError("the prompt is empty (it encodes to zero tokens)")
+    return ids
 
 
 def new_token_budget(prompt_len: int, max_tokens: int, max_model_len: int | None) -> int:

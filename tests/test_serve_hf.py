@@ -7,7 +7,7 @@ from pydantic import ValidationError
 from serve_fixtures import hf_backend, tiny_model_dir  # noqa: F401
 
 from stepforge.serve.base import BackendConfig, GenerationRequest, SamplingParams, make_backend
-from stepforge.serve.errors import ModelNotFoundError, PromptTooLongError
+from stepforge.serve.errors import InvalidRequestError, ModelNotFoundError, PromptTooLongError
 from stepforge.serve.prompts import apportion, cut_at_stop, tokens_to_stop
 
 CHAT = [{"role": "system", "content": "You write STeP."}, {"role": "user", "content": "E1 = step.Map"}]
@@ -112,6 +112,11 @@ def test_prompt_too_long(tiny_model_dir):
         backend.generate([req("E1 = step.Map(fn=f).apply(E0) and much more text", max_tokens=4)])
     short = backend.generate([req("E1", max_tokens=50)])[0]
     assert short.prompt_tokens + short.completions[0].completion_tokens <= 8
+
+
+def test_empty_prompt_is_an_invalid_request(hf_backend):
+    with pytest.raises(InvalidRequestError, match="empty"):
+        hf_backend.generate([req("", max_tokens=2)])
 
 
 def test_missing_model_is_a_clear_error(tmp_path):
