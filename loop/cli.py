@@ -90,9 +90,12 @@ def register(app: typer.Typer) -> None:
                                   progress=progress)
         except _expected_errors() as exc:
             _fail(str(exc))
-        except KeyboardInterrupt:
-            where = resume or run_dir
-            typer.echo(f"interrupted; continue with: stepforge improve --resume {where or 'RUN_DIR'}", err=True)
+        except KeyboardInterrupt as exc:
+            where = getattr(exc, "run_dir", None) or resume or run_dir
+            if where is None:
+                typer.echo("interrupted before the run directory was made", err=True)
+            else:
+                typer.echo(f"interrupted; continue with: stepforge improve --resume {where}", err=True)
             raise typer.Exit(code=130)
         if outcome.result is None:
             typer.echo(f"{outcome.run_dir}: the run had already finished; summary and report rewritten", err=True)

@@ -262,6 +262,14 @@ class ImproveError(RuntimeError):
     """An expected failure of the improve job (shown as one line by the CLI)."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a run: `run_dir` is the directory to `--resume`."""
+
+    def __init__(self, run_dir: Path):
+        super().__init__(str(run_dir))
+        self.run_dir = run_dir
+
+
 def settings_from_config(cfg) -> LoopSettings:
     return LoopSettings(granularity=cfg.granularity, temperatures=tuple(float(t) for t in cfg.temperatures),
                         n=cfg.n, rounds_limit=cfg.rounds_limit, adaptive=cfg.adaptive,
@@ -483,6 +491,10 @@ def run_improve(config_path: Optional[str | Path] = None, *, run_dir: Optional[s
                 ray.shutdown()  # a local instance this run started
         summary = write_report(store.root, store)
         return ImproveOutcome(store.root, summary, result, loop.new_samples, loop.replayed_samples)
+    except KeyboardInterrupt:
+        if store is None:
+            raise
+        raise Interrupted(store.root) from None
     finally:
         if store is not None:
             store.close()
@@ -492,6 +504,7 @@ __all__ = [
     "Components",
     "ImproveError",
     "ImproveOutcome",
+    "Interrupted",
     "LoopResult",
     "LoopSettings",
     "SelfImprovementLoop",

@@ -42,7 +42,7 @@ import sys
 import threading
 import time
 from abc import ABC, abstractmethod
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
@@ -212,8 +212,9 @@ class PoolVerifier(VerifierBackend):
     def close(self) -> None:
         if self._thread.is_alive():
             self._inbox.put(None)
-            self._thread.join(timeout=5)
-        if self.own_pool:
+            self._thread.join(timeout=2)
+        # a batch still running holds the pool (after Ctrl-C): its daemon workers end with this process
+        if self.own_pool and not self._thread.is_alive():
             self.pool.close()
 
 
@@ -477,6 +478,51 @@ class LogProgress(Events):
 # the executor
 
 
+class _GenerationThread:
+    """One daemon thread running generation calls in order.
+
+    Unlike a ThreadPoolExecutor's worker it is not joined at interpreter
+    exit, so Ctrl-C during a long model or search call ends the run at once
+    (the call's results are not needed: they were never recorded).
+    """
+
+    def __init__(self):
+        self._queue: "queue.Queue[Optional[tuple[Future, Callable, tuple]]]" = queue.Queue()
+        self._thread: Optional[threading.Thread] = None
+
+    def submit(self, fn: Callable, *args) -> Future:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name="stepforge-generate", daemon=True)
+            self._thread.start()
+        fut: Future = Future()
+        self._queue.put((fut, fn, args))
+        return fut
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            fut, fn, args = item
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller through the future
+                fut.set_exception(exc)
+
+    def stop(self) -> None:
+        """Cancel what has not started; the running call (if any) is abandoned."""
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if item is not None:
+                item[0].cancel()
+        self._queue.put(None)
+
+
 @dataclass
 class _Generated:
     """A chunk after generation and guarding (produced on the generation thread)."""
@@ -508,10 +554,10 @@ class Executor:
         self.sink = sink
         self.prompt_sink = prompt_sink
         self.events = events or Events()
-        self._gen = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stepforge-generate")
+        self._gen = _GenerationThread()
 
     def close(self) -> None:
-        self._gen.shutdown(wait=False, cancel_futures=True)
+        self._gen.stop()
         self.verifier.close()
 
     # -- generation thread ------------------------------------------------
