@@ -10,6 +10,7 @@ started per candidate.
     with VerifierPool(workers=2, timeout_s=10.0) as pool:
         v = pool.verify("norm/G_0_8_01", impl)                 # a benchmark key
         vs = pool.verify_many([(key, impl), (task, impl2)])    # a Task also works
+        v = pool.verify(key, impl, timeout_s=30, seeds=(0,))    # per-call limit and verify() options
 
 A verification that exceeds `timeout_s` (counted from when a ready worker
 receives it) is killed with its worker, which is replaced; the verdict is
@@ -125,6 +126,7 @@ class _Worker:
     ready: bool = False
     job: Optional[int] = None
     deadline: float = 0.0
+    limit: float = 0.0
     started: float = field(default_factory=time.monotonic)
     known: set = field(default_factory=set)  # task keys this worker holds
 
@@ -255,12 +257,19 @@ class VerifierPool:
             raise KeyError(f"no task {task!r} in this pool (it knows {len(self.tasks)} tasks)")
         return task, self.tasks[task]
 
-    def verify(self, task: TaskRef, impl: Optional[str] = None, **kwargs) -> Verdict:
+    def verify(self, task: TaskRef, impl: Optional[str] = None, *, timeout_s: Optional[float] = None,
+               **kwargs) -> Verdict:
         """Verify one program (default: the task's reference impl) in a worker."""
-        return self.verify_many([(task, impl)], **kwargs)[0]
+        return self.verify_many([(task, impl)], timeout_s=timeout_s, **kwargs)[0]
 
-    def verify_many(self, jobs: Sequence[tuple[TaskRef, Optional[str]]], **kwargs) -> list[Verdict]:
-        """Verify many programs in parallel over the workers; verdicts in job order."""
+    def verify_many(self, jobs: Sequence[tuple[TaskRef, Optional[str]]], *, timeout_s: Optional[float] = None,
+                    **kwargs) -> list[Verdict]:
+        """Verify many programs in parallel over the workers; verdicts in job order.
+
+        `timeout_s` overrides the pool's limit per verification for this call;
+        other keyword arguments go to `verifier.verify` (over `verify_kwargs`).
+        """
+        limit = self.timeout_s if timeout_s is None else float(timeout_s)
         resolved = []
         for task, impl in jobs:
             key, task_obj = self._task_key(task)
@@ -279,17 +288,18 @@ class VerifierPool:
             while pending or any(w.job is not None for w in self._workers):
                 for w in self._workers:
                     if pending and w.ready and w.job is None:
-                        self._dispatch(w, pending.popleft(), resolved, call_kwargs)
+                        self._dispatch(w, pending.popleft(), resolved, call_kwargs, limit)
                 self._poll(self._next_timeout(), results, resolved)
             if self._task_errors:
                 raise self._task_errors[0]
             return [r for r in results]  # every slot is filled by now
 
-    def _dispatch(self, w: _Worker, idx: int, resolved, kwargs) -> None:
+    def _dispatch(self, w: _Worker, idx: int, resolved, kwargs, limit: float) -> None:
         key, task, impl = resolved[idx]
         payload = None if key in w.known else task.model_dump(mode="python", by_alias=True)
         w.job = idx
-        w.deadline = time.monotonic() + self.timeout_s
+        w.limit = limit
+        w.deadline = time.monotonic() + limit
         try:
             w.conn.send(("job", idx, key, payload, impl, kwargs))
             w.known.add(key)
@@ -320,7 +330,7 @@ class VerifierPool:
             if w.job is not None and now > w.deadline and results is not None:
                 idx = w.job
                 results[idx] = self._failure(jobs[idx], "timeout",
-                                             f"verification exceeded the time limit of {self.timeout_s:g} s; "
+                                             f"verification exceeded the time limit of {w.limit:g} s; "
                                              f"the worker was stopped")
                 self._replace(w)
             elif not w.ready and now > w.started + self._startup_timeout_s:

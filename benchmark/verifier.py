@@ -458,6 +458,8 @@ def _static_check(prepared: _Prepared, program) -> Optional[tuple[str, str]]:
         return "type", exc.message
     except sim.SimulatorError as exc:
         return "type", exc.message
+    except Exception as exc:  # the type checker itself failed on this program: still the program's verdict
+        return "type", f"the type checker failed on this program: {type(exc).__name__}: {_one_line(exc)}"
     expected = prepared.output_types
     names = [o.name for o in prepared.task.outputs]
     if len(out_types) != len(expected):

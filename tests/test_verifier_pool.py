@@ -41,7 +41,7 @@ def pool():
 
 def test_every_reference_solution_passes_in_parallel(pool):
     keys = list(TASKS)
-    verdicts = pool.verify_many([(k, None) for k in keys])
+    verdicts = pool.verify_many([(k, None) for k in keys], timeout_s=60.0)  # cold caches on a busy machine
     assert [v.task for v in verdicts] == keys
     failed = {k: v.message for k, v in zip(keys, verdicts) if not v.passed}
     assert failed == {}
@@ -86,6 +86,8 @@ def test_mixed_batch_keeps_job_order(pool):
 def test_resource_limit_is_reported_not_allocated(pool):
     verdict = pool.verify("rope/G_0_3_02", BLOW_UP)
     assert verdict.stage == "resource" and "limit" in verdict.message
+    short = pool.verify(LOOPS, timeout_s=0.5)
+    assert short.stage == "timeout" and "0.5 s" in short.message
     # the limit is the caller's: a program within a raised limit is not a resource failure
     small = BLOW_UP.replace("33554432", "64")
     assert pool.verify("rope/G_0_3_02", small, max_elements=2**40).stage == "value"
