@@ -115,6 +115,21 @@ def _ends_with_expression(code: str) -> bool:
     return bool(tree.body) and isinstance(tree.body[-1], ast.Expr)
 
 
+def _has_return(code: str) -> bool:
+    """A `return` at the body's own level (not inside a nested def or lambda)."""
+    import ast
+
+    stack = list(ast.parse("def __task_block__():\n" + textwrap.indent(code, "    ")).body[0].body)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.Return):
+            return True
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+            continue
+        stack.extend(ast.iter_child_nodes(node))
+    return False
+
+
 def _show(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -273,6 +288,9 @@ class FnDecl(_Strict):
     def _apply(cls, v):
         code = _code(v, "a Python body for one element")
         _check_python(code, as_body=True)
+        if not (_has_return(code) or _ends_with_expression(code)):
+            raise ValueError("expected a body with a `return` of one tensor per output field, "
+                             "or one whose last line is that expression")
         return code
 
     @field_validator("init", mode="before")

@@ -193,6 +193,7 @@ MALFORMED = {
     "input and parameter clash": (_set(["parameters"], [{"name": "E0", "dims": ["D"], "data_gen": "torch.rand"}]),
                                   "parameters", "also name inputs"),
     "apply syntax": (_set(["fns", 0, "apply"], "return [input[0] *]\n"), "fns[0].apply", "syntax error on line 1"),
+    "apply without result": (_set(["fns", 0, "apply"], "y = input[0] * 2\n"), "fns[0].apply", "`return`"),
     "oracle without expression": (_set(["outputs", 0, "data_transform"], "x = 1\n"), "outputs[0].data_transform",
                                   "last line must be an expression"),
     "duplicate func_name": (_set(["fns", 1, "func_name"], "fn_square"), "fns[1].func_name", "repeats fns[0]"),

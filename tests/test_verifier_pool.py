@@ -21,7 +21,7 @@ def with_fn(task, func_name: str, apply: str):
 
 BASE = TASKS["norm/G_0_8_01"]
 LOOPS = with_fn(BASE, "fn_sqrt", "while True:\n    pass\nreturn [input[0]]\n")
-CRASHES = with_fn(BASE, "fn_sqrt", "import os\nos._exit(1)\n")
+CRASHES = with_fn(BASE, "fn_sqrt", "import os\nos._exit(1)\nreturn [input[0]]\n")
 BLOW_UP = """\
 big = step.Repeat(n=33554432).apply(E0)
 ones = step.Accum(fn=fn_position, b=1).apply(big)
