@@ -334,16 +334,25 @@ def _section_model(key: str) -> type[BaseModel]:
     return _SECTIONS.get(key, ImproveConfig)
 
 
-def format_errors(exc: ValidationError, where: str, set_keys: set[str] | None = None) -> str:
-    """One line per problem: `WHERE: key.path: what was expected, got ...`."""
+def format_errors(exc: ValidationError, where: str, set_keys: set[str] | None = None, prefix: str = "",
+                  model: type[BaseModel] | None = None) -> str:
+    """One line per problem: `WHERE: key.path: what was expected, got ...`.
+
+    `prefix` is put before every key path and `model` lists the allowed keys
+    of an unknown one (for sections validated by another model, such as
+    `proposer.options` by the search proposer's settings).
+    """
     lines = []
     seen = set()
     for err in exc.errors(include_url=False):
         key = _loc(err["loc"])
         kind = err["type"]
+        if prefix:
+            key = prefix if key == "(top level)" else f"{prefix}.{key}"
         if kind == "extra_forbidden":
             parent, _, name = key.rpartition(".")
-            msg = f"unknown key {name!r}; expected one of: {_allowed(_section_model(parent))}"
+            allowed = _allowed(model) if model is not None else _allowed(_section_model(parent))
+            msg = f"unknown key {name!r}; expected one of: {allowed}"
         else:
             msg = err["msg"].removeprefix("Value error, ")
             if msg.startswith("Input should be "):
@@ -465,6 +474,7 @@ __all__ = [
     "check_model_paths",
     "check_resume_overrides",
     "config_from_dict",
+    "format_errors",
     "load_config",
     "parse_override",
     "read_yaml",

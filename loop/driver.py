@@ -303,8 +303,11 @@ def _import_factory(spec: str):
         raise ImproveError(f"proposer.factory: cannot import {spec!r}: {exc}") from None
 
 
-def build_components(cfg, tasks: dict[str, Any]) -> Components:
-    """The proposer, guardian and verifier a config asks for (Ray and models started as needed)."""
+def build_components(cfg, tasks: dict[str, Any], where: str = "config") -> Components:
+    """The proposer, guardian and verifier a config asks for (Ray and models started as needed).
+
+    `where` names the config file in errors.
+    """
     cfg = cfg.effective()
     closers: list[Callable[[], None]] = []
     pools: dict[str, Any] = {}
@@ -332,16 +335,27 @@ def build_components(cfg, tasks: dict[str, Any]) -> Components:
         if kind == "search":
             from stepforge.loop.search import SearchProposer
 
-            proposer = SearchProposer(**cfg.proposer.options)
+            from pydantic import ValidationError
+
+            from stepforge.loop.config import ConfigError, format_errors
+            from stepforge.loop.search import SearchConfig
+
+            try:
+                proposer = SearchProposer(cfg.proposer.options)
+            except ValidationError as exc:
+                raise ConfigError(format_errors(exc, where, prefix="proposer.options", model=SearchConfig)) from None
         elif kind == "custom":
             proposer = _import_factory(cfg.proposer.factory)(cfg, tasks)
         else:
             from stepforge.loop.agents import LLMProposer
             from stepforge.loop.knowledge import load_knowledge
 
-            proposer = LLMProposer(model_pool(cfg.proposer.backend), load_knowledge(), style=cfg.proposer.style,
-                                   max_tokens=cfg.proposer.max_tokens, stop=cfg.proposer.stop or None,
-                                   top_p=cfg.proposer.top_p)
+            settings = {"style": cfg.proposer.style, "max_tokens": cfg.proposer.max_tokens,
+                        "stop": cfg.proposer.stop or None, "top_p": cfg.proposer.top_p, **cfg.proposer.options}
+            try:
+                proposer = LLMProposer(model_pool(cfg.proposer.backend), load_knowledge(), **settings)
+            except TypeError as exc:
+                raise ImproveError(f"{where}: proposer.options: not an option of the LLM proposer: {exc}") from None
         guardian = None
         if cfg.guardian.kind != "none":
             from stepforge.loop.guardian import make_guardian
@@ -462,17 +476,24 @@ def run_improve(config_path: Optional[str | Path] = None, *, run_dir: Optional[s
         if cfg.proposer.tiny_model and cfg.proposer.backend is not None:
             ensure_tiny_model(cfg.proposer.backend.model)
         C.check_model_paths(cfg, where)
-        if store is None:
-            store = RunStore.create(run_dir or default_run_dir(cfg.name), cfg.to_yaml())
-        if resume is not None and store.load_state().get("status") == "done":
+        if store is not None and store.load_state().get("status") == "done":
             summary = write_report(store.root, store)
             return ImproveOutcome(store.root, summary, None)
-        cached, _ = store.prepare_resume()
-        prompts = store.load_prompts()
+        new_dir = Path(run_dir or default_run_dir(cfg.name))
+        if store is None:
+            RunStore.check_new(new_dir)  # before any model starts
         tasks = {k: tasks_all[k] for k in keys}
         task_irs = {k: t.to_yaml(include_impl=False, include_meta=False) for k, t in tasks.items()}
         ray_was_running = _ray_running()
-        components = build_components(cfg, tasks)
+        components = build_components(cfg, tasks, where)
+        try:
+            if store is None:
+                store = RunStore.create(new_dir, cfg.to_yaml())
+            cached, _ = store.prepare_resume()
+            prompts = store.load_prompts()
+        except BaseException:
+            components.close()
+            raise
         events = _make_events(cfg, len(keys), progress)
         executor = Executor(components.proposer, components.guardian, components.verifier,
                             chunk_size=cfg.chunk_size, guard_temperature=cfg.guardian.temperature,

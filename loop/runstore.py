@@ -242,13 +242,19 @@ class RunStore:
         return self.root / name
 
     # -- lifecycle --------------------------------------------------------
+    @staticmethod
+    def check_new(root: str | Path) -> None:
+        """RunStoreError unless `root` can hold a new run (missing, or an empty folder)."""
+        root = Path(root)
+        if root.exists() and (not root.is_dir() or any(root.iterdir())):
+            hint = f"use --resume {root} to continue it, or " if (root / CONFIG).is_file() else ""
+            raise RunStoreError(f"{root}: run directory exists and is not empty; {hint}choose another --run-dir")
+
     @classmethod
     def create(cls, root: str | Path, config_yaml: str) -> "RunStore":
         """A fresh run directory (it may exist only if empty)."""
         root = Path(root)
-        if root.exists() and (not root.is_dir() or any(root.iterdir())):
-            raise RunStoreError(f"{root}: run directory exists and is not empty; use --resume {root} to continue "
-                                f"it, or choose another --run-dir")
+        cls.check_new(root)
         try:
             root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:

@@ -23,12 +23,14 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 KEYS = ["attention/G_0_4_01", "attention/G_0_6_01", "bmm/bmm_0", "rope/G_0_4_01", "rope/G_0_3_02"]
 
 
-@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
-def test_shipped_configs_validate(path):
-    data = __import__("yaml").safe_load(path.read_text())
-    if not isinstance(data, dict) or not {"proposer", "variant", "tasks"} & set(data):
-        pytest.skip("not an improve config")
-    cfg = load_config(path)
+IMPROVE_CONFIGS = ["default.yaml", "cpu_smoke.yaml", "openai_compatible.yaml", "qwen2.5-coder-7b_vllm.yaml",
+                   "qwen2.5-coder-7b_vllm_single.yaml", "qwen2.5-coder-7b_vllm_agent.yaml",
+                   "qwen2.5-coder-7b_vllm_ir-ablation.yaml"]
+
+
+@pytest.mark.parametrize("name", IMPROVE_CONFIGS)
+def test_shipped_configs_validate(name):
+    cfg = load_config(CONFIGS / name)
     assert cfg.n >= 1 and cfg.temperatures
 
 
@@ -135,6 +137,14 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path):
     res = runner.invoke(app, ["improve", "--config", str(CONFIGS / "qwen2.5-coder-7b_vllm.yaml"),
                               "--run-dir", str(tmp_path / "run3")])
     assert res.exit_code == 2 and "proposer.backend.model: expected a local model directory" in res.output
+    res = runner.invoke(app, ["improve", "--config", str(CONFIGS / "default.yaml"), "--set", "proposer.options.nope=1",
+                              "--run-dir", str(tmp_path / "run4")])
+    assert res.exit_code == 2 and "default.yaml: proposer.options.nope: unknown key 'nope'" in res.output
+    assert not (tmp_path / "run4").exists()
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "x").write_text("")
+    res = runner.invoke(app, ["improve", "--config", str(CONFIGS / "default.yaml"), "--run-dir", str(tmp_path / "used")])
+    assert res.exit_code == 2 and "exists and is not empty" in res.output
     res = runner.invoke(app, ["improve", "--resume", str(tmp_path / "nothing")])
     assert res.exit_code == 2 and "no such run directory" in res.output
     res = runner.invoke(app, ["improve"])
