@@ -54,6 +54,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import math
+import re
 import threading
 import time
 from collections import OrderedDict
@@ -169,9 +170,18 @@ def _compile_block(code: str, label: str):
     return compile(body, label, "exec"), compile(expr, label, "eval")
 
 
+def _size_symbols(task: Task) -> tuple[str, ...]:
+    """Every size symbol the task's dims and dtypes name, so `global` may write `ctx[H]`."""
+    text = " ".join(
+        f"{s.dtype} {s.dims}" for s in [*task.inputs, *task.parameters, *task.outputs]
+    ) + " ".join(f"{f.input_dtype} {f.output_dtype}" for f in task.fns)
+    names = set(re.findall(r"\b([A-Z][A-Za-z0-9_]*)\b", text)) - {"Buffer", "Multihot"}
+    return tuple(sorted(names | {"M", "N", "K", "D", "E"}))
+
+
 def _namespace(task: Task, binding: Mapping[str, int], input_data: dict, where: str = "global") -> dict:
     try:
-        return build_namespace(dict(binding), input_data, task.global_code)
+        return build_namespace(dict(binding), input_data, task.global_code, symbols=_size_symbols(task))
     except Exception as exc:
         raise _task_error(task, where, f"raised {type(exc).__name__}: {_one_line(exc)}") from None
 
