@@ -82,3 +82,14 @@ class ServerThread:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+
+@pytest.fixture(scope="session")
+def long_prompt(tiny_model_dir) -> str:
+    """A prompt longer than the tiny model's context, whatever its vocabulary:
+    Qwen2's pre-tokenizer makes every digit (and the space between) a token."""
+    import json
+
+    context = json.loads((tiny_model_dir / "config.json").read_text())["max_position_embeddings"]
+    return " ".join(["7"] * (context + 1))

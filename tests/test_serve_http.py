@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
-from serve_fixtures import ServerThread, free_port, hf_backend, tiny_model_dir  # noqa: F401
+from serve_fixtures import ServerThread, free_port, hf_backend, long_prompt, tiny_model_dir  # noqa: F401
 
 from stepforge.serve.base import BackendConfig, GenerationRequest, SamplingParams, make_backend
 from stepforge.serve.errors import BackendUnavailableError, InvalidRequestError, ModelNotFoundError, PromptTooLongError
@@ -79,24 +79,26 @@ def test_completion_reply_shape_and_usage(server, hf_backend):
         ({"prompt": "x", "top_p": 0}, 400, "top_p"),
         ({"prompt": "x", "stream": True}, 400, "stream"),
         ({"prompt": "x", "model": "other"}, 404, "does not exist"),
-        ({"prompt": "step " * 2100, "max_tokens": 1}, 400, "context"),
+        ({"prompt": "LONG", "max_tokens": 1}, 400, "context"),
     ],
 )
-def test_bad_requests_get_openai_errors(server, body, status, fragment):
+def test_bad_requests_get_openai_errors(server, long_prompt, body, status, fragment):
+    if body.get("prompt") == "LONG":
+        body = {**body, "prompt": long_prompt}
     r = httpx.post(f"{server.base_url}/completions", json=body, timeout=30)
     assert r.status_code == status
     err = r.json()["error"]
     assert fragment in err["message"] and err["type"]
 
 
-def test_client_errors_are_typed_and_not_retried(server):
+def test_client_errors_are_typed_and_not_retried(server, long_prompt):
     start = time.monotonic()
     with make_backend(BackendConfig(kind="openai", model="other", base_url=server.base_url, max_retries=3, backoff_s=5)) as b:
         with pytest.raises(ModelNotFoundError):
             b.generate([GenerationRequest(prompt="x", sampling=SamplingParams(max_tokens=2))])
     with make_backend(BackendConfig(kind="openai", model=MODEL, base_url=server.base_url, max_retries=3, backoff_s=5)) as b:
         with pytest.raises(PromptTooLongError):
-            b.generate([GenerationRequest(prompt="step " * 2100, sampling=SamplingParams(max_tokens=2))])
+            b.generate([GenerationRequest(prompt=long_prompt, sampling=SamplingParams(max_tokens=2))])
     assert time.monotonic() - start < 5  # no backoff sleeps happened
 
 

@@ -6,7 +6,7 @@ import os
 import time
 
 import pytest
-from serve_fixtures import hf_backend, tiny_model_dir  # noqa: F401
+from serve_fixtures import hf_backend, long_prompt, tiny_model_dir  # noqa: F401
 
 from stepforge.serve.actors import ModelPool, init_ray, split_balanced
 from stepforge.serve.base import BackendConfig, GenerationRequest, SamplingParams
@@ -46,7 +46,7 @@ def test_split_balanced_covers_everything_in_order():
     assert split_balanced([], 3) == []
 
 
-def test_pool_spreads_a_batch_and_keeps_order(pool, hf_backend, ray_cluster):
+def test_pool_spreads_a_batch_and_keeps_order(pool, hf_backend, ray_cluster, long_prompt):
     reqs = batch(6, n=2, max_tokens=8)
     pending = pool.submit(reqs)
     assert len(pending.refs) == 2 and {s.slot for s in pending.shards} == {0, 1}
@@ -60,7 +60,7 @@ def test_pool_spreads_a_batch_and_keeps_order(pool, hf_backend, ray_cluster):
     assert len(set(pids)) == 2 and os.getpid() not in pids
     assert pool.count_tokens("E1 = step.Map") == hf_backend.count_tokens("E1 = step.Map")
     with pytest.raises(PromptTooLongError):  # the actor's typed error reaches the caller as itself
-        pool.generate([GenerationRequest(prompt="step " * 2100)])
+        pool.generate([GenerationRequest(prompt=long_prompt)])
 
 
 def test_killed_actor_is_replaced_and_batch_completes(pool, ray_cluster):
