@@ -16,6 +16,12 @@ and updates the buffer D and the unsolved set X from the verdicts::
     until X is empty, or a full pass over the groups solved nothing new,
     or `max_rounds` rounds (round 0 included) have run
 
+Groups come from `loop/buffer.py`: at most m non-empty groups of near-equal
+size, so a buffer smaller than m has fewer steps per round, and an empty one
+one step without demonstrations (a fresh sample of round 0's prompts). With
+`max_demonstrations` the sets are capped (the hardest kept) and a set equal
+to the previous one is skipped; a "full pass" is then the distinct sets.
+
 The variants `single` and `agent` stop after round 0. A task's samples of
 one step are merged over the temperatures: it is solved when any sample at
 any temperature is correct, its buffer entry is the shortest correct program
@@ -322,6 +328,17 @@ def build_components(cfg, tasks: dict[str, Any], where: str = "config") -> Compo
             closers.append(pool.close)
         return pools[key]
 
+    if cfg.proposer.resolved_kind == "llm":  # check the options before Ray or a model starts
+        import inspect
+
+        from stepforge.loop.agents import LLMProposer
+
+        settings = {"style": cfg.proposer.style, "max_tokens": cfg.proposer.max_tokens,
+                    "stop": cfg.proposer.stop or None, "top_p": cfg.proposer.top_p, **cfg.proposer.options}
+        try:
+            inspect.signature(LLMProposer).bind(None, None, **settings)
+        except TypeError as exc:
+            raise ImproveError(f"{where}: proposer.options: not an option of the LLM proposer: {exc}") from None
     try:
         if cfg.uses_ray():
             from stepforge.serve.actors import init_ray
@@ -329,16 +346,14 @@ def build_components(cfg, tasks: dict[str, Any], where: str = "config") -> Compo
             try:
                 init_ray(cfg.ray.address, cfg.ray.num_cpus)
             except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
-                where = cfg.ray.address or "a local instance"
-                raise ImproveError(f"ray: cannot start or join {where}: {exc}".splitlines()[0]) from None
+                target = cfg.ray.address or "a local instance"
+                raise ImproveError(f"ray: cannot start or join {target}: {exc}".splitlines()[0]) from None
         kind = cfg.proposer.resolved_kind
         if kind == "search":
-            from stepforge.loop.search import SearchProposer
-
             from pydantic import ValidationError
 
             from stepforge.loop.config import ConfigError, format_errors
-            from stepforge.loop.search import SearchConfig
+            from stepforge.loop.search import SearchConfig, SearchProposer
 
             try:
                 proposer = SearchProposer(cfg.proposer.options)
@@ -350,12 +365,7 @@ def build_components(cfg, tasks: dict[str, Any], where: str = "config") -> Compo
             from stepforge.loop.agents import LLMProposer
             from stepforge.loop.knowledge import load_knowledge
 
-            settings = {"style": cfg.proposer.style, "max_tokens": cfg.proposer.max_tokens,
-                        "stop": cfg.proposer.stop or None, "top_p": cfg.proposer.top_p, **cfg.proposer.options}
-            try:
-                proposer = LLMProposer(model_pool(cfg.proposer.backend), load_knowledge(), **settings)
-            except TypeError as exc:
-                raise ImproveError(f"{where}: proposer.options: not an option of the LLM proposer: {exc}") from None
+            proposer = LLMProposer(model_pool(cfg.proposer.backend), load_knowledge(), **settings)
         guardian = None
         if cfg.guardian.kind != "none":
             from stepforge.loop.guardian import make_guardian
@@ -462,8 +472,12 @@ def run_improve(config_path: Optional[str | Path] = None, *, run_dir: Optional[s
         C.check_resume_overrides(overrides)
         store = RunStore.open(resume)
         where = str(store.path(CONFIG))
-        data, keys = C.apply_overrides(C.read_yaml(store.path(CONFIG)), overrides)
-        cfg = C.config_from_dict(data, where, keys)
+        try:
+            data, keys = C.apply_overrides(C.read_yaml(store.path(CONFIG)), overrides)
+            cfg = C.config_from_dict(data, where, keys)
+        except BaseException:
+            store.close()
+            raise
         if overrides:
             atomic_write_text(store.path(CONFIG), cfg.to_yaml())
     else:

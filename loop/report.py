@@ -26,7 +26,7 @@ from typing import Any
 import yaml
 
 from stepforge.loop import metrics as M
-from stepforge.loop.runstore import BUFFER, REPORT, SUMMARY, RunStore
+from stepforge.loop.runstore import REPORT, RunStore
 
 PLOTS = ("tasks_solved.png", "tokens.png")
 
@@ -103,6 +103,7 @@ def write_plots(store: RunStore, summary: dict[str, Any]) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rounds = summary["rounds"]
     xs = [r["round"] for r in rounds]
@@ -114,6 +115,7 @@ def write_plots(store: RunStore, summary: dict[str, Any]) -> list[Path]:
     ax.set_xlabel("round")
     ax.set_ylabel("tasks solved (cumulative)")
     ax.set_ylim(0, max(n_tasks, 1))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xticks(xs or [0])
     ax.set_title(f"{summary.get('name') or 'run'}: tasks solved ({summary['run']['tasks_solved']}/{n_tasks})")
     ax.grid(alpha=0.3)
@@ -257,4 +259,4 @@ def write_report(run_dir: str | Path, store: RunStore | None = None) -> dict[str
     return summary
 
 
-__all__ = ["BUFFER", "PLOTS", "REPORT", "SUMMARY", "build_summary", "render_markdown", "write_plots", "write_report"]
+__all__ = ["PLOTS", "build_summary", "render_markdown", "write_plots", "write_report"]
