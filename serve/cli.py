@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from enum import Enum
 from pathlib import Path
 from typing import Any, Optional
@@ -201,8 +200,3 @@ def register(app: typer.Typer) -> None:
     app.command("sample")(sample)
     app.command("tiny-model")(tiny_model)
 
-
-if __name__ == "__main__":  # pragma: no cover - manual use
-    _app = typer.Typer()
-    register(_app)
-    _app(sys.argv[1:])
