@@ -428,14 +428,15 @@ def submit(cfg: SweepConfig, address: str, log) -> list[Job]:
             config_rel = stage_working_dir(cfg, Path(tmp))
             for job in todo:
                 sid = f"{job.job}-{uuid.uuid4().hex[:8]}"
-                cmd = submit_command(cfg, address, sid, tmp, entrypoint(cfg, job, config_rel))
+                entry = entrypoint(cfg, job, config_rel)
+                cmd = submit_command(cfg, address, sid, tmp, entry)
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 if proc.returncode != 0:
                     tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
                     save_manifest(cfg, jobs)
                     raise SweepError(f"{job.job}: ray job submit failed: {' | '.join(tail)}")
                 job.attempts.append({"submission_id": sid, "status": "PENDING", "submitted": time.time(),
-                                     "message": ""})
+                                     "entrypoint": entry, "message": ""})
                 log(f"{job.job}: submitted as {sid}")
     save_manifest(cfg, jobs)
     return jobs

@@ -194,7 +194,7 @@ def sft_config(settings: SFTSettings, out_dir: Path, device: str, precision: str
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         use_cpu=device == "cpu",
-        gradient_checkpointing=settings.gradient_checkpointing,
+        activation_checkpointing=settings.gradient_checkpointing,  # transformers 5 name of gradient_checkpointing
         max_length=settings.max_length,
         completion_only_loss=True,
         assistant_only_loss=False,
