@@ -95,6 +95,20 @@ def test_grid_expands_into_ordinary_runs(tmp_path):
         sweep.load_sweep_config(path, [], {"m": ["x"]})
 
 
+def test_grid_from_the_command_line(tmp_path, capsys):
+    code = sweep.main(["plan", "--base-config", "configs/default.yaml", "--runs-root", str(tmp_path), "--name", "cli",
+                       "--variants", "agent,agent+si", "--temperatures", "0.4,1.0;0.7", "--seeds", "3",
+                       "--address", "http://head:8265"])
+    out = capsys.readouterr().out
+    assert code == 0
+    jobs = [line for line in out.splitlines() if line.startswith("cli-")]
+    assert len(jobs) == 4
+    assert "--set variant=agent+si --set seed=3 --set 'temperatures=[0.7]'" in out
+    assert out.count("job submit --address http://head:8265") == 4
+    assert sweep.main(["plan", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "sweep config not found" in capsys.readouterr().err
+
+
 def test_working_dir_holds_the_code_and_configs(tmp_path):
     path = _write(tmp_path, name="w", config="configs/default.yaml", runs_root=str(tmp_path / "runs"))
     cfg = sweep.load_sweep_config(path, [], {})

@@ -387,15 +387,17 @@ def write_plot(path: Path, name: str, rows: list[dict[str, Any]]) -> None:
 
     arms = [r["arm"] for r in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.bar(arms, [r["solved"] for r in rows], color="tab:blue")
-    left.set_ylim(0, max([r["tasks"] for r in rows] + [1]))
+    bars = left.bar(arms, [r["solved"] for r in rows], color="tab:blue")
+    left.bar_label(bars, labels=[f"{r['solved']}/{r['tasks']}" for r in rows])
+    left.set_ylim(0, 1.15 * max([r["tasks"] for r in rows] + [1]))
     left.set_ylabel("test tasks solved")
     left.set_title("tasks solved")
     xs = list(range(len(arms)))
-    right.bar([x - 0.2 for x in xs], [r["pass@1"] for r in rows], width=0.4, label="pass@1")
-    right.bar([x + 0.2 for x in xs], [r["pass@n"] for r in rows], width=0.4, label="pass@n")
+    for offset, key in ((-0.2, "pass@1"), (0.2, "pass@n")):
+        bars = right.bar([x + offset for x in xs], [r[key] for r in rows], width=0.4, label=key)
+        right.bar_label(bars, fmt="%.2f", fontsize=8)
     right.set_xticks(xs, arms)
-    right.set_ylim(0, 1)
+    right.set_ylim(0, 1.1)
     right.set_title("round 0, mean over test tasks")
     right.legend()
     fig.suptitle(f"{name}: SFT vs in-context self-improvement")

@@ -86,6 +86,9 @@ def register(app: typer.Typer) -> None:
                    + (f"; merged model: {r.merged_dir}" if r.merged_dir else ""))
         typer.echo(f"evaluate: stepforge improve --config CONFIG --set proposer.backend.model={outcome.model} "
                    f"--set proposer.backend.lora_path={r.adapter_dir}")
+        if outcome.settings.lora.modules_to_save:
+            typer.echo(f"note: the adapter trains {', '.join(outcome.settings.lora.modules_to_save)} in full; "
+                       f"vLLM's LoRA cannot load it: serve the merged model (--merge) with kind vllm")
 
     @app.command("ablate")
     def ablate_cmd(

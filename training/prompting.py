@@ -10,8 +10,8 @@ SFT settings' `prompt.options.knowledge`) selects the knowledge:
   published setting;
 - `none`: the compact prompt: the system message keeps the role and the
   answer format but no STeP reference (a few hundred tokens instead of many
-  thousands). A fine-tuned model carries the language in its weights; a tiny
-  model trained on CPU needs prompts that fit its context.
+  thousands). A fine-tuned model carries the language in its weights, and
+  short prompts make SFT on CPU take seconds instead of minutes.
 
 The loop's own LLM proposer always uses the full knowledge; an improve run
 with the compact prompt uses this module's proposer factory,
