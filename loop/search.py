@@ -38,7 +38,7 @@ Order and heuristic: a move costs `-log P` of its tokens under the prior
 learned from the demonstrations), plus, at temperature T > 0,
 `T * noise * Exp(1)` of seeded noise (so T = 0 is the prior's order, larger T
 is flatter, and a seed fixes the order). States are expanded in order of
-`g + heuristic_weight * h`, where `h` counts the glue each live stream still
+`g + w * h` (w from `heuristic_weights`), where `h` counts the glue each live stream still
 needs to reach its nearest target (an alignment of its dims, innermost first,
 against the target's, costing Repeat/Promote insertions, Flatten merges and
 the Bufferize/Streamify moves of the buffer boundary), one application per
@@ -46,20 +46,28 @@ unused fn, one Zip per fn whose input no live stream has yet, and the live
 streams in excess of the outputs. A live stream that no target can be reached
 from (wrong leaf type, a dim glue cannot remove) makes the state dead.
 
+Portfolio: one request runs several searches of the same task side by side
+(sharing all typing and distance tables): one per heuristic weight in
+`heuristic_weights` (the first follows the prior closely, a larger one is
+greedier and reaches long programs sooner), and, with demonstrations, one
+more under the base prior at the first weight (`base_share` of the samples).
+Expansions are interleaved; candidates are given in proportion to the
+members' shares (a member stuck for `_PATIENCE` expansions does not hold back
+what another found); duplicates are dropped.
+
 Learning from experience: the prior is fitted on the demonstrations' impls,
 so earned programs make the operator sequences they contain cheap and later
 searches reach similar programs in far fewer expansions. Because the type
 system cannot tell apart many wrong programs from the right one, any prior
-only re-orders candidates; so that demonstrations cannot push a program the
-base prior would have found past the budget, a request with demonstrations
-takes `base_share` of its samples from a second search in the base prior's
-order (candidates alternate, duplicates dropped).
+only re-orders candidates; the base-prior member makes sure demonstrations
+cannot push a program the base prior finds out of reach: what it finds as
+its k-th program is in the portfolio's list by about the (k / base_share)-th.
 
-Budget: each sample may take at most `max_expansions` expansions and
-`max_seconds` seconds after the previous one; the search stops at `n`
-distinct programs or when a sample's budget is spent. With the expansion
-budget binding, the result is a function of (task, demonstrations, n,
-temperature, seed, config).
+Budget: for each sample, each search of the portfolio may take at most
+`max_expansions` expansions and `max_seconds` seconds of its own work after
+its previous program; the portfolio stops at `n` distinct programs or when
+every search has spent its budget. With the expansion budget binding, the
+result is a function of (task, demonstrations, n, temperature, seed, config).
 
 Every emitted program is parsed, type-checked (`typecheck_program`) against
 the task's types, checked for the affine rule and for the declared output
@@ -110,9 +118,13 @@ class SearchConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_expansions: int = Field(default=3000, ge=1, description="per sample: expansions allowed after the previous program")
-    max_seconds: float = Field(default=30.0, gt=0, description="per sample: seconds allowed after the previous program")
-    heuristic_weight: float = Field(default=2.0, ge=0, description="nats per estimated remaining operator")
+    max_expansions: int = Field(default=6000, ge=1, description="per sample and search of the portfolio: "
+                                "expansions allowed after its previous program")
+    max_seconds: float = Field(default=15.0, gt=0, description="per sample and search of the portfolio: seconds "
+                               "(of its own work) allowed after its previous program")
+    heuristic_weights: list[float] = Field(default_factory=lambda: [2.0, 4.0], min_length=1,
+                                           description="nats per estimated remaining operator; one search per "
+                                           "weight, interleaved (the first follows the prior, larger ones are greedier)")
     noise: float = Field(default=1.5, ge=0, description="scale (nats) of the per-move Exp(1) noise at temperature 1")
     max_statements: int = Field(default=16, ge=1, description="operator applications per program (Copies excluded)")
     max_live_extra: int = Field(default=3, ge=0, description="live streams allowed beyond the number of outputs")
@@ -122,7 +134,9 @@ class SearchConfig(BaseModel):
     mix: float = Field(default=0.25, ge=0, le=1, description="weight of the base prior in the learned prior")
     fn_order: bool = Field(default=True, description="cost fn applications by the task's fn order")
     max_demonstrations: int = Field(default=64, ge=0, description="most demonstrations the prior is fitted on")
-    base_share: float = Field(default=0.5, ge=0, lt=1, description="with demonstrations: share of the samples "
+    similarity_floor: float = Field(default=0.25, ge=0, le=1, description="weight of a demonstration of a task "
+                                    "unlike the target (1: every demonstration counts fully)")
+    base_share: float = Field(default=0.25, ge=0, lt=1, description="with demonstrations: share of the samples "
                               "drawn from a second search in the base prior's order, so demonstrations cannot hide "
                               "what the base prior finds (0: learned prior only)")
 
@@ -189,8 +203,17 @@ class _Move:
 class _Searcher:
     """One search over one task; `run()` yields candidates in the order found."""
 
+    # task-derived tables that searchers of the same task (a portfolio) can share
+    _SHARED = ("ctx", "dims", "fn_names", "fn_index", "types", "type_ids", "term_keys", "term_op", "term_type",
+               "term_parent", "input_terms", "output_types", "output_counter", "_infer_cache", "_dist_cache",
+               "_targets", "_target_ids", "_glue_cache", "_fn_cache", "_pair_cache", "_targets_cache",
+               "_partner_type", "_pair_glue_cache", "_pair_cost_cache", "_common_cache", "_h_cache", "_lt_cache",
+               "_eff_cache", "_relevant_cache", "fold_fns", "expert_groups", "expert_fns", "map_fns", "fn_fields",
+               "_fields_ids", "_type_fields_id", "_fn_fields_id")
+
     def __init__(self, task: SearchTask, prior: OpPrior, config: SearchConfig, *, n: int,
-                 temperature: float, seed: int):
+                 temperature: float, seed: int, weight: Optional[float] = None,
+                 share_with: Optional["_Searcher"] = None):
         self.task = task
         self.prior = prior
         self.config = config
@@ -198,6 +221,13 @@ class _Searcher:
         self.temperature = max(0.0, float(temperature))
         self.rng = random.Random(seed)
         self.stats = SearchStats()
+        self.weight = config.heuristic_weights[0] if weight is None else weight
+        self.max_expansions = config.max_expansions
+        self.max_seconds = config.max_seconds
+        if share_with is not None:
+            for name in self._SHARED:
+                setattr(self, name, getattr(share_with, name))
+            return
         self.ctx = TypeContext(fns=task.fns, binding=dict(task.binding))
         self.dims = _DimTable(task.sizes)
         self.fn_names = list(task.fns)
@@ -917,7 +947,19 @@ class _Searcher:
 
     # -- the search loop -------------------------------------------------------------------
     def run(self) -> Iterator[Candidate]:
-        start = time.perf_counter()
+        """The candidates, in the order found."""
+        for item in self.steps():
+            if item is not None:
+                yield item
+
+    def steps(self) -> Iterator[Optional[Candidate]]:
+        """The search, one expansion at a time: yields a Candidate when one is found, None after each expansion.
+
+        Budgets count this searcher's own work (expansions, and seconds spent
+        inside this generator), so several searchers can be interleaved.
+        """
+        busy = 0.0
+        resumed = time.perf_counter()
         root = _State(tuple(sorted(self.input_terms)), 0.0, 0, None, None, frozenset(self.input_terms),
                       tuple(0 for _ in self.fn_names), ("<s>", "<s>"), 0)
         counter = itertools.count()
@@ -925,18 +967,18 @@ class _Searcher:
         if h0 == INF:
             self.stats.stopped = "exhausted"
             return
-        w = self.config.heuristic_weight
+        w = self.weight
         open_heap: list = [(w * h0, h0, next(counter), root)]
         best_g: dict[tuple, float] = {root.live: 0.0}
         seen_texts: set[str] = set()
         since_expansions = 0
-        since_time = start
+        since_busy = 0.0
         while open_heap:
             now = time.perf_counter()
-            if since_expansions >= self.config.max_expansions:
+            if since_expansions >= self.max_expansions:
                 self.stats.stopped = "expansions"
                 break
-            if now - since_time >= self.config.max_seconds:
+            if busy + (now - resumed) - since_busy >= self.max_seconds:
                 self.stats.stopped = "seconds"
                 break
             f, h, _, state = heapq.heappop(open_heap)
@@ -952,10 +994,13 @@ class _Searcher:
                         self.stats.rejected += 1
                         continue
                     self.stats.candidates += 1
-                    self.stats.seconds = time.perf_counter() - start
-                    yield Candidate(text, state.g, self.stats.expansions, self.stats.seconds, n_lines)
+                    now = time.perf_counter()
+                    busy += now - resumed
+                    self.stats.seconds = busy
+                    yield Candidate(text, state.g, self.stats.expansions, busy, n_lines)
+                    resumed = time.perf_counter()
                     since_expansions = 0
-                    since_time = time.perf_counter()
+                    since_busy = busy
                     if self.stats.candidates >= self.n:
                         self.stats.stopped = "n"
                         return
@@ -970,9 +1015,14 @@ class _Searcher:
                     continue
                 best_g[child.live] = child.g
                 heapq.heappush(open_heap, (child.g + w * ch, ch, next(counter), child))
+            now = time.perf_counter()
+            busy += now - resumed
+            self.stats.seconds = busy
+            yield None
+            resumed = time.perf_counter()
         else:
             self.stats.stopped = "exhausted"
-        self.stats.seconds = time.perf_counter() - start
+        self.stats.seconds = busy + (time.perf_counter() - resumed)
 
 
 _PREFIX = {
@@ -1216,59 +1266,130 @@ def search_programs(task: SearchTask | str, *, demonstrations: Sequence[Demonstr
     cfg = _as_config(config)
     spec = task if isinstance(task, SearchTask) else SearchTask.from_ir(task)
     if prior is None:
-        prior = fit_prior(demonstrations, cfg)
+        prior = fit_prior(demonstrations, cfg, task if isinstance(task, str) else None)
     stats = stats if stats is not None else SearchStats()
-    if prior.n_programs == 0 or cfg.base_share <= 0:
-        searcher = _Searcher(spec, prior, cfg, n=n, temperature=temperature, seed=seed)
-        searcher.stats = stats
-        yield from searcher.run()
+    priors = [(prior, 1.0)]
+    if prior.n_programs and cfg.base_share > 0:
+        priors = [(prior, 1.0 - cfg.base_share), (OpPrior(mix=cfg.mix), cfg.base_share)]
+    weights = cfg.heuristic_weights
+    members: list[tuple[_Searcher, float]] = []
+    for k, (p, p_share) in enumerate(priors):
+        # the learned prior runs at every weight; the base prior (a safeguard) in the prior's own order only
+        ws = weights if k == 0 else weights[:1]
+        for w in ws:
+            share = p_share / len(ws)
+            first = members[0][0] if members else None
+            members.append((_Searcher(spec, p, cfg, n=n, temperature=temperature, seed=seed, weight=w,
+                                      share_with=first), share))
+    if len(members) == 1:
+        members[0][0].stats = stats
+        yield from members[0][0].run()
         return
-    learned = _Searcher(spec, prior, cfg, n=n, temperature=temperature, seed=seed)
-    base = _Searcher(spec, OpPrior(mix=cfg.mix), cfg, n=n, temperature=temperature, seed=seed)
-    yield from _portfolio([(learned, 1.0 - cfg.base_share), (base, cfg.base_share)], n, stats)
+    yield from _portfolio(members, n, stats)
 
 
 def _portfolio(members: list[tuple["_Searcher", float]], n: int, stats: SearchStats) -> Iterator[Candidate]:
-    """Candidates of several searches, each getting its share of the `n` samples, duplicates dropped.
+    """Several searches of one task: candidates in proportion to their shares, expansions interleaved.
 
-    The next candidate comes from the member furthest below its share; an
-    exhausted member drops out and the others fill the remaining samples.
+    The next candidate is owed by the member furthest below its share of the
+    candidates given so far. Members take turns of `_SLICE * share`
+    expansions: the owing member always, the others while they have no
+    candidate waiting. The owing member's candidate is given as soon as it
+    has one; if it has gone `_PATIENCE` expansions without one while another
+    member has a candidate waiting, that one is given instead (so a member
+    that is stuck does not hold back what the others found). Duplicates are
+    dropped. Each member stops on its own per-sample budget; the portfolio
+    stops at `n` programs or when every member stopped.
     """
     start = time.perf_counter()
-    runs = [(s, s.run(), w) for s, w in members if w > 0]
-    taken = [0] * len(runs)
-    alive = [True] * len(runs)
+    total = sum(w for _, w in members if w > 0)
+    runs = [_Member(s, s.steps(), w / total) for s, w in members if w > 0]
     seen: set[str] = set()
 
     def sync(stopped: str = "") -> None:
-        stats.expansions = sum(s.stats.expansions for s, _, _ in runs)
-        stats.generated = sum(s.stats.generated for s, _, _ in runs)
-        stats.rejected = sum(s.stats.rejected for s, _, _ in runs)
+        stats.expansions = sum(r.searcher.stats.expansions for r in runs)
+        stats.generated = sum(r.searcher.stats.generated for r in runs)
+        stats.rejected = sum(r.searcher.stats.rejected for r in runs)
         stats.seconds = time.perf_counter() - start
         if stopped:
             stats.stopped = stopped
 
-    while stats.candidates < n and any(alive):
-        i = min((k for k in range(len(runs)) if alive[k]), key=lambda k: ((taken[k] + 1) / runs[k][2], k))
-        searcher, gen, _ = runs[i]
-        cand = next(gen, None)
-        if cand is None:
-            alive[i] = False
+    def give(member: "_Member") -> Optional[Candidate]:
+        while member.queue:
+            item = member.queue.pop(0)
+            if item.text in seen:
+                continue
+            seen.add(item.text)
+            member.given += 1
+            stats.candidates += 1
+            sync()
+            return Candidate(item.text, item.cost, stats.expansions, stats.seconds, item.statements)
+        return None
+
+    while stats.candidates < n:
+        live = [r for r in runs if r.alive or r.queue]
+        if not live:
+            break
+        owing = min(live, key=lambda r: ((r.given + 1) / r.share, runs.index(r)))
+        cand = give(owing)
+        if cand is not None:
+            yield cand
             continue
-        taken[i] += 1
-        if cand.text in seen:
+        if not owing.alive:
             continue
-        seen.add(cand.text)
-        stats.candidates += 1
-        sync()
-        yield Candidate(cand.text, cand.cost, stats.expansions, stats.seconds, cand.statements)
-    reasons = sorted({s.stats.stopped for s, _, _ in runs if s.stats.stopped})
+        if owing.waiting >= _PATIENCE:
+            others = sorted((r for r in runs if r is not owing and r.queue), key=lambda r: (r.given + 1) / r.share)
+            cand = next((c for c in (give(r) for r in others) if c is not None), None)
+            if cand is not None:
+                yield cand
+                continue
+        for r in runs:
+            if r.alive and (r is owing or not r.queue):
+                r.turn(max(1, round(_SLICE * r.share)))
+    reasons = sorted({r.searcher.stats.stopped for r in runs if r.searcher.stats.stopped})
     sync("n" if stats.candidates >= n else "/".join(reasons) or "exhausted")
 
 
+class _Member:
+    """One search in a portfolio: its generator, share, waiting candidates."""
+
+    def __init__(self, searcher: "_Searcher", steps: Iterator[Optional[Candidate]], share: float):
+        self.searcher = searcher
+        self.steps = steps
+        self.share = share
+        self.queue: list[Candidate] = []
+        self.given = 0
+        self.alive = True
+        self.waiting = 0  # expansions since this member last found a candidate
+
+    def turn(self, expansions: int) -> None:
+        """Run up to `expansions` expansions, stopping early at a candidate."""
+        while expansions > 0:
+            item = next(self.steps, _DONE)
+            if item is _DONE:
+                self.alive = False
+                return
+            if item is None:
+                expansions -= 1
+                self.waiting += 1
+                continue
+            self.queue.append(item)
+            self.waiting = 0
+            return
+
+
+_SLICE = 64  # expansions per portfolio turn, split among the members by share
+_PATIENCE = 400  # expansions the owing member may take before a waiting candidate of another member is given
+_DONE = object()
+
+
 def fit_prior(demonstrations: Sequence[Demonstration | tuple[str, Optional[str]] | str],
-              config: SearchConfig | Mapping[str, Any] | None = None) -> OpPrior:
-    """The base prior with the demonstrations' programs counted in (at most `max_demonstrations`)."""
+              config: SearchConfig | Mapping[str, Any] | None = None, target_ir: Optional[str] = None) -> OpPrior:
+    """The base prior with the demonstrations' programs counted in (at most `max_demonstrations`).
+
+    With `target_ir`, demonstrations of tasks that look like the target count
+    more (`OpPrior.fit`).
+    """
     cfg = _as_config(config)
     pairs = []
     for d in list(demonstrations)[: cfg.max_demonstrations]:
@@ -1278,7 +1399,7 @@ def fit_prior(demonstrations: Sequence[Demonstration | tuple[str, Optional[str]]
             pairs.append((d, None))
         else:
             pairs.append((d[0], d[1]))
-    return OpPrior(mix=cfg.mix).fit(pairs)
+    return OpPrior(mix=cfg.mix).fit(pairs, target_ir=target_ir, floor=cfg.similarity_floor)
 
 
 def _as_config(config) -> SearchConfig:
@@ -1326,11 +1447,12 @@ class SearchProposer(Proposer):
         self._tasks = {}
         self.last_stats = []
 
-    def _prior(self, demonstrations: Sequence[Demonstration]) -> OpPrior:
-        digest = hashlib.sha256("\x00".join(f"{d.impl}\x01{d.task_ir}" for d in demonstrations).encode()).hexdigest()
+    def _prior(self, demonstrations: Sequence[Demonstration], target_ir: str) -> OpPrior:
+        digest = hashlib.sha256("\x00".join([target_ir] + [f"{d.impl}\x01{d.task_ir}" for d in demonstrations])
+                                .encode()).hexdigest()
         prior = self._priors.get(digest)
         if prior is None:
-            prior = fit_prior(demonstrations, self.config)
+            prior = fit_prior(demonstrations, self.config, target_ir)
             if len(self._priors) > 16:
                 self._priors.clear()
             self._priors[digest] = prior
@@ -1349,7 +1471,7 @@ class SearchProposer(Proposer):
     def iter_candidates(self, request: ProposalRequest, stats: Optional[SearchStats] = None) -> Iterator[Candidate]:
         """The candidates of one request, lazily (for callers that verify as they go)."""
         return search_programs(self._task(request.task_ir), n=request.n, temperature=request.temperature,
-                               seed=request.seed, config=self.config, prior=self._prior(request.demonstrations),
+                               seed=request.seed, config=self.config, prior=self._prior(request.demonstrations, request.task_ir),
                                stats=stats)
 
     def propose(self, requests: list[ProposalRequest]) -> list[list[Proposal]]:

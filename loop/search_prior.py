@@ -52,7 +52,7 @@ BASE_OP_PROB: dict[str, float] = {
     "Map": 0.20,
     "Zip": 0.10,
     "Accum": 0.09,
-    "Scan": 0.04,
+    "Scan": 0.006,  # prefix folds (positions, online softmax) are rare next to reductions
     "Bufferize": 0.10,
     "Streamify": 0.08,
     "Promote": 0.04,
@@ -185,6 +185,39 @@ def _task_fn_order(task_ir: str) -> dict[str, int]:
     return {f["func_name"]: i for i, f in enumerate(data["fns"]) if isinstance(f, dict) and "func_name" in f}
 
 
+_SYMBOL = re.compile(r"\b(?!fp32\b|Buffer\b|Multihot\b)[A-Za-z_][A-Za-z_0-9]*\b")
+
+
+def _abstract_dtype(dtype) -> str:
+    """A dtype with size symbols abstracted (`Buffer(fp32, [D])` -> `Buffer(fp32,[S])`)."""
+    text = ",".join(dtype) if isinstance(dtype, list) else str(dtype)
+    return _SYMBOL.sub("S", text).replace(" ", "")
+
+
+def task_signature(task_ir: str) -> frozenset[str]:
+    """What a task looks like to the search: its fns' abstracted types (and foldness), its streams' types and ranks."""
+    try:
+        data = yaml.safe_load(task_ir)
+    except yaml.YAMLError:
+        return frozenset()
+    if not isinstance(data, dict):
+        return frozenset()
+    sig: set[str] = set()
+    for f in data.get("fns") or []:
+        if isinstance(f, dict) and "input_dtype" in f and "output_dtype" in f:
+            kind = "fold" if f.get("init") is not None else "map"
+            sig.add(f"{kind}:{_abstract_dtype(f['input_dtype'])}->{_abstract_dtype(f['output_dtype'])}")
+    for key in ("inputs", "outputs"):
+        for st in data.get(key) or []:
+            if isinstance(st, dict) and "dtype" in st and isinstance(st.get("dims"), list):
+                sig.add(f"{key}:{_abstract_dtype(st['dtype'])}/{len(st['dims'])}")
+    return frozenset(sig)
+
+
+def jaccard(a: frozenset, b: frozenset) -> float:
+    return len(a & b) / len(a | b) if a or b else 0.0
+
+
 @dataclass
 class OpPrior:
     """Trigram prior over operator tokens plus a fn-order model; see the module docstring."""
@@ -204,26 +237,39 @@ class OpPrior:
     _cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     # -- estimation ---------------------------------------------------------
-    def fit(self, demonstrations: Iterable[tuple[str, Optional[str]]]) -> "OpPrior":
-        """A new prior with counts from `(impl, task_ir or None)` pairs added; unparseable impls are skipped."""
+    def fit(self, demonstrations: Iterable[tuple], target_ir: Optional[str] = None,
+            floor: float = 0.25) -> "OpPrior":
+        """A new prior with the demonstrations' counts added; unparseable impls are skipped.
+
+        `demonstrations` are `(impl, task_ir or None)` pairs. With `target_ir`
+        (the task being searched), each demonstration counts with weight
+        `floor + (1 - floor) * similarity` of its task to the target (Jaccard
+        similarity of their fn and stream signatures, see `task_signature`), so
+        experience from similar tasks shapes the prior most; without it, or for
+        a demonstration without task IR, the weight is 1.
+        """
         new = OpPrior(self.beta1, self.beta2, self.beta3, self.mix, self.fn_order_strength,
                       Counter(self.uni), Counter(self.bi), Counter(self.tri), Counter(self.ctx1),
                       Counter(self.ctx2), Counter(self.fn_order), self.n_programs)
+        target = task_signature(target_ir) if target_ir else None
         for impl, task_ir in demonstrations:
             try:
                 program = parse_program(impl)
             except Exception:  # a demonstration the parser rejects teaches nothing
                 continue
+            weight = 1.0
+            if target and task_ir:
+                weight = floor + (1 - floor) * jaccard(target, task_signature(task_ir))
             new.n_programs += 1
             tokens = program_tokens(program)
             history = [BOS, BOS]
             for tok in tokens:
                 u, v = history[-2], history[-1]
-                new.uni[tok] += 1
-                new.bi[(v, tok)] += 1
-                new.ctx1[v] += 1
-                new.tri[(u, v, tok)] += 1
-                new.ctx2[(u, v)] += 1
+                new.uni[tok] += weight
+                new.bi[(v, tok)] += weight
+                new.ctx1[v] += weight
+                new.tri[(u, v, tok)] += weight
+                new.ctx2[(u, v)] += weight
                 history.append(tok)
             order = _task_fn_order(task_ir) if task_ir else {}
             if order:
@@ -232,7 +278,7 @@ class OpPrior:
                     if name not in order:
                         continue
                     idx = order[name]
-                    new.fn_order[fn_order_category(idx, used, idx in used)] += 1
+                    new.fn_order[fn_order_category(idx, used, idx in used)] += weight
                     used.append(idx)
         return new
 
@@ -276,6 +322,8 @@ __all__ = [
     "call_token",
     "fn_applications",
     "fn_order_category",
+    "jaccard",
     "make_token",
     "program_tokens",
+    "task_signature",
 ]

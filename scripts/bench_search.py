@@ -99,10 +99,12 @@ def demonstrations_for(task: Task, tasks: dict[str, Task], earned: dict[str, str
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tasks", default="*", help="glob over task keys (default: all)")
-    ap.add_argument("--n", type=int, default=400, help="most candidates verified per task and run")
-    ap.add_argument("--max-expansions", type=int, default=6000, help="search expansions per candidate")
-    ap.add_argument("--max-seconds", type=float, default=12.0, help="search seconds per candidate")
-    ap.add_argument("--task-seconds", type=float, default=25.0, help="seconds per task and run (search + verify)")
+    ap.add_argument("--n", type=int, default=1000, help="most candidates verified per task and run")
+    ap.add_argument("--max-expansions", type=int, default=6000,
+                    help="search expansions per candidate and search of the proposer's portfolio")
+    ap.add_argument("--max-seconds", type=float, default=10.0,
+                    help="search seconds per candidate and search of the proposer's portfolio")
+    ap.add_argument("--task-seconds", type=float, default=40.0, help="seconds per task and run (search + verify)")
     ap.add_argument("--json", default=None, help="also write every attempt to this JSON file")
     args = ap.parse_args(argv)
 
