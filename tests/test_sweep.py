@@ -109,6 +109,24 @@ def test_grid_from_the_command_line(tmp_path, capsys):
     assert "sweep config not found" in capsys.readouterr().err
 
 
+def test_gather_ablation_jobs_gives_one_row_per_arm(tmp_path):
+    path = _write(tmp_path, name="ab", command="ablate", config="configs/ablate_tiny.yaml",
+                  runs_root=str(tmp_path / "runs"), grid={"seeds": [0, 1]})
+    cfg = sweep.load_sweep_config(path, [], {})
+    jobs = sweep.expand(cfg)
+    arm = {"tasks": 2, "solved": 1, "completion": 0.5, "pass@1": 0.25, "pass@n": 0.5, "samples": 4,
+           "prompt_tokens": 100, "completion_tokens": 40, "wall_seconds": 1.5, "status": "done"}
+    Path(jobs[0].run_dir).mkdir(parents=True)
+    (Path(jobs[0].run_dir) / "ablation.json").write_text(json.dumps({"rows": [
+        {**arm, "arm": "base", "variant": "agent"}, {**arm, "arm": "sft+si", "variant": "agent+si", "solved": 2}]}))
+    assert sweep.run_finished(cfg, jobs[0]) and not sweep.run_finished(cfg, jobs[1])
+    rows, markdown, folder = sweep.gather(cfg, jobs)
+    assert [(r["job"], r["arm"], r["solved"]) for r in rows] == [(jobs[0].job, "base", 1), (jobs[0].job, "sft+si", 2),
+                                                                (jobs[1].job, "", "")]
+    assert rows[2]["run_status"] == "no result" and "| arm |" in markdown
+    assert len(list(csv.DictReader((folder / "sweep.csv").open()))) == 3
+
+
 def test_working_dir_holds_the_code_and_configs(tmp_path):
     path = _write(tmp_path, name="w", config="configs/default.yaml", runs_root=str(tmp_path / "runs"))
     cfg = sweep.load_sweep_config(path, [], {})
