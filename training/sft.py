@@ -313,6 +313,7 @@ def train_sft(
         merged = trainer.model.merge_and_unload()
         merged.save_pretrained(str(merged_dir))
         trainer.processing_class.save_pretrained(str(merged_dir))
+        del merged
     seconds = time.time() - started
     write_dataset(out / DATASET_FILE, examples)
     history = [h for h in trainer.state.log_history if "loss" in h]
@@ -333,7 +334,20 @@ def train_sft(
     }
     (out / SFT_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     _remove_trainer_dir(out / "trainer")
+    del trainer, result
+    _release_accelerator()
     return SFTResult(out, out, merged_dir, len(examples), record["steps"], record["train_loss"], seconds, record)
+
+
+def _release_accelerator() -> None:
+    """Free the trained model's GPU memory in this process (an ablation serves the adapter next, e.g. with vLLM)."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _remove_trainer_dir(path: Path) -> None:
