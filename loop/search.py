@@ -74,12 +74,17 @@ the task's types, checked for the affine rule and for the declared output
 types before it is returned; the proposer cannot run programs (the loop's
 verifier does), so this static check is its whole pre-ranking.
 
-Known limits (see scripts/bench_search.py): the type system cannot tell
-apart programs that apply unary fns of equal types in a different order, or
-that reduce over a different dim of equal size, so such tasks need many
-candidates; long glue chains on both sides of a Zip (bmm_2) and programs of
-more than ~12 statements (norm/G_0_16_01, moe-index/G_0_13_02) exceed the
-default budget.
+Known limits (measured by scripts/bench_search.py). Types cannot tell apart
+programs that wire fns of equal types differently (which of two fp32 streams
+is divided by which, whether a statistic is a running Scan or an Accum
+repeated back): norm/G_0_8_01 and norm/G_0_9_02 are found only after
+hundreds of well-typed wrong candidates, which the verifier has to reject.
+norm/G_0_16_01 (16 statements, three Copies, four fns applied twice) is out
+of reach: too many equally typed wirings. moe-end-to-end/G_0_12_01 is not
+found cold: the heuristic only looks one fn ahead, so the glue between two
+future fn applications (Promote/Bufferize before, Streamify/Flatten after a
+top-3 over tokens) is not anticipated; with demonstrations that contain that
+chain (moe-index/G_0_7_03) it is found at once.
 """
 
 from __future__ import annotations
@@ -92,7 +97,7 @@ import random
 import re
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -104,7 +109,7 @@ from stepforge.simulator.errors import SimulatorError, StepTypeError
 from stepforge.simulator.interpreter import typecheck_program
 from stepforge.simulator.ops import StreamList, TypeContext, infer, resolve_params
 from stepforge.simulator.program import NameRef, OpCall, SizeExpr, check_affine, parse_program
-from stepforge.simulator.shapes import Dim, product
+from stepforge.simulator.shapes import Dim
 from stepforge.simulator.types import BufferType, MultihotType, TupleType
 from stepforge.simulator.values import StreamType
 
@@ -897,7 +902,8 @@ class _Searcher:
         def take(term: int, borrowed: bool) -> str:
             var = names[term].pop(0)
             if borrowed:
-                a, b = fresh(var.rstrip("0123456789") + "_c"), fresh(var.rstrip("0123456789") + "_c")
+                base = re.sub(r"_\d+$", "", var) + "_"
+                a, b = fresh(base), fresh(base)
                 lines.append(f"{a}, {b} = step.Copy().apply({var})")
                 names[term].append(b)
                 return a
@@ -913,7 +919,7 @@ class _Searcher:
             else:
                 data = take(mv.inputs[0][0], mv.inputs[0][1])
                 idx = names[mv.inputs[1][0]].pop(0)
-                i0, i1 = fresh("route_c"), fresh("route_c")
+                i0, i1 = fresh(idx + "_"), fresh(idx + "_")
                 lines.append(f"{i0}, {i1} = step.Copy().apply({idx})")
                 parts = fresh("parts")
                 width = self.types[self.term_type[mv.inputs[1][0]]].elem.width
