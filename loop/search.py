@@ -1271,6 +1271,8 @@ def search_programs(task: SearchTask | str, *, demonstrations: Sequence[Demonstr
     """
     cfg = _as_config(config)
     spec = task if isinstance(task, SearchTask) else SearchTask.from_ir(task)
+    if n <= 0:
+        return
     if prior is None:
         prior = fit_prior(demonstrations, cfg, task if isinstance(task, str) else None)
     stats = stats if stats is not None else SearchStats()
@@ -1430,7 +1432,8 @@ class SearchProposer(Proposer):
     (its caches are dropped). `propose` returns, per request, up to `n`
     distinct programs in search order; `Proposal.raw` is the program text,
     token counts are 0, `seconds` is the search time spent on that proposal
-    (since the previous one).
+    (since the previous one; the last one also carries the search after it).
+    `last_stats` holds each request's `SearchStats` of the latest call.
     """
 
     name = "search"
@@ -1476,9 +1479,9 @@ class SearchProposer(Proposer):
 
     def iter_candidates(self, request: ProposalRequest, stats: Optional[SearchStats] = None) -> Iterator[Candidate]:
         """The candidates of one request, lazily (for callers that verify as they go)."""
+        prior = self._prior(request.demonstrations, request.task_ir)
         return search_programs(self._task(request.task_ir), n=request.n, temperature=request.temperature,
-                               seed=request.seed, config=self.config, prior=self._prior(request.demonstrations, request.task_ir),
-                               stats=stats)
+                               seed=request.seed, config=self.config, prior=prior, stats=stats)
 
     def propose(self, requests: list[ProposalRequest]) -> list[list[Proposal]]:
         results: list[list[Proposal]] = []
@@ -1491,6 +1494,9 @@ class SearchProposer(Proposer):
                 proposals.append(Proposal(raw=cand.text, messages=None, prompt_tokens=0, completion_tokens=0,
                                           seconds=round(cand.seconds - last, 6)))
                 last = cand.seconds
+            if proposals and stats.seconds > last:  # the search after the last program counts too
+                tail = proposals[-1]
+                proposals[-1] = tail.model_copy(update={"seconds": round(tail.seconds + stats.seconds - last, 6)})
             self.last_stats.append(stats)
             results.append(proposals)
         return results
