@@ -35,6 +35,7 @@ that with no demonstrations the prior *is* the base prior:
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from collections import Counter
@@ -175,6 +176,7 @@ def fn_order_category(index: int, used_indices: Iterable[int], reused: bool) -> 
     return "next" if not used or index > max(used) else "back"
 
 
+@functools.lru_cache(maxsize=512)
 def _task_fn_order(task_ir: str) -> dict[str, int]:
     try:
         data = yaml.safe_load(task_ir)
@@ -194,6 +196,7 @@ def _abstract_dtype(dtype) -> str:
     return _SYMBOL.sub("S", text).replace(" ", "")
 
 
+@functools.lru_cache(maxsize=512)
 def task_signature(task_ir: str) -> frozenset[str]:
     """What a task looks like to the search: its fns' abstracted types (and foldness), its streams' types and ranks."""
     try:
