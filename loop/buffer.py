@@ -14,10 +14,15 @@
   d_j = E_0 + ... + E_j (capped at `cap` entries, the hardest kept), without
   consecutive repeats (a capped or empty set would repeat the same prompt);
   an empty buffer gives one empty set.
+- `read_seed_buffer(path)` reads another run's buffer (a run directory or a
+  buffer.jsonl) as seeded entries for `seed_buffer` (each marked with its
+  `source`); see `loop/config.py`.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 from stepforge.loop.interfaces import BufferEntry, Demonstration
@@ -129,11 +134,53 @@ class ExperienceBuffer:
                               success_rate=e.success_rate, round=e.round) for e in entries]
 
 
+class SeedBufferError(ValueError):
+    """A seed buffer that cannot be read; the text names the file (and line)."""
+
+
+def seed_buffer_file(path: str | Path) -> Path:
+    """The buffer file `path` names: a run directory's buffer.jsonl, or the file itself."""
+    path = Path(path).expanduser()
+    return path / "buffer.jsonl" if path.is_dir() else path
+
+
+def read_seed_buffer(path: str | Path) -> list[BufferEntry]:
+    """The entries of a buffer file (or a run directory's), as seeded entries: `source` is set to the
+    file they were read from unless already set (an entry that was itself seeded keeps its origin)."""
+    from pydantic import ValidationError
+
+    file = seed_buffer_file(path)
+    if not file.is_file():
+        what = "no buffer.jsonl in the run directory" if Path(path).expanduser().is_dir() else "no such file"
+        raise SeedBufferError(f"{file}: {what}")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SeedBufferError(f"{file}: cannot read it: {exc.strerror or exc}") from None
+    out: list[BufferEntry] = []
+    seen: set[str] = set()
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = BufferEntry.model_validate(json.loads(line))
+        except (ValueError, ValidationError) as exc:
+            raise SeedBufferError(f"{file}: line {number}: not a buffer entry: {str(exc).splitlines()[0]}") from None
+        if entry.task_key in seen:
+            raise SeedBufferError(f"{file}: line {number}: task {entry.task_key} appears twice")
+        seen.add(entry.task_key)
+        out.append(entry if entry.source else entry.model_copy(update={"source": str(file.resolve())}))
+    return out
+
+
 __all__ = [
     "ExperienceBuffer",
+    "SeedBufferError",
     "demonstration_sets",
     "difficulty_order",
     "earn",
+    "read_seed_buffer",
+    "seed_buffer_file",
     "select_program",
     "stratify",
 ]

@@ -23,6 +23,20 @@ ir-ablation    agent+si with the proposer prompted with generated
 `single` overrides `guardian.kind` to `none`; `ir-ablation` overrides
 `proposer.style` to `python` (see `effective()`).
 
+Seeding D (`seed_buffer: PATH`, a run directory or its buffer.jsonl): the
+entries of another run's buffer start the buffer D, e.g. the train split's
+earned experience for the in-context arms of `stepforge ablate`. Seeded
+entries are demonstrations only: round 0 still uses base knowledge only;
+from round 1 on they are stratified with the entries earned in this run.
+They are not re-verified and never leave X: an entry whose task this run
+attempts is left out of the seed (its answer would be shown for its own
+task). They are written to this run's buffer.jsonl with `source` = where they
+came from (entries earned here have `source: null`) and are never counted as
+solved in the state or the summary. The entries are copied into the run
+directory (seed_buffer.jsonl) when the run starts, so `--resume` replays the
+same demonstrations even if the source run changed. Only the adaptive
+variants use the seed (`single` and `agent` stop after round 0).
+
 Rounds. Round 0 attempts every task with base knowledge only; each later
 round is one pass of Algorithm 1's `repeat` body. `max_rounds` counts all
 rounds including round 0 (so `max_rounds: 2` is round 0 plus one
@@ -86,10 +100,18 @@ class ProposerConfig(_Strict):
     `options` are keyword arguments of the search proposer (or the LLM
     proposer). `tiny_model: true` builds the tiny random test model
     (`stepforge tiny-model`) at `backend.model` if that folder is missing.
+
+    `knowledge` is what the LLM proposer's system message carries besides
+    the role and the answer format: `full` = the base knowledge (STeP
+    reference with worked examples, the published setting), `none` = nothing
+    (the compact prompt, for fine-tuned models and SFT on CPU; see
+    `loop/knowledge.py`). SFT data built for the same settings uses exactly
+    this prompt (`stepforge.training.data.PromptBuilder`).
     """
 
     kind: Optional[Literal["llm", "search", "custom"]] = None
     style: Literal["ir", "python"] = "ir"
+    knowledge: Literal["full", "none"] = "full"  # the LLM proposer's system message (see the class docstring)
     backend: Optional[BackendConfig] = None
     replicas: int = Field(default=1, ge=1)
     max_tokens: int = Field(default=1024, ge=1)
@@ -178,6 +200,7 @@ class ImproveConfig(_Strict):
     max_rounds: int = Field(default=10, ge=1)
     seed: int = Field(default=0, ge=0)
     max_demonstrations: Optional[int] = Field(default=None, ge=0)
+    seed_buffer: Optional[str] = None  # a run dir or buffer.jsonl whose entries start D (see the module docstring)
     chunk_size: int = Field(default=8, ge=1)
     verifier: VerifierConfig = Field(default_factory=VerifierConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
@@ -425,8 +448,11 @@ def check_resume_overrides(overrides: list[str]) -> None:
 
 
 def resolve_model_paths(cfg: ImproveConfig) -> ImproveConfig:
-    """Local model paths (hf, vllm) made absolute, so Ray workers and resumed runs find them."""
+    """Local paths made absolute (models of hf/vllm backends, `seed_buffer`), so Ray workers and
+    resumed runs find them."""
     cfg = cfg.model_copy(deep=True)
+    if cfg.seed_buffer and not Path(cfg.seed_buffer).expanduser().is_absolute():
+        cfg.seed_buffer = str(Path(cfg.seed_buffer).expanduser().resolve())
     for section in (cfg.proposer, cfg.guardian):
         backend = section.backend
         if backend is None or backend.kind not in ("hf", "vllm"):
@@ -444,7 +470,8 @@ def resolve_model_paths(cfg: ImproveConfig) -> ImproveConfig:
 def check_model_paths(cfg: ImproveConfig, where: str = "config") -> None:
     """Local backends need an existing model directory: fail before starting Ray or a model."""
     checks = []
-    if cfg.proposer.resolved_kind == "llm" and cfg.proposer.backend is not None:
+    # every kind that may use a backend: llm, and custom factories (given the config); search never does
+    if cfg.proposer.backend is not None and cfg.proposer.resolved_kind in ("llm", "custom"):
         checks.append(("proposer.backend", cfg.proposer.backend))
     if cfg.effective().guardian.kind == "llm":
         backend = cfg.guardian_backend()

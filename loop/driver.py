@@ -22,6 +22,14 @@ one step without demonstrations (a fresh sample of round 0's prompts). With
 `max_demonstrations` the sets are capped (the hardest kept) and a set equal
 to the previous one is skipped; a "full pass" is then the distinct sets.
 
+Seeded buffer (`seed`, the config's `seed_buffer`): entries earned by
+another run start D. They are demonstrations only: round 0 still has none;
+from round 1 on they are stratified with the entries earned here. They are
+never re-verified and never touch X; an entry for a task of this run is left
+out (it would show the task its own answer). The store's buffer.jsonl holds
+them first, marked by `source`; `LoopResult.buffer` and the state's `solved`
+hold only what this run earned (`LoopResult.seeded` the seed).
+
 The variants `single` and `agent` stop after round 0. A task's samples of
 one step are merged over the temperatures: it is solved when any sample at
 any temperature is correct, its buffer entry is the shortest correct program
@@ -91,11 +99,12 @@ class StepResult:
 
 @dataclass
 class LoopResult:
-    buffer: list[BufferEntry]
+    buffer: list[BufferEntry]  # earned in this run (seeded entries are in `seeded`)
     unsolved: list[str]
     steps: list[StepResult]
     stop_reason: str
     rounds: int  # rounds run, round 0 included
+    seeded: list[BufferEntry] = field(default_factory=list)  # the seed of D that was used
 
     @property
     def plans(self) -> list[StepPlan]:
@@ -103,14 +112,27 @@ class LoopResult:
 
 
 class SelfImprovementLoop:
-    """Algorithm 1 over `task_irs` (task key -> structural IR without impl), in key order."""
+    """Algorithm 1 over `task_irs` (task key -> structural IR without impl), in key order.
+
+    `seed`: buffer entries of another run that start D (demonstrations only,
+    see the module docstring); `seed_irs` maps their task keys to their IRs
+    (needed for the prompts; default `task_irs`).
+    """
 
     def __init__(self, task_irs: dict[str, str], executor: Executor, settings: LoopSettings, *,
                  store: Optional[RunStore] = None, cached: Optional[dict[str, SampleRecord]] = None,
-                 prompts: Optional[dict[str, list[dict[str, str]]]] = None, events: Optional[Events] = None):
+                 prompts: Optional[dict[str, list[dict[str, str]]]] = None, events: Optional[Events] = None,
+                 seed: Sequence[BufferEntry] = (), seed_irs: Optional[dict[str, str]] = None):
         if not task_irs:
             raise ValueError("no tasks to run")
         self.task_irs = dict(task_irs)
+        self.seeded = [e for e in seed if e.task_key not in self.task_irs]
+        self.seed_skipped = [e.task_key for e in seed if e.task_key in self.task_irs]
+        self.demo_irs = {**dict(seed_irs or {}), **self.task_irs}
+        missing = [e.task_key for e in self.seeded if e.task_key not in self.demo_irs]
+        if missing:
+            raise ValueError(f"seeded entries without a task IR: {', '.join(missing)}")
+        self.seeded = [e if e.source else e.model_copy(update={"source": "seed"}) for e in self.seeded]
         self.order = {k: i for i, k in enumerate(task_irs)}
         self.executor = executor
         self.settings = settings
@@ -118,7 +140,7 @@ class SelfImprovementLoop:
         self.cached = dict(cached or {})
         self.prompts: dict[str, list[dict[str, str]]] = dict(prompts or {})
         self.events = events or executor.events
-        self.buffer = ExperienceBuffer()
+        self.buffer = ExperienceBuffer(self.seeded)
         self.unsolved: list[str] = list(task_irs)
         self.steps: list[StepResult] = []
         self.replayed_samples = 0
@@ -137,7 +159,7 @@ class SelfImprovementLoop:
     def run(self) -> LoopResult:
         s = self.settings
         if self.store is not None:
-            self.store.write_buffer([])  # replayed from round 0 on resume, like everything else
+            self.store.write_buffer(self.seeded)  # replayed from round 0 on resume, like everything else
         self._step(0, 0, [])
         rounds = 1
         if not s.adaptive:
@@ -164,14 +186,19 @@ class SelfImprovementLoop:
         if not self.unsolved and s.adaptive:
             reason = "all tasks solved"
         self._write_state(status="done", round_=rounds - 1, step=self.steps[-1].plan.step, reason=reason)
-        return LoopResult(self.buffer.entries, list(self.unsolved), self.steps, reason, rounds)
+        return LoopResult(self.earned, list(self.unsolved), self.steps, reason, rounds, list(self.seeded))
+
+    @property
+    def earned(self) -> list[BufferEntry]:
+        """The entries of D earned in this run (D without the seed)."""
+        return [e for e in self.buffer.entries if e.source is None]
 
     def _jobs(self, plan: StepPlan, demos) -> tuple[list[SampleJob], list[SampleRecord]]:
         """Jobs still to run, and the records already on disk for this step."""
         s = self.settings
         jobs: list[SampleJob] = []
         have_all: list[SampleRecord] = []
-        demonstrations = ExperienceBuffer.demonstrations(demos, self.task_irs)
+        demonstrations = ExperienceBuffer.demonstrations(demos, self.demo_irs)
         for task in plan.tasks:
             for t in s.temperatures:
                 seed = derive_seed(s.seed, plan.round, plan.step, task, float(t))
@@ -239,23 +266,28 @@ class SelfImprovementLoop:
             "round": round_,
             "step": step,
             "unsolved": list(self.unsolved),
-            "solved": [e.task_key for e in self.buffer.entries],
+            "solved": [e.task_key for e in self.earned],
             "steps_done": [[r.plan.round, r.plan.step] for r in self.steps],
             "seed": self.settings.seed,
             "seed_scheme": SEED_SCHEME,
             "stop_reason": reason,
+            **({"seeded": [e.task_key for e in self.seeded], "seed_skipped": self.seed_skipped}
+               if self.seeded or self.seed_skipped else {}),
         })
 
 
 def run_algorithm1(tasks: dict[str, str], proposer: Proposer, guardian: Optional[Guardian],
                    verify: Callable[[str, str], Any], settings: LoopSettings = LoopSettings(), *,
                    extract: Optional[Callable[[str], Optional[str]]] = None, chunk_size: int = 8,
-                   events: Optional[Events] = None) -> LoopResult:
-    """Algorithm 1 in this process: `verify(task_key, program)` returns a Verdict-like object."""
+                   events: Optional[Events] = None, seed: Sequence[BufferEntry] = (),
+                   seed_irs: Optional[dict[str, str]] = None) -> LoopResult:
+    """Algorithm 1 in this process: `verify(task_key, program)` returns a Verdict-like object.
+
+    `seed` / `seed_irs`: a seeded D (see `SelfImprovementLoop`)."""
     executor = Executor(proposer, guardian, InlineVerifier(verify), extract=extract, chunk_size=chunk_size,
                         events=events)
     try:
-        return SelfImprovementLoop(tasks, executor, settings, events=events).run()
+        return SelfImprovementLoop(tasks, executor, settings, events=events, seed=seed, seed_irs=seed_irs).run()
     finally:
         executor.close()
 
@@ -365,7 +397,8 @@ def build_components(cfg, tasks: dict[str, Any], where: str = "config") -> Compo
             from stepforge.loop.agents import LLMProposer
             from stepforge.loop.knowledge import load_knowledge
 
-            proposer = LLMProposer(model_pool(cfg.proposer.backend), load_knowledge(), **settings)
+            proposer = LLMProposer(model_pool(cfg.proposer.backend), load_knowledge(variant=cfg.proposer.knowledge),
+                                   **settings)
         guardian = None
         if cfg.guardian.kind != "none":
             from stepforge.loop.guardian import make_guardian
@@ -449,6 +482,40 @@ def _make_events(cfg, n_tasks: int, progress: Optional[bool]) -> Events:
     return LogProgress(n_tasks)
 
 
+def load_seed(cfg, benchmark_keys: Sequence[str], where: str = "config",
+              store: Optional[RunStore] = None) -> list[BufferEntry]:
+    """The seeded entries of `cfg.seed_buffer` (none for a non-adaptive variant).
+
+    A run directory keeps the seed it started with (seed_buffer.jsonl): a
+    resumed run reads that copy, never the source again.
+    """
+    from stepforge.loop.buffer import SeedBufferError, read_seed_buffer
+    from stepforge.loop.config import ConfigError
+    from stepforge.loop.runstore import SEED_BUFFER
+
+    if not cfg.seed_buffer or not cfg.adaptive:
+        return []
+    snapshot = store.path(SEED_BUFFER) if store is not None else None
+    source = snapshot if snapshot is not None and snapshot.is_file() else cfg.seed_buffer
+    try:
+        entries = read_seed_buffer(source)
+    except SeedBufferError as exc:
+        raise ConfigError(f"{where}: seed_buffer: {exc}") from None
+    known = set(benchmark_keys)
+    unknown = [e.task_key for e in entries if e.task_key not in known]
+    if unknown:
+        raise ConfigError(f"{where}: seed_buffer: entries of tasks that are not in the benchmark: "
+                          f"{', '.join(unknown)}")
+    return entries
+
+
+def _save_seed(store: RunStore, entries: Sequence[BufferEntry]) -> None:
+    from stepforge.loop.runstore import SEED_BUFFER, atomic_write_text
+
+    if entries and not store.path(SEED_BUFFER).is_file():
+        atomic_write_text(store.path(SEED_BUFFER), "".join(e.model_dump_json() + "\n" for e in entries))
+
+
 def _ray_running() -> bool:
     import sys
 
@@ -498,11 +565,14 @@ def run_improve(config_path: Optional[str | Path] = None, *, run_dir: Optional[s
             RunStore.check_new(new_dir)  # before any model starts
         tasks = {k: tasks_all[k] for k in keys}
         task_irs = {k: t.to_yaml(include_impl=False, include_meta=False) for k, t in tasks.items()}
+        seed = load_seed(cfg, list(tasks_all), where, store)
+        seed_irs = {e.task_key: tasks_all[e.task_key].to_yaml(include_impl=False, include_meta=False) for e in seed}
         ray_was_running = _ray_running()
         components = build_components(cfg, tasks, where)
         try:
             if store is None:
                 store = RunStore.create(new_dir, cfg.to_yaml())
+            _save_seed(store, seed)
             cached, _ = store.prepare_resume()
             prompts = store.load_prompts()
         except BaseException:
@@ -514,7 +584,7 @@ def run_improve(config_path: Optional[str | Path] = None, *, run_dir: Optional[s
                             sink=store.append_samples, prompt_sink=store.add_prompts, events=events)
         try:
             loop = SelfImprovementLoop(task_irs, executor, settings_from_config(cfg), store=store, cached=cached,
-                                       prompts=prompts, events=events)
+                                       prompts=prompts, events=events, seed=seed, seed_irs=seed_irs)
             result = loop.run()
         finally:
             events.close()
@@ -549,6 +619,7 @@ __all__ = [
     "build_verifier",
     "default_run_dir",
     "ensure_tiny_model",
+    "load_seed",
     "run_algorithm1",
     "run_improve",
     "settings_from_config",

@@ -65,6 +65,8 @@ class BufferEntry(BaseModel):
     messages: list[dict[str, str]] | None = None  # the proposer prompt it was earned from
     step: int = 0  # Algorithm 1's group index j within the round it was earned in
     demonstrations: list[str] = Field(default_factory=list)  # task keys shown when it was earned
+    # None: earned in this run; else a seeded entry (`seed_buffer`), naming the buffer file it came from
+    source: str | None = None
 
 
 class GuardRequest(BaseModel):

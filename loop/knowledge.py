@@ -17,6 +17,15 @@ once, every example exists and uses the operator that lists it, every impl
 parses) and raises `KnowledgeError` naming the file and key on any problem.
 `Knowledge.render()` is the text that prefixes every proposer prompt; it is
 deterministic, so all prompts of a round share it as a prefix.
+
+Variants (`proposer.knowledge` of an improve config, `load_knowledge(variant=...)`):
+
+- `full` (default): the base knowledge above, the published setting;
+- `none`: `CompactKnowledge`, no STeP reference at all: the proposer's system
+  message keeps only the role and the answer format (a few hundred tokens
+  instead of many thousands). For a fine-tuned model, which carries the
+  language in its weights, and for SFT on CPU, where short prompts train in
+  seconds.
 """
 
 from __future__ import annotations
@@ -292,14 +301,40 @@ def _load(root: str) -> Knowledge:
     return Knowledge(sections, operators, MappingProxyType(examples), guardian, path)
 
 
-def load_knowledge(root: str | Path | None = None) -> Knowledge:
-    """The base knowledge from `root` (default: the package's `loop/knowledge/`); cached."""
+KNOWLEDGE_VARIANTS = ("full", "none")
+
+
+@dataclass(frozen=True)
+class CompactKnowledge:
+    """The `none` knowledge: stands in for `Knowledge` in the proposer prompt with no reference text.
+
+    Only `render` is offered: the guardian prompt needs the affine rule and its
+    worked repairs, so an LLM guardian always uses the full knowledge.
+    """
+
+    variant: str = "none"
+
+    def render(self, style: str = "ir") -> str:
+        if style not in ("ir", "python"):
+            raise ValueError(f"unknown style {style!r}; expected 'ir' or 'python'")
+        return ""
+
+
+def load_knowledge(root: str | Path | None = None, *, variant: str = "full") -> "Knowledge | CompactKnowledge":
+    """The proposer's knowledge: `full` = the base knowledge from `root` (default: the package's
+    `loop/knowledge/`; cached), `none` = `CompactKnowledge` (no STeP reference)."""
+    if variant not in KNOWLEDGE_VARIANTS:
+        raise ValueError(f"unknown knowledge {variant!r}; expected one of {', '.join(KNOWLEDGE_VARIANTS)}")
+    if variant == "none":
+        return CompactKnowledge()
     return _load(str(Path(root).resolve() if root is not None else KNOWLEDGE_DIR))
 
 
 __all__ = [
+    "CompactKnowledge",
     "GuardianExample",
     "KNOWLEDGE_DIR",
+    "KNOWLEDGE_VARIANTS",
     "Knowledge",
     "KnowledgeError",
     "KnowledgeExample",

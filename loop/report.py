@@ -10,7 +10,8 @@ round), `steps` (per step: demonstrations, tasks sampled, solved), `groups`
 (benchmark task groups: tasks, solved), `tasks` (per task: pass@1, pass@n,
 tokens, seconds, verdict stages), `programs` (per earned program: lines,
 maintainability index with and without comments), `buffer` (task keys in
-the order they were earned). Keys whose name contains `second` or `time`
+the order they were earned), `seeded` (task keys of the `seed_buffer`
+entries: demonstrations only, never counted as solved). Keys whose name contains `second` or `time`
 are timings; everything else is a deterministic function of the config.
 
 Plots (PNG, matplotlib Agg): `tasks_solved.png` (tasks solved, cumulative,
@@ -52,7 +53,9 @@ def build_summary(store: RunStore) -> dict[str, Any]:
     state = store.load_state()
     samples = store.sample_dicts()
     steps = [s.model_dump() for s in store.load_steps()]
-    buffer = [e.model_dump() for e in store.load_buffer()]
+    everything = [e.model_dump() for e in store.load_buffer()]
+    buffer = [e for e in everything if not e.get("source")]  # earned in this run
+    seeded = [e for e in everything if e.get("source")]  # `seed_buffer`: demonstrations only, never counted
     tasks_in_run = list(dict.fromkeys((steps[0]["tasks"] if steps else []) + [r["task"] for r in samples]))
     n_tasks = len(tasks_in_run)
     per_task = M.task_metrics(samples)
@@ -91,6 +94,7 @@ def build_summary(store: RunStore) -> dict[str, Any]:
         "maintainability": {"mean_mi": M.mean(p["mi"] for p in programs.values()),
                             "mean_mi_no_comments": M.mean(p["mi_no_comments"] for p in programs.values())},
         "buffer": [e["task_key"] for e in buffer],
+        "seeded": [e["task_key"] for e in seeded],
     }
 
 
@@ -236,7 +240,13 @@ def render_markdown(store: RunStore, summary: dict[str, Any]) -> str:
                 f"{_f(mi['mean_mi_no_comments'], 1)} without (radon `mi_visit`).", ""]
     else:
         out += ["No task was solved, so no program was earned.", ""]
+    seeded = summary.get("seeded") or []
+    if seeded:
+        out += [f"Seeded demonstrations ({len(seeded)}, from `seed_buffer`, not counted above): "
+                f"{', '.join(seeded)}.", ""]
     for entry in store.load_buffer():
+        if entry.source:
+            continue
         p = summary["programs"].get(entry.task_key, {})
         out += [f"### {entry.task_key}", "",
                 f"Earned in round {entry.round}, step {entry.step}, at temperature {entry.temperature:g}; "

@@ -10,7 +10,10 @@ prompts.jsonl      one line per distinct proposer prompt: {prompt_id, messages}
                    (samples refer to it by id; n samples share one prompt)
 steps.jsonl        one line per finished step of Algorithm 1 (StepRecord)
 buffer.jsonl       the experience buffer: one BufferEntry per solved task
-                   (rewritten atomically whenever it grows; empty at first)
+                   (rewritten atomically whenever it grows; empty at first,
+                   or the seeded entries, marked by `source`)
+seed_buffer.jsonl  with `seed_buffer`: the seeded entries as the run started
+                   (a resumed run replays these, whatever the source holds now)
 state.json         where the run is: round, step, unsolved tasks, seeds,
                    status (rewritten atomically: temp file + os.replace)
 summary.json       metrics of the run (written at the end)
@@ -51,6 +54,7 @@ SAMPLES = "samples.jsonl"
 PROMPTS = "prompts.jsonl"
 STEPS = "steps.jsonl"
 BUFFER = "buffer.jsonl"
+SEED_BUFFER = "seed_buffer.jsonl"
 STATE = "state.json"
 SUMMARY = "summary.json"
 REPORT = "report.md"
@@ -405,6 +409,7 @@ __all__ = [
     "RunStore",
     "RunStoreError",
     "SAMPLES",
+    "SEED_BUFFER",
     "STATE",
     "STEPS",
     "SUMMARY",

@@ -68,7 +68,8 @@ def test_ablation_four_arms_table_plot_and_resume(tiny_model_dir, tmp_path):  # 
         # same budget and tasks for every arm; only the variant and the adapter differ
         assert cfg["tasks"] == TEST and cfg["n"] == 2 and cfg["temperatures"] == [0.4] and cfg["max_rounds"] == 2
         assert cfg["proposer"]["backend"]["model"] == str(tiny_model_dir)
-        assert cfg["proposer"]["options"] == {"knowledge": "none"}
+        assert cfg["proposer"]["kind"] == "llm" and cfg["proposer"]["knowledge"] == "none"
+        assert cfg["seed_buffer"] is None  # an explicit split: no source run to seed the +si arms from
         assert cfg["variant"] == ("agent+si" if row["arm"].endswith("+si") else "agent") == row["variant"]
         assert cfg["proposer"]["backend"]["lora_path"] == (str(adapter) if row["arm"].startswith("sft") else None)
         assert summary["status"] == "done" and summary["run"]["tasks"] == 2
@@ -100,7 +101,13 @@ def test_ablation_four_arms_table_plot_and_resume(tiny_model_dir, tmp_path):  # 
 
 def test_split_from_a_source_run_and_config_errors(tiny_model_dir, tmp_path):  # noqa: F811
     from stepforge.loop.interfaces import BufferEntry
-    from stepforge.training.ablate import AblationError, arm_improve_dict, compute_split, load_ablation_config
+    from stepforge.training.ablate import (
+        AblationError,
+        arm_improve_dict,
+        compute_split,
+        load_ablation_config,
+        seed_entries,
+    )
     from stepforge.training.settings import TrainingConfigError
 
     source = tmp_path / "source"
@@ -115,9 +122,23 @@ def test_split_from_a_source_run_and_config_errors(tiny_model_dir, tmp_path):  #
                      "test": ["moe-index/G_0_13_02", "moe-index/G_0_3_04", "moe-index/G_0_7_03"]}
     arm = arm_improve_dict(cfg, cfg.improve, "sft+si", split["test"], tmp_path / "adapter")
     assert arm["variant"] == "agent+si" and arm["proposer"]["backend"]["lora_path"] == str(tmp_path / "adapter")
-    assert arm["proposer"]["kind"] == "custom" and arm["proposer"]["options"]["knowledge"] == "none"
+    assert arm["proposer"]["kind"] == "llm" and arm["proposer"]["knowledge"] == "none"
+    assert "factory" not in arm["proposer"] and "knowledge" not in arm["proposer"].get("options", {})
     full = load_ablation_config(path, ["prompt.knowledge=full"])
-    assert arm_improve_dict(full, full.improve, "base", split["test"], None)["proposer"]["kind"] == "llm"
+    base_arm = arm_improve_dict(full, full.improve, "base", split["test"], None)
+    assert base_arm["proposer"]["kind"] == "llm" and base_arm["proposer"]["knowledge"] == "full"
+
+    # the +si arms start D from the source run's earned train entries (never from its own seeded ones)
+    other = BufferEntry(task_key="moe-index/G_0_7_03", impl="return E0\n", success_count=1, n_samples=4,
+                        success_rate=0.25, round=0, temperature=0.4, source="older/buffer.jsonl")
+    (source / "buffer.jsonl").write_text(entry.model_dump_json() + "\n" + other.model_dump_json() + "\n")
+    assert compute_split(cfg) == split  # a seeded entry of the source run is not its experience
+    seed = seed_entries(cfg, split)
+    assert [(e.task_key, e.source) for e in seed] == [("moe-index/G_0_3_03", str(source / "buffer.jsonl"))]
+    for name in ("base", "base+si", "sft", "sft+si"):
+        data = arm_improve_dict(cfg, cfg.improve, name, split["test"], None, tmp_path / "seed.jsonl")
+        assert data.get("seed_buffer") == (str(tmp_path / "seed.jsonl") if name.endswith("+si") else None)
+    assert seed_entries(load_ablation_config(path, ["seed_si=false"]), split) == []
 
     with pytest.raises(AblationError, match="train and test share moe-index/G_0_3_03"):
         compute_split(load_ablation_config(_config(tmp_path, tiny_model_dir, split={
@@ -129,3 +150,36 @@ def test_split_from_a_source_run_and_config_errors(tiny_model_dir, tmp_path):  #
     bad = _ablate("--config", str(_config(tmp_path, tiny_model_dir)), "--run-dir", str(tmp_path / "r"),
                   "--set", "improve.nn=2")
     assert bad.returncode == 2 and "unknown key 'nn'" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_si_arm_starts_from_the_source_runs_train_entries(tiny_model_dir, tmp_path):  # noqa: F811
+    """With a source run, base+si's D starts with the train split's earned entries (demonstrations from
+    round 1 on, never counted as solved)."""
+    from stepforge.benchmark.schema import load_benchmark
+    from stepforge.loop.interfaces import BufferEntry
+
+    train = "moe-index/G_0_3_03"
+    source = tmp_path / "source"
+    source.mkdir()
+    entry = BufferEntry(task_key=train, impl=load_benchmark()[train].impl, success_count=1, n_samples=4,
+                        success_rate=0.25, round=0, temperature=0.4)
+    (source / "buffer.jsonl").write_text(entry.model_dump_json() + "\n")
+    config = _config(tmp_path, tiny_model_dir, split={"source_run": str(source), "tasks": [train, TEST[1]]},
+                     arms=["base+si"])
+    run = tmp_path / "abl-seeded"
+    proc = _ablate("--config", str(config), "--run-dir", str(run))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "D seeded with 1 train entries" in proc.stderr
+    arm_run = run / "arms" / "base_si"
+    cfg = yaml.safe_load((arm_run / "config.yaml").read_text())
+    assert cfg["seed_buffer"] == str((run / "seed_buffer.jsonl").resolve()) and cfg["tasks"] == [TEST[1]]
+    buffer = [json.loads(x) for x in (arm_run / "buffer.jsonl").read_text().splitlines()]
+    assert buffer[0]["task_key"] == train and buffer[0]["source"] == str(source / "buffer.jsonl")
+    steps = [json.loads(x) for x in (arm_run / "steps.jsonl").read_text().splitlines()]
+    assert steps[0]["demonstrations"] == []
+    if len(steps) > 1:  # the random tiny model did not solve the test task in round 0
+        assert steps[1]["demonstrations"][0] == train
+    summary = json.loads((arm_run / "summary.json").read_text())
+    assert summary["seeded"] == [train] and train not in summary["buffer"] and summary["run"]["tasks"] == 1
+    row = json.loads((run / "ablation.json").read_text())["rows"][0]
+    assert row["tasks"] == 1 and row["solved"] == len(summary["buffer"])

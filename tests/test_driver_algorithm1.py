@@ -225,3 +225,131 @@ def test_progress_outputs_follow_the_steps():
     rich.close()
     text = screen.getvalue()
     assert "round 2 step 2 (4 demos)" in text and "tasks 4/7" in text
+
+
+# ---------------------------------------------------------------------------
+# a seeded buffer (`seed_buffer`): demonstrations from another run
+
+
+def _seeded(key, rate, rnd=0, impl="ok_seed"):
+    return BufferEntry(task_key=key, impl=impl, success_count=1, n_samples=4, success_rate=rate, round=rnd,
+                       temperature=0.4, source="other-run/buffer.jsonl")
+
+
+def test_seeded_entries_are_round1_demonstrations_and_are_not_counted():
+    tasks = {k: k for k in "ABC"}
+    seed_irs = {"S": "test_name: S\n", "T": "test_name: T\n"}
+    seed = [_seeded("S", 0.25), _seeded("T", 1.0)]
+    # A is solved in round 0; B only with the seeded S shown; C never
+    script = {("A", (), 0.4): ["ok"], ("B", ("S",), 0.4): ["ok"]}
+    proposer = ScriptedProposer(script)
+    result = run_algorithm1(tasks, proposer, None, ok_verify, LoopSettings(granularity=3, temperatures=(0.4,), n=1),
+                            extract=lambda raw: raw, seed=seed, seed_irs=seed_irs)
+    assert plans(result) == [
+        (0, 0, (), "ABC"),                  # round 0: base knowledge only, whatever D holds
+        (1, 0, ("S",), "BC"),               # D = {S .25, A 1, T 1}: the seeded S is the hardest group
+        (2, 0, ("S", "A"), "C"),            # B earned at 1.0 in round 1: groups [S, A], [T], [B]
+        (2, 1, ("S", "A", "T"), "C"),
+        (2, 2, ("S", "A", "T", "B"), "C"),
+    ]
+    # a seeded demonstration carries its task's IR and its program, as an earned one does
+    demo = next(r for r in proposer.requests if r.demonstrations).demonstrations[0]
+    assert (demo.task_key, demo.task_ir, demo.impl, demo.success_rate) == ("S", seed_irs["S"], "ok_seed", 0.25)
+    # only what this run earned is its buffer; the seed is reported apart and never re-verified or re-sampled
+    assert [e.task_key for e in result.buffer] == ["A", "B"] and all(e.source is None for e in result.buffer)
+    assert [e.task_key for e in result.seeded] == ["S", "T"]
+    assert not any(r.task_key in ("S", "T") for r in proposer.requests)
+    assert result.unsolved == ["C"]
+
+
+def test_seeded_entry_of_a_task_of_this_run_is_left_out():
+    """The seed never shows a task its own answer, and never removes it from X."""
+    script = {("A", (), 0.4): ["no"], ("B", (), 0.4): ["ok"], ("A", ("B",), 0.4): ["ok"]}
+    proposer = ScriptedProposer(script)
+    result = run_algorithm1({"A": "A", "B": "B"}, proposer, None, ok_verify,
+                            LoopSettings(temperatures=(0.4,), n=1), extract=lambda raw: raw,
+                            seed=[_seeded("A", 0.1)], seed_irs={"A": "A"})
+    assert plans(result) == [(0, 0, (), "AB"), (1, 0, ("B",), "A")]
+    assert result.seeded == [] and [e.task_key for e in result.buffer] == ["B", "A"]
+
+
+def test_improve_run_with_seed_buffer_records_origin_counts_only_earned_and_resumes(tmp_path):
+    """`seed_buffer` in a `stepforge improve` run: buffer.jsonl marks the seeded entries, state and
+    summary count only the earned ones, the seed is kept in the run directory for --resume."""
+    import json
+
+    import yaml
+
+    from stepforge.loop.driver import run_improve
+    from stepforge.loop.runstore import RunStore
+
+    easy, hard, seeded = "moe-index/G_0_3_04", "moe-index/G_0_3_03", "rope/G_0_3_02"
+    source = tmp_path / "source"
+    source.mkdir()
+    from stepforge.benchmark.schema import load_benchmark
+
+    ref = load_benchmark()[seeded].impl
+    (source / "buffer.jsonl").write_text(BufferEntry(task_key=seeded, impl=ref, success_count=1, n_samples=8,
+                                                     success_rate=0.125, round=2, temperature=0.7).model_dump_json()
+                                         + "\n")
+    config = {
+        "name": "seeded", "tasks": [easy, hard], "variant": "agent+si", "seed_buffer": str(source),
+        "proposer": {"kind": "custom", "factory": "test_loop_scripted:benchmark_factory",
+                     "options": {"every": 1, "needs_demos": [hard]}},
+        "guardian": {"kind": "rule"}, "granularity": 3, "temperatures": [0.4], "n": 1, "max_rounds": 3,
+        "verifier": {"kind": "inline", "seeds": [0]}, "progress": False,
+    }
+    path = tmp_path / "seeded.yaml"
+    path.write_text(yaml.safe_dump(config))
+    outcome = run_improve(path, run_dir=tmp_path / "run")
+    run = tmp_path / "run"
+    steps = [json.loads(x) for x in (run / "steps.jsonl").read_text().splitlines()]
+    assert [(s["round"], s["step"], s["demonstrations"], s["solved"]) for s in steps] == [
+        (0, 0, [], [easy]),                    # round 0: no demonstrations although D holds the seed
+        (1, 0, [seeded], [hard]),              # the seeded entry (rate .125) is the hardest group
+    ]
+    buffer = [BufferEntry.model_validate_json(x) for x in (run / "buffer.jsonl").read_text().splitlines()]
+    assert [(e.task_key, e.source) for e in buffer] == [(seeded, str(source / "buffer.jsonl")), (easy, None),
+                                                        (hard, None)]
+    assert buffer[0].impl == ref and buffer[0].round == 2  # copied as it was, not re-verified
+    summary = outcome.summary
+    assert summary["run"]["tasks"] == 2 and summary["run"]["tasks_solved"] == 2
+    assert summary["buffer"] == [easy, hard] and summary["seeded"] == [seeded]
+    assert seeded not in summary["tasks"] and seeded not in summary["programs"]
+    state = json.loads((run / "state.json").read_text())
+    assert state["solved"] == [easy, hard] and state["seeded"] == [seeded]
+    assert "Seeded demonstrations (1" in (run / "report.md").read_text()
+    assert [e.task_key for e in outcome.result.buffer] == [easy, hard]
+
+    # resume replays from the run's own copy of the seed, even when the source has changed since
+    (source / "buffer.jsonl").write_text("")
+    state["status"] = "running"
+    (run / "state.json").write_text(json.dumps(state))
+    before = (run / "samples.jsonl").read_text()
+    again = run_improve(None, resume=run)
+    assert again.new_samples == 0 and (run / "samples.jsonl").read_text() == before
+    assert again.summary["seeded"] == [seeded] and again.summary["buffer"] == [easy, hard]
+    with RunStore.open(run, lock=False) as store:
+        assert [e.task_key for e in store.load_buffer()] == [seeded, easy, hard]
+
+
+def test_seed_buffer_errors_name_the_key(tmp_path):
+    import yaml
+
+    from stepforge.loop.config import ConfigError
+    from stepforge.loop.driver import run_improve
+
+    config = {"tasks": ["moe-index/G_0_3_04"], "seed_buffer": str(tmp_path / "nope"), "progress": False,
+              "verifier": {"kind": "inline"}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(ConfigError, match=r"c.yaml: seed_buffer: .*nope: no such file"):
+        run_improve(path, run_dir=tmp_path / "r1")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(_seeded("no/such_task", 0.5).model_dump_json() + "\n")
+    with pytest.raises(ConfigError, match="not in the benchmark: no/such_task"):
+        run_improve(path, run_dir=tmp_path / "r2", overrides=[f"seed_buffer={bad}"])
+    bad.write_text("{not json\n")
+    with pytest.raises(ConfigError, match=r"bad.jsonl: line 1: not a buffer entry"):
+        run_improve(path, run_dir=tmp_path / "r3", overrides=[f"seed_buffer={bad}"])
+    assert not (tmp_path / "r1").exists() and not (tmp_path / "r3").exists()  # refused before the run starts

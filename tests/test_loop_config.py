@@ -123,6 +123,69 @@ def test_relative_model_paths_become_absolute(tmp_path, monkeypatch):
     assert cfg.proposer.backend.model == str(tmp_path / "m" / "tiny")
 
 
+def test_relative_seed_buffer_becomes_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert ImproveConfig().seed_buffer is None
+    cfg = resolve_model_paths(load_config(None, ["seed_buffer=runs/src"]))
+    assert cfg.seed_buffer == str(tmp_path / "runs" / "src")
+    with pytest.raises(ConfigError, match="a resumed run keeps its config"):
+        check_resume_overrides(["seed_buffer=/elsewhere"])
+
+
+def test_knowledge_option_reaches_the_llm_proposer(monkeypatch):
+    """`proposer.knowledge` is validated and the driver builds the LLM proposer with that knowledge."""
+    from stepforge.loop.config import ProposerConfig
+    from stepforge.loop.driver import build_components
+    from stepforge.loop.interfaces import ProposalRequest
+    from stepforge.loop.knowledge import CompactKnowledge, load_knowledge
+
+    assert ProposerConfig().knowledge == "full"
+    with pytest.raises(ConfigError, match=r"config: proposer.knowledge \(from --set\): expected 'full' or 'none'"):
+        load_config(None, ["proposer.knowledge=some"])
+
+    class FakePool:
+        def __init__(self, backend, replicas=1, address=None):
+            self.backend = backend
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr("stepforge.serve.actors.ModelPool", FakePool)
+    monkeypatch.setattr("stepforge.serve.actors.init_ray", lambda *a, **k: None)
+    base = ["proposer.kind=llm", "proposer.backend.kind=openai", "proposer.backend.model=m",
+            "proposer.backend.base_url=http://127.0.0.1:9/v1", "verifier.kind=inline"]
+    from stepforge.benchmark.schema import load_benchmark
+
+    task = load_benchmark()["bmm/bmm_0"]
+    request = ProposalRequest(task_key="bmm/bmm_0", task_ir=task.to_yaml(include_impl=False, include_meta=False))
+    systems = {}
+    for variant in ("full", "none"):
+        cfg = load_config(None, base + [f"proposer.knowledge={variant}"])
+        components = build_components(cfg, {"bmm/bmm_0": task})
+        try:
+            proposer = components.proposer
+            assert proposer.knowledge == load_knowledge(variant=variant)
+            systems[variant] = proposer.messages_for(request)[0]["content"]
+        finally:
+            components.close()
+    assert isinstance(load_knowledge(variant="none"), CompactKnowledge)
+    assert "### Map" in systems["full"] and "### Map" not in systems["none"]
+    assert 10 * len(systems["none"]) < len(systems["full"])
+
+
+def test_model_paths_are_checked_for_every_kind_that_uses_a_backend(tmp_path):
+    from stepforge.loop.config import check_model_paths
+
+    missing = {"kind": "hf", "model": str(tmp_path / "no-model")}
+    for kind, extra in (("llm", {}), ("custom", {"factory": "pkg.mod:fn"}), (None, {})):
+        cfg = ImproveConfig(proposer={"kind": kind, "backend": missing, **extra})
+        with pytest.raises(ConfigError, match="proposer.backend.model: expected a local model directory"):
+            check_model_paths(cfg)
+    check_model_paths(ImproveConfig(proposer={"kind": "search", "backend": missing}))  # search never uses it
+    (tmp_path / "no-model").mkdir()
+    check_model_paths(ImproveConfig(proposer={"kind": "custom", "factory": "pkg.mod:fn", "backend": missing}))
+
+
 def test_cli_errors_are_one_line_and_exit_2(tmp_path):
     runner = CliRunner()
     bad = tmp_path / "bad.yaml"

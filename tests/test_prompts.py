@@ -294,3 +294,23 @@ def test_llm_proposer_through_the_transformers_backend_sends_the_full_prompt(hf_
     assert out[0].prompt_tokens == expected > 4000
     assert all(0 < p.completion_tokens <= 4 for p in out)
 
+
+
+def test_knowledge_none_is_the_compact_system_prompt():
+    """`proposer.knowledge`: `full` puts the STeP reference (operator docs) in the system message,
+    `none` keeps only the role (the user message, with the answer format, is the same)."""
+    from stepforge.loop.knowledge import CompactKnowledge
+
+    compact = load_knowledge(variant="none")
+    assert isinstance(compact, CompactKnowledge) and load_knowledge(variant="full") is KNOWLEDGE
+    for style in ("ir", "python"):
+        full = proposer_messages(KNOWLEDGE, DEMOS, target("bmm/bmm_0"), style=style)
+        none = proposer_messages(compact, DEMOS, target("bmm/bmm_0"), style=style)
+        assert none[1] == full[1] and "```python block" in none[1]["content"]
+        assert "# STeP reference" in full[0]["content"] and "### Map" in full[0]["content"]
+        assert "Call: " in full[0]["content"] and "Example kb_" in full[0]["content"]
+        assert "# STeP reference" not in none[0]["content"] and "### " not in none[0]["content"]
+        assert none[0]["content"].startswith("You write programs in STeP")
+        assert len(none[0]["content"]) < 1000 < 10 * len(none[0]["content"]) < len(full[0]["content"])
+    with pytest.raises(ValueError, match="unknown knowledge 'some'"):
+        load_knowledge(variant="some")

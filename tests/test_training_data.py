@@ -1,10 +1,11 @@
 """SFT data: exact proposer prompts, answers that parse back, masked prompt labels, settings and CLI errors.
 
 The buffer comes from a real `stepforge improve` run (in process, inline
-verifier) whose proposer is the loop's own `LLMProposer` talking to a scripted
-backend that answers with the reference solution (and, for one task, only
-when the prompt carries demonstrations), so the loop itself records the
-prompts and the demonstrations of every buffer entry.
+verifier) with `proposer.kind: llm`: the driver builds its own `LLMProposer`
+(with the knowledge of `proposer.knowledge`) on a model pool that is replaced
+by a scripted backend answering with the reference solution (and, for one
+task, only when the prompt carries demonstrations), so the loop itself
+records the prompts and the demonstrations of every buffer entry.
 """
 
 from __future__ import annotations
@@ -50,30 +51,51 @@ class ScriptedBackend:
         return len(text) // 4
 
 
-def scripted_proposer(cfg, tasks):
-    """`proposer.kind: custom` factory: the loop's LLMProposer with the scripted backend."""
-    from stepforge.loop.agents import LLMProposer
-    from stepforge.training.prompting import knowledge_for
+class ScriptedPool:
+    """Stands in for the Ray model pool the driver builds for `proposer.kind: llm`."""
 
-    return LLMProposer(ScriptedBackend(tasks), knowledge_for(cfg.proposer.options), style=cfg.proposer.style)
+    def __init__(self, backend, replicas=1, address=None):
+        from stepforge.benchmark.schema import load_benchmark
+
+        self.model = ScriptedBackend(load_benchmark())
+
+    def generate(self, requests):
+        return self.model.generate(requests)
+
+    def close(self):
+        pass
+
+
+def _llm_run(root: Path, knowledge: str) -> Path:
+    """`stepforge improve` with the loop's own LLM proposer (`proposer.knowledge`) on the scripted pool."""
+    from stepforge.loop.driver import run_improve
+
+    config = {
+        "name": f"earned-{knowledge}", "tasks": EASY + [HARD], "variant": "agent+si",
+        "proposer": {"kind": "llm", "style": "ir", "knowledge": knowledge,
+                     "backend": {"kind": "openai", "model": "scripted", "base_url": "http://127.0.0.1:9/v1"}},
+        "guardian": {"kind": "rule"}, "granularity": 1, "temperatures": [0.4], "n": 2, "max_rounds": 3,
+        "verifier": {"kind": "inline", "seeds": [0]}, "progress": False,
+    }
+    path = root / f"{knowledge}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("stepforge.serve.actors.ModelPool", ScriptedPool)
+        mp.setattr("stepforge.serve.actors.init_ray", lambda *a, **k: None)
+        run_improve(path, run_dir=root / f"run-{knowledge}")
+    return root / f"run-{knowledge}"
 
 
 @pytest.fixture(scope="module")
 def earned_run(tmp_path_factory) -> Path:
     """A finished agent+si run: EASY solved in round 0, HARD in round 1 with demonstrations."""
-    from stepforge.loop.driver import run_improve
+    return _llm_run(tmp_path_factory.mktemp("earned"), "full")
 
-    root = tmp_path_factory.mktemp("earned")
-    config = {
-        "name": "earned", "tasks": EASY + [HARD], "variant": "agent+si",
-        "proposer": {"kind": "custom", "factory": "test_training_data:scripted_proposer", "style": "ir"},
-        "guardian": {"kind": "rule"}, "granularity": 1, "temperatures": [0.4], "n": 2, "max_rounds": 3,
-        "verifier": {"kind": "inline", "seeds": [0]}, "progress": False,
-    }
-    path = root / "earned.yaml"
-    path.write_text(yaml.safe_dump(config))
-    run_improve(path, run_dir=root / "run")
-    return root / "run"
+
+@pytest.fixture(scope="module")
+def compact_run(tmp_path_factory) -> Path:
+    """The same run with `proposer.knowledge: none` (the compact prompt)."""
+    return _llm_run(tmp_path_factory.mktemp("compact"), "none")
 
 
 def _buffer(run: Path) -> list[BufferEntry]:
@@ -141,11 +163,52 @@ def test_rebuilt_prompts_equal_the_recorded_ones(earned_run, tmp_path):
     assert skipped.examples == [] and len(skipped.skipped) == 3
 
 
+def test_compact_prompt_data_equals_the_loops_prompt(compact_run, earned_run):
+    """SFT data with `knowledge: none` is exactly the prompt the loop sends for `proposer.knowledge: none`,
+    whether the settings are inline or the improve config itself (`prompt.loop_config`)."""
+    from stepforge.training.data import build_dataset
+    from stepforge.training.settings import DataSettings, PromptSettings
+
+    recorded = {e.task_key: e.messages for e in _buffer(compact_run)}
+    assert set(recorded) == set(EASY + [HARD])  # HARD earned with demonstrations, as in the full run
+    full = {e.task_key: e.messages for e in _buffer(earned_run)}
+    for key, messages in recorded.items():
+        assert "# STeP reference" not in messages[0]["content"] and len(messages[0]["content"]) < 1000
+        assert "# STeP reference" in full[key][0]["content"]
+        assert messages[1] == full[key][1]  # only the system message differs
+    config = compact_run.parent / "none.yaml"
+    for prompt in (PromptSettings(knowledge="none"), PromptSettings(loop_config=str(config))):
+        rebuilt = build_dataset(compact_run, DataSettings(prompts="rebuild"), prompt)
+        assert {ex.task_key: ex.prompt for ex in rebuilt.examples} == recorded
+        assert all(ex.meta["prompt"] == "rebuilt" for ex in rebuilt.examples)
+    # the other knowledge gives other prompts (the settings are not ignored)
+    other = build_dataset(compact_run, DataSettings(prompts="rebuild"), PromptSettings(knowledge="full"))
+    assert {ex.task_key: ex.prompt for ex in other.examples} == full
+
+
+def test_seeded_entries_make_no_examples_but_still_demonstrate(earned_run, tmp_path):
+    """Entries a run was seeded with (`seed_buffer`, `source` set) are not its experience."""
+    from stepforge.training.data import build_dataset, load_buffer
+    from stepforge.training.settings import DataSettings, PromptSettings
+
+    entries = _buffer(earned_run)
+    recorded = {e.task_key: e.messages for e in entries}
+    seeded_run = tmp_path / "run"
+    seeded_run.mkdir()
+    (seeded_run / "buffer.jsonl").write_text("".join(
+        e.model_copy(update={"source": "elsewhere/buffer.jsonl"} if e.task_key == EASY[0] else {}).model_dump_json()
+        + "\n" for e in entries))
+    assert [e.task_key for e in load_buffer(seeded_run, seeded=False)] == [k for k in recorded if k != EASY[0]]
+    assert len(load_buffer(seeded_run)) == 3
+    ds = build_dataset(seeded_run, DataSettings(prompts="rebuild"), PromptSettings())
+    assert {ex.task_key: ex.prompt for ex in ds.examples} == {k: v for k, v in recorded.items() if k != EASY[0]}
+    assert any(s.startswith(f"{EASY[0]} (seeded from elsewhere") for s in ds.skipped)
+
+
 def test_filters_extra_tasks_and_compact_prompt(earned_run):
-    from stepforge.loop.knowledge import load_knowledge
+    from stepforge.loop.knowledge import CompactKnowledge, load_knowledge
     from stepforge.loop.prompts import proposer_messages
     from stepforge.training.data import build_dataset
-    from stepforge.training.prompting import CompactKnowledge
     from stepforge.training.settings import DataSettings, PromptSettings
 
     ds = build_dataset(earned_run, DataSettings(max_success_rate=0.99, extra_tasks=["gemm/G_0_6_02", HARD], repeat=2),
@@ -159,7 +222,7 @@ def test_filters_extra_tasks_and_compact_prompt(earned_run):
     for ex in ds.examples:
         assert ex.prompt == proposer_messages(load_knowledge(), [], _irs([ex.task_key])[ex.task_key], "ir")
         assert ex.impl == tasks[ex.task_key].impl
-    compact = build_dataset(None, DataSettings(extra_tasks=["gemm/G_0_6_02"]), PromptSettings(options={"knowledge": "none"}))
+    compact = build_dataset(None, DataSettings(extra_tasks=["gemm/G_0_6_02"]), PromptSettings(knowledge="none"))
     (ex,) = compact.examples
     assert ex.prompt == proposer_messages(CompactKnowledge(), [], _irs(["gemm/G_0_6_02"])["gemm/G_0_6_02"], "ir")
     assert "# STeP reference" not in ex.prompt[0]["content"] and len(ex.prompt[0]["content"]) < 1000
@@ -174,7 +237,7 @@ def test_collated_labels_mask_the_prompt(tiny_model_dir, tmp_path):  # noqa: F81
     from stepforge.training.sft import build_trainer
 
     ds = build_dataset(None, DataSettings(extra_tasks=["moe-index/G_0_3_04", "rope/G_0_3_02"]),
-                       PromptSettings(options={"knowledge": "none"}))
+                       PromptSettings(knowledge="none"))
     settings = load_sft_settings(Path(__file__).parent.parent / "configs" / "sft_tiny.yaml", ["max_steps=1"])
     trainer = build_trainer(ds.examples, tiny_model_dir, tmp_path / "out", settings)
     tok = trainer.processing_class
@@ -211,11 +274,10 @@ def test_settings_errors_name_the_file_and_key(tmp_path):
     assert s.lora.target_modules == "all-linear" and s.data.extra_tasks == ["gemm/*"] and s.max_steps == 3
     with pytest.raises(TrainingConfigError, match=r"max_steps \(from --set\)"):
         load_sft_settings(None, ["max_steps=abc"])
-    with pytest.raises(TrainingConfigError, match="prompt.options.knowledge"):
-        from stepforge.training.data import PromptBuilder
-        from stepforge.training.settings import PromptSettings
-
-        PromptBuilder(PromptSettings(options={"knowledge": "some"}))
+    with pytest.raises(TrainingConfigError, match=r"prompt.knowledge \(from --set\): .*'full' or 'none'"):
+        load_sft_settings(None, ["prompt.knowledge=some"])
+    with pytest.raises(TrainingConfigError, match="options: replaced by prompt.knowledge"):
+        load_sft_settings(None, ["prompt.options.knowledge=none"])
 
 
 def test_examples_longer_than_the_context_are_refused(tiny_model_dir):  # noqa: F811

@@ -66,8 +66,7 @@ def test_sft_then_improve_with_the_adapter_solves_the_tasks(tiny_model_dir, tmp_
     # the loop with the adapter: sampled (temperature 0.4), parsed, guarded and verified
     config = {
         "name": "tiny-sft-eval", "tasks": TASKS, "variant": "agent",
-        "proposer": {"kind": "custom", "factory": "stepforge.training.prompting:llm_proposer", "style": "ir",
-                     "options": {"knowledge": "none"}, "max_tokens": 96,
+        "proposer": {"kind": "llm", "style": "ir", "knowledge": "none", "max_tokens": 96,
                      "backend": {"kind": "hf", "model": str(tiny_model_dir), "lora_path": str(adapter), "device": "cpu"}},
         "guardian": {"kind": "rule"}, "temperatures": [0.4], "n": 2, "max_rounds": 1, "seed": 0,
         "verifier": {"kind": "pool", "workers": 1, "timeout_s": 60, "seeds": [0, 1]},

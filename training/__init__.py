@@ -10,8 +10,6 @@ Pieces:
   answer, in the ```python block the proposer is asked for.
 - `sft.py`: trl's SFTTrainer with a peft LoRA adapter, loss on the answer
   only; saves adapter + tokenizer (and the merged model with `--merge`).
-- `prompting.py`: the prompt options shared by SFT data and evaluation
-  (`knowledge: full | none`), and the proposer factory for the compact prompt.
 - `ablate.py`: `stepforge ablate` (base, base+si, sft, sft+si on one split).
 - `cli.py`: `stepforge train sft` and `stepforge ablate`.
 
@@ -30,8 +28,7 @@ in-context arm:
   config): serve `ADAPTER_DIR/merged` (written with `--merge`) as
   `proposer.backend.model` instead, without `lora_path`.
 
-A model trained on the compact prompt (`prompt.options.knowledge: none`) must
-be evaluated with it: `proposer: {kind: custom, factory:
-"stepforge.training.prompting:llm_proposer", options: {knowledge: none}, ...}`
-(what `stepforge ablate` writes for `prompt.knowledge: none`).
+A model trained on the compact prompt (`prompt.knowledge: none` of the SFT
+settings) must be evaluated with it: `proposer: {kind: llm, knowledge: none,
+backend: {...}}` (what `stepforge ablate` writes for `prompt.knowledge: none`).
 """

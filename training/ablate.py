@@ -13,13 +13,21 @@ sft+si     base + the adapter  `variants.si`
 
 Every arm runs the same improve config (`improve_config` file and/or the
 inline `improve` mapping): the same test tasks, n, temperatures, max_rounds,
-granularity, seed, guardian and verifier, and the same prompt; arms differ
-only in the variant and `proposer.backend.lora_path`. The config each arm ran
-is kept in RUN_DIR/configs/<arm>.yaml.
+granularity, seed, guardian and verifier, and the same prompt
+(`proposer: {kind: llm, knowledge: <prompt.knowledge>}`); arms differ only in
+the variant, `proposer.backend.lora_path` and, for the in-context arms, the
+seeded buffer. The config each arm ran is kept in RUN_DIR/configs/<arm>.yaml.
 
 Split (`split`): `source_run` names an improve run whose buffer is the earned
-experience: train = the tasks it solved, test = the other tasks of
+experience: train = the tasks it earned, test = the other tasks of
 `split.tasks`. Or `split.train` / `split.test` name them (keys or globs).
+
+Seeded in-context arms (`seed_si: true`, the default, with a source run): the
+train split's earned entries are written to RUN_DIR/seed_buffer.jsonl and the
+base+si and sft+si arms start D from them (`seed_buffer`), so in-context
+self-improvement starts from the same experience SFT is trained on instead of
+earning its own demonstrations first (round 0 is still base knowledge only,
+and the seeded entries are never counted as solved).
 
 SFT (`sft`): an existing adapter (`sft.adapter`), or one trained into
 RUN_DIR/sft with `stepforge train sft`'s pipeline from the source run's buffer
@@ -62,6 +70,7 @@ ARMS: tuple[str, ...] = ("base", "base+si", "sft", "sft+si")
 ARM_DIRS = {"base": "base", "base+si": "base_si", "sft": "sft", "sft+si": "sft_si"}
 ArmName = Literal["base", "base+si", "sft", "sft+si"]
 CONFIG_FILE = "ablation.yaml"
+SEED_FILE = "seed_buffer.jsonl"
 TABLE_COLUMNS = ("arm", "model", "variant", "tasks", "solved", "completion", "pass@1", "pass@n", "samples",
                  "prompt_tokens", "completion_tokens", "wall_seconds", "status")
 
@@ -122,6 +131,7 @@ class AblationConfig(_Strict):
     sft: SFTArmSettings = Field(default_factory=SFTArmSettings)
     arms: list[ArmName] = Field(default_factory=lambda: list(ARMS), min_length=1)
     variants: Variants = Field(default_factory=Variants)
+    seed_si: bool = True  # +si arms start D from the source run's train entries (needs split.source_run)
 
     @field_validator("arms")
     @classmethod
@@ -189,10 +199,9 @@ def base_improve_dict(cfg: AblationConfig) -> dict[str, Any]:
 
 
 def arm_improve_dict(cfg: AblationConfig, base: dict[str, Any], arm: str, test: list[str],
-                     adapter: Optional[Path]) -> dict[str, Any]:
-    """The improve config of one arm: the shared config, the test tasks, the arm's variant and model."""
-    from .prompting import FACTORY
-
+                     adapter: Optional[Path], seed_buffer: Optional[Path] = None) -> dict[str, Any]:
+    """The improve config of one arm: the shared config, the test tasks, the arm's variant and model;
+    the +si arms start D from `seed_buffer` when given."""
     data = copy.deepcopy(base)
     data["name"] = f"{cfg.name}-{arm}"
     data["tasks"] = list(test)
@@ -203,17 +212,28 @@ def arm_improve_dict(cfg: AblationConfig, base: dict[str, Any], arm: str, test: 
     backend["lora_path"] = str(adapter) if arm.startswith("sft") else None
     proposer["backend"] = backend
     proposer.pop("tiny_model", None)
-    if cfg.prompt.knowledge == "none":
-        proposer.update({"kind": "custom", "factory": FACTORY,
-                         "options": {**(proposer.get("options") or {}), "knowledge": "none"}})
-    else:
-        proposer["kind"] = "llm"
-        proposer.pop("factory", None)
-        options = dict(proposer.get("options") or {})
-        options.pop("knowledge", None)
-        proposer["options"] = options
+    proposer.pop("factory", None)
+    proposer["kind"] = "llm"
+    proposer["knowledge"] = cfg.prompt.knowledge
     data["proposer"] = proposer
+    if seed_buffer is not None and arm.endswith("+si"):
+        data["seed_buffer"] = str(seed_buffer)
     return data
+
+
+def seed_entries(cfg: AblationConfig, split: dict[str, list[str]]) -> list[Any]:
+    """The source run's earned entries of the train tasks (the +si arms' seed), in buffer order."""
+    from .data import DatasetError, load_buffer
+
+    if not (cfg.seed_si and cfg.split.source_run is not None):
+        return []
+    train = set(split["train"])
+    origin = str(Path(cfg.split.source_run) / "buffer.jsonl")
+    try:
+        return [e.model_copy(update={"source": origin}) for e in load_buffer(cfg.split.source_run, seeded=False)
+                if e.task_key in train]
+    except DatasetError as exc:
+        raise AblationError(str(exc)) from None
 
 
 def validate_arm(data: dict[str, Any], where: str):
@@ -237,7 +257,7 @@ def compute_split(cfg: AblationConfig) -> dict[str, list[str]]:
     try:
         if s.source_run is not None:
             pool = select_task_keys(s.tasks, "split.tasks")
-            solved = {e.task_key for e in load_buffer(s.source_run)}
+            solved = {e.task_key for e in load_buffer(s.source_run, seeded=False)}
             train = [k for k in pool if k in solved]
             test = [k for k in pool if k not in solved]
         else:
@@ -279,8 +299,7 @@ def ensure_adapter(cfg: AblationConfig, run_dir: Path, split: dict[str, list[str
         shutil.rmtree(out)  # an interrupted training: start it again
     settings: SFTSettings = load_sft_settings(cfg.sft.config, cfg.sft.set)
     style = (base_improve.get("proposer") or {}).get("style", "ir")
-    settings = settings.model_copy(update={"prompt": PromptSettings(style=style,
-                                                                     options={"knowledge": cfg.prompt.knowledge})})
+    settings = settings.model_copy(update={"prompt": PromptSettings(style=style, knowledge=cfg.prompt.knowledge)})
     if not split["train"]:
         raise AblationError("sft: no training task (split.train is empty and there is no source run)")
     extra = split["train"] if (cfg.sft.train_extra or cfg.split.source_run is None) else []
@@ -440,11 +459,15 @@ def run_ablation(config_path: str | Path, *, run_dir: str | Path | None = None, 
     _check_run_dir(out, resolved)
     # check every arm's config before any work
     placeholder = Path(cfg.sft.adapter or out / "sft")
-    arm_cfgs = {arm: validate_arm(arm_improve_dict(cfg, base, arm, split["test"], placeholder),
+    seed = seed_entries(cfg, split)
+    seed_path = (out / SEED_FILE).resolve() if seed else None
+    arm_cfgs = {arm: validate_arm(arm_improve_dict(cfg, base, arm, split["test"], placeholder, seed_path),
                                   f"{config_path} (arm {arm})") for arm in cfg.arms}
     out.mkdir(parents=True, exist_ok=True)
     (out / CONFIG_FILE).write_text(resolved, encoding="utf-8")
     (out / "split.json").write_text(json.dumps(split, indent=2) + "\n", encoding="utf-8")
+    if seed_path is not None:  # an arm run keeps its own copy of the seed, so rewriting this is harmless
+        seed_path.write_text("".join(e.model_dump_json() + "\n" for e in seed), encoding="utf-8")
     adapter = ensure_adapter(cfg, out, split, base, log)
 
     ray_started = _start_ray(arm_cfgs.values())
@@ -453,11 +476,13 @@ def run_ablation(config_path: str | Path, *, run_dir: str | Path | None = None, 
         (out / "configs").mkdir(exist_ok=True)
         for arm in cfg.arms:
             arm_adapter = adapter if arm.startswith("sft") else None
-            data = arm_improve_dict(cfg, base, arm, split["test"], arm_adapter)
+            data = arm_improve_dict(cfg, base, arm, split["test"], arm_adapter, seed_path)
             arm_cfg = validate_arm(data, f"{config_path} (arm {arm})")
             config_path_arm = out / "configs" / f"{ARM_DIRS[arm]}.yaml"
             config_path_arm.write_text(arm_cfg.to_yaml(), encoding="utf-8")
-            log(f"arm {arm}: {arm_cfg.variant}, {'adapter ' + str(arm_adapter) if arm_adapter else 'base model'}")
+            seeded = f", D seeded with {len(seed)} train entries" if arm_cfg.seed_buffer else ""
+            log(f"arm {arm}: {arm_cfg.variant}, {'adapter ' + str(arm_adapter) if arm_adapter else 'base model'}"
+                f"{seeded}")
             try:
                 summary = run_arm(out / "arms" / ARM_DIRS[arm], config_path_arm, progress)
             except Exception as exc:
@@ -522,4 +547,5 @@ __all__ = [
     "compute_split",
     "load_ablation_config",
     "run_ablation",
+    "seed_entries",
 ]

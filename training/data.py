@@ -18,11 +18,16 @@ Sources:
   each task's reference solution, with the round-0 prompt (no
   demonstrations) built by the loop's prompt builder.
 
-The prompt builder (`PromptBuilder`) is `stepforge.loop.prompts.proposer_messages`
-with the loop's knowledge and the prompt style/options of the improve config
-(`prompt.loop_config`) or of the SFT settings (`prompt.style`,
-`prompt.options`). The option `knowledge: none` gives the compact prompt (the
-system message without the STeP reference, see `stepforge.training.prompting`).
+The prompt builder (`PromptBuilder`) is the loop's own `LLMProposer`
+prompt (`stepforge.loop.prompts.proposer_messages`) with the knowledge and
+style of the improve config (`prompt.loop_config`: its `proposer.knowledge`
+and `proposer.style`) or of the SFT settings (`prompt.knowledge`,
+`prompt.style`). `knowledge: none` gives the compact prompt (the system
+message without the STeP reference, see `stepforge.loop.knowledge`).
+
+Entries of a run's buffer that were seeded from another run (`seed_buffer`,
+marked by `source`) are not that run's experience: they make no examples
+(they are still looked up as demonstrations of the entries earned with them).
 """
 
 from __future__ import annotations
@@ -84,23 +89,38 @@ def make_example(task_key: str, prompt: Sequence[dict[str, str]], impl: str, sou
 # the loop's prompt builder
 
 
+def resolve_prompt(settings: PromptSettings) -> tuple[str, str]:
+    """(style, knowledge): the improve config's `proposer.style` / `proposer.knowledge` when
+    `settings.loop_config` names one (its variant applied), else the inline settings."""
+    if settings.loop_config:
+        from stepforge.loop.config import ConfigError, load_config
+
+        from .settings import TrainingConfigError
+
+        try:
+            cfg = load_config(settings.loop_config).effective()
+        except ConfigError as exc:
+            raise TrainingConfigError(str(exc)) from None
+        return cfg.proposer.style, cfg.proposer.knowledge
+    return settings.style, settings.knowledge
+
+
 class PromptBuilder:
     """Builds proposer prompts exactly as the loop's LLM proposer does, for given prompt settings."""
 
     def __init__(self, settings: PromptSettings | None = None):
-        from .prompting import resolve_prompt_options
-
         settings = settings or PromptSettings()
-        self.style, self.options = resolve_prompt_options(settings)
+        self.style, self.knowledge_variant = resolve_prompt(settings)
         self._knowledge = None
         self._proposer = None
 
     @property
     def knowledge(self):
-        from .prompting import knowledge_for
+        """What the loop's driver gives its LLMProposer: `load_knowledge(variant=proposer.knowledge)`."""
+        from stepforge.loop.knowledge import load_knowledge
 
         if self._knowledge is None:
-            self._knowledge = knowledge_for(self.options)
+            self._knowledge = load_knowledge(variant=self.knowledge_variant)
         return self._knowledge
 
     def messages(self, task_ir: str, demonstrations: Sequence[Any] = (), task_key: str = "task") -> list[dict[str, str]]:
@@ -141,8 +161,9 @@ def select_task_keys(patterns: Sequence[str], where: str = "data.extra_tasks") -
 # buffer
 
 
-def load_buffer(run_dir: str | Path) -> list[Any]:
-    """The BufferEntry records of RUN_DIR/buffer.jsonl (DatasetError naming the file and line)."""
+def load_buffer(run_dir: str | Path, seeded: bool = True) -> list[Any]:
+    """The BufferEntry records of RUN_DIR/buffer.jsonl (DatasetError naming the file and line);
+    `seeded=False` leaves out the entries seeded from another run (`source` set)."""
     from pydantic import ValidationError
 
     from stepforge.loop.interfaces import BufferEntry
@@ -161,7 +182,7 @@ def load_buffer(run_dir: str | Path) -> list[Any]:
         except (ValueError, ValidationError) as exc:
             first = str(exc).splitlines()[0]
             raise DatasetError(f"{path}: line {number}: not a buffer entry: {first}") from None
-    return entries
+    return entries if seeded else [e for e in entries if not e.source]
 
 
 def buffer_examples(entries: Sequence[Any], data: DataSettings, builder: PromptBuilder | None,
@@ -173,6 +194,9 @@ def buffer_examples(entries: Sequence[Any], data: DataSettings, builder: PromptB
     irs: dict[str, str] | None = None
     keep = set(only_tasks) if only_tasks is not None else None
     for e in entries:
+        if getattr(e, "source", None):
+            skipped.append(f"{e.task_key} (seeded from {e.source}, not earned in this run)")
+            continue
         if keep is not None and e.task_key not in keep:
             skipped.append(f"{e.task_key} (not a training task)")
             continue
@@ -273,6 +297,7 @@ __all__ = [
     "load_buffer",
     "make_example",
     "read_dataset",
+    "resolve_prompt",
     "select_task_keys",
     "task_irs",
     "write_dataset",

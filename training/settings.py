@@ -22,9 +22,10 @@ Sections:
   that has no recorded prompt (`missing_prompt`: rebuild it like the loop
   does, or skip the entry).
 - `prompt`: how prompts of extra tasks (and of rebuilt buffer entries) are
-  made: `loop_config`, an improve config whose proposer prompt settings are
-  used, or inline `style` and `options` (passed to the loop's prompt builder
-  exactly as `proposer.style` / `proposer.options` of an improve config).
+  made: `loop_config`, an improve config whose proposer prompt settings
+  (`proposer.style`, `proposer.knowledge`) are used, or inline `style` and
+  `knowledge` (`full` | `none`), which mean exactly what `proposer.style` /
+  `proposer.knowledge` of an improve config mean.
 - `merge`: also write a merged full model (`OUT/merged`).
 """
 
@@ -104,13 +105,22 @@ class DataSettings(_Strict):
 class PromptSettings(_Strict):
     """How the loop's prompt builder is called for tasks without a recorded prompt.
 
-    `loop_config` (an improve config file) wins over the inline `style` and
-    `options`, so SFT data and the evaluation run can share one file.
+    `style` and `knowledge` are the improve config's `proposer.style` and
+    `proposer.knowledge`. `loop_config` (an improve config file) wins over the
+    inline values, so SFT data and the evaluation run can share one file.
     """
 
     loop_config: Optional[str] = None
     style: Literal["ir", "python"] = "ir"
-    options: dict[str, Any] = Field(default_factory=dict)
+    knowledge: Literal["full", "none"] = "full"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved(cls, data):
+        if isinstance(data, dict) and "options" in data:
+            raise ValueError("options: replaced by prompt.knowledge (full | none), the improve config's "
+                             "proposer.knowledge; write `knowledge: none` instead of `options: {knowledge: none}`")
+        return data
 
 
 class SFTSettings(_Strict):

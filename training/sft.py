@@ -161,7 +161,7 @@ def check_lengths(tokenizer, examples: Sequence[SFTExample], max_length: int,
             ex, n = max(over, key=lambda item: item[1])
             raise TrainingError(
                 f"{len(over)} of {len(examples)} examples are longer than the model's context of {context} tokens "
-                f"(longest: {ex.task_key}, {n} tokens); use a shorter prompt (e.g. prompt.options.knowledge: none)"
+                f"(longest: {ex.task_key}, {n} tokens); use a shorter prompt (e.g. prompt.knowledge: none)"
             )
     too_long = [(ex, n) for ex, (_, n) in zip(examples, lengths) if n > max_length]
     if too_long:
@@ -169,7 +169,7 @@ def check_lengths(tokenizer, examples: Sequence[SFTExample], max_length: int,
         raise TrainingError(
             f"{len(too_long)} of {len(examples)} examples are longer than max_length={max_length} tokens "
             f"(longest: {ex.task_key}, {n} tokens); raise max_length (--set max_length={n}) or use a "
-            f"shorter prompt (prompt.options)"
+            f"shorter prompt (prompt.knowledge: none)"
         )
     return lengths
 
