@@ -161,40 +161,23 @@ class SFTSettings(_Strict):
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """`key.path=value` -> (["key", "path"], value parsed as a YAML scalar or flow value)."""
-    if "=" not in text:
-        raise TrainingConfigError(f"--set {text}: expected key.path=value")
-    key, _, raw = text.partition("=")
-    parts = key.strip().split(".")
-    if not key.strip() or any(not p for p in parts):
-        raise TrainingConfigError(f"--set {text}: expected key.path=value with a dotted key such as lora.r")
+    """`key.path=value` -> (["key", "path"], value); the loop's rule, with this module's error type."""
+    from stepforge.loop import config as loop_config
+
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return parts, value
+        return loop_config.parse_override(text)
+    except loop_config.ConfigError as exc:
+        raise TrainingConfigError(str(exc)) from None
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> tuple[dict, set[str]]:
-    """A copy of `data` with every `--set key.path=value` applied, and the keys set."""
-    import copy
+    """A copy of `data` with every `--set key.path=value` applied, and the keys set (as the loop does)."""
+    from stepforge.loop import config as loop_config
 
-    out = copy.deepcopy(data)
-    keys: set[str] = set()
-    for text in overrides:
-        parts, value = parse_override(text)
-        node = out
-        for depth, part in enumerate(parts[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            elif not isinstance(child, dict):
-                where = ".".join(parts[: depth + 1])
-                raise TrainingConfigError(f"--set {text}: {where} is {child!r}, not a mapping")
-            node = child
-        node[parts[-1]] = value
-        keys.add(".".join(parts))
-    return out, keys
+    try:
+        return loop_config.apply_overrides(data, overrides)
+    except loop_config.ConfigError as exc:
+        raise TrainingConfigError(str(exc)) from None
 
 
 def format_validation_error(exc: ValidationError, where: str, set_keys: set[str] | None = None,
