@@ -117,17 +117,9 @@ def _ends_with_expression(code: str) -> bool:
 
 def _has_return(code: str) -> bool:
     """A `return` at the body's own level (not inside a nested def or lambda)."""
-    import ast
+    from stepforge.simulator.fns import body_returns
 
-    stack = list(ast.parse("def __task_block__():\n" + textwrap.indent(code, "    ")).body[0].body)
-    while stack:
-        node = stack.pop()
-        if isinstance(node, ast.Return):
-            return True
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
-            continue
-        stack.extend(ast.iter_child_nodes(node))
-    return False
+    return body_returns(code)
 
 
 def _show(value: Any) -> str:

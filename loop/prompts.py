@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import yaml
 
 from stepforge.loop.interfaces import Demonstration
+from stepforge.simulator.fns import body_returns
 
 if TYPE_CHECKING:  # pragma: no cover
     from stepforge.benchmark.schema import Task
@@ -159,24 +160,13 @@ def multihot(*shape, lo, hi):
 def _returning_body(code: str) -> str:
     """A task code block as a function body: the last expression becomes a `return`."""
     tree = ast.parse(code)
-    if any(isinstance(n, ast.Return) for n in _outside_defs(tree)):
+    if body_returns(tree):
         return code
     last = tree.body[-1]
     lines = code.rstrip("\n").split("\n")
     i = last.lineno - 1
     lines[i] = lines[i][: last.col_offset] + "return " + lines[i][last.col_offset:]
     return "\n".join(lines) + "\n"
-
-
-def _outside_defs(tree: ast.AST):
-    """Every node of `tree` except those inside nested function or class definitions."""
-    stack = list(ast.iter_child_nodes(tree))
-    while stack:
-        node = stack.pop()
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
-            continue
-        yield node
-        stack.extend(ast.iter_child_nodes(node))
 
 
 def _indent(code: str, prefix: str = "    ") -> str:

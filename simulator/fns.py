@@ -64,7 +64,7 @@ def _compile_body(source: str, label: str) -> ast.Module:
     tree = ast.parse(source, filename=label)
     if not tree.body:
         raise ValueError(f"{label}: empty body")
-    has_return = any(isinstance(n, ast.Return) for n in _walk_outside_defs(tree))
+    has_return = body_returns(tree)
     body = tree.body
     if not has_return:
         last = body[-1]
@@ -83,14 +83,16 @@ def _compile_body(source: str, label: str) -> ast.Module:
     return ast.fix_missing_locations(module)
 
 
-def _walk_outside_defs(tree: ast.AST):
-    stack = list(ast.iter_child_nodes(tree))
+def body_returns(body: "str | ast.AST") -> bool:
+    """Whether a fn body (source or parsed) has a `return` of its own, outside nested defs and lambdas."""
+    stack = list(ast.iter_child_nodes(ast.parse(body) if isinstance(body, str) else body))
     while stack:
         node = stack.pop()
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
-            continue
-        yield node
-        stack.extend(ast.iter_child_nodes(node))
+        if isinstance(node, ast.Return):
+            return True
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+            stack.extend(ast.iter_child_nodes(node))
+    return False
 
 
 @dataclass
@@ -327,4 +329,4 @@ def leaf_shapes(elem: ElemType, binding: Mapping[str, int]) -> list[tuple[int, .
     return [shape_values(f.elem_dims(), binding) for f in elem.fields()]
 
 
-__all__ = ["Ctx", "StepFn", "build_namespace", "leaf_shapes", "make_fn", "namespace_binding", "parse_init", "LeafType"]
+__all__ = ["Ctx", "StepFn", "body_returns", "build_namespace", "leaf_shapes", "make_fn", "namespace_binding", "parse_init", "LeafType"]
