@@ -9,6 +9,7 @@ operator computes, which is what the differential tests compare.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Union
 
@@ -237,17 +238,20 @@ def _engine(name: str):
     raise ValueError(f"unknown engine {name!r}; expected 'vectorised' or 'naive'")
 
 
-class Engine:
+class Engine(ABC):
     """Walks a typed program; subclasses say how each operator computes."""
 
-    def load(self, stream: Stream, binding):  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def load(self, stream: Stream, binding):
+        """An input stream in the engine's own representation."""
 
-    def unload(self, value, stype: StreamType, binding) -> Stream:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def unload(self, value, stype: StreamType, binding) -> Stream:
+        """A returned value back as a Stream of tensors."""
 
-    def execute(self, op: TypedOp, arg, binding: dict):  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abstractmethod
+    def execute(self, op: TypedOp, arg, binding: dict):
+        """One operator application on engine values."""
 
     def run(self, typed: TypedProgram, inputs: Mapping[str, Stream], binding: dict) -> list[Stream]:
         env: dict[str, Any] = {name: self.load(s, binding) for name, s in inputs.items()}
