@@ -33,7 +33,7 @@ import math
 import re
 import textwrap
 from pathlib import Path
-from typing import Any, Iterable, Optional, Union
+from typing import Any, ClassVar, Iterable, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -189,19 +189,20 @@ class MultihotGen(_Strict):
         return self
 
 
-class StreamDecl(_Strict):
-    """An input stream or a parameter: `{name, dtype, dims, data_gen}`."""
+class _NamedStream(_Strict):
+    """What inputs, parameters and outputs share: a name, an element type and dims."""
+
+    _example_name: ClassVar[str] = "E0"
 
     name: str
-    dtype: Union[str, list[str]] = "fp32"
+    dtype: Union[str, list[str]]
     dims: list[Union[int, str]]
-    data_gen: Union[str, MultihotGen]
 
     @field_validator("name", mode="before")
     @classmethod
     def _name(cls, v):
         if not isinstance(v, str) or not _IDENT.match(v):
-            raise ValueError(f"expected a Python identifier such as E0, got {_show(v)}")
+            raise ValueError(f"expected a Python identifier such as {cls._example_name}, got {_show(v)}")
         return v
 
     @field_validator("dtype", mode="before")
@@ -213,6 +214,13 @@ class StreamDecl(_Strict):
     @classmethod
     def _dims(cls, v):
         return _check_dims(v)
+
+
+class StreamDecl(_NamedStream):
+    """An input stream or a parameter: `{name, dtype, dims, data_gen}`."""
+
+    dtype: Union[str, list[str]] = "fp32"
+    data_gen: Union[str, MultihotGen]
 
     @field_validator("data_gen", mode="before")
     @classmethod
@@ -310,30 +318,12 @@ class FnDecl(_Strict):
         return list(self.init) if isinstance(self.init, list) else [self.init]
 
 
-class OutputDecl(_Strict):
+class OutputDecl(_NamedStream):
     """`outputs[i]`: an expected output stream and its oracle (one block per field)."""
 
-    name: str
-    dtype: Union[str, list[str]]
-    dims: list[Union[int, str]]
+    _example_name: ClassVar[str] = "S0"
+
     data_transform: Union[str, list[str]]
-
-    @field_validator("name", mode="before")
-    @classmethod
-    def _name(cls, v):
-        if not isinstance(v, str) or not _IDENT.match(v):
-            raise ValueError(f"expected a Python identifier such as S0, got {_show(v)}")
-        return v
-
-    @field_validator("dtype", mode="before")
-    @classmethod
-    def _dtype(cls, v):
-        return _check_dtype(v)
-
-    @field_validator("dims", mode="before")
-    @classmethod
-    def _dims(cls, v):
-        return _check_dims(v)
 
     @field_validator("data_transform", mode="before")
     @classmethod
