@@ -405,8 +405,8 @@ def config_from_dict(data: Any, where: str = "config", set_keys: set[str] | None
         raise ConfigError(format_errors(exc, where, set_keys)) from None
 
 
-def read_yaml(path: str | Path) -> dict:
-    """A YAML file's mapping; ConfigError naming the file on any problem."""
+def read_yaml(path: str | Path, what: str = "settings (tasks, proposer, ...)") -> dict:
+    """A YAML file's mapping of `what`; ConfigError naming the file on any problem."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -424,8 +424,7 @@ def read_yaml(path: str | Path) -> dict:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: (top level): expected a mapping of settings (tasks, proposer, ...), "
-                          f"got {type(data).__name__}")
+        raise ConfigError(f"{path}: (top level): expected a mapping of {what}, got {type(data).__name__}")
     return data
 
 

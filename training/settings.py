@@ -217,25 +217,13 @@ def _fields_at(model: type[BaseModel], path: list[str]) -> list[str] | None:
 
 
 def read_yaml_mapping(path: str | Path, what: str = "settings") -> dict:
-    """A YAML file's top-level mapping; TrainingConfigError naming the file otherwise."""
-    path = Path(path)
+    """A YAML file's top-level mapping (the loop's reader); TrainingConfigError naming the file otherwise."""
+    from stepforge.loop import config as loop_config
+
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise TrainingConfigError(f"{path}: config file not found") from None
-    except OSError as exc:
-        raise TrainingConfigError(f"{path}: cannot read the config: {exc.strerror or exc}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
-        raise TrainingConfigError(f"{path}: {at}not valid YAML: {getattr(exc, 'problem', None) or exc}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise TrainingConfigError(f"{path}: (top level): expected a mapping of {what}, got {type(data).__name__}")
-    return data
+        return loop_config.read_yaml(path, what)
+    except loop_config.ConfigError as exc:
+        raise TrainingConfigError(str(exc)) from None
 
 
 def validate_model(model: type[BaseModel], data: dict, where: str, set_keys: set[str] | None = None):
