@@ -75,6 +75,17 @@ def _parse_binding(text: Optional[str]) -> Optional[list[dict[str, int]]]:
     return out
 
 
+def _program(task, impl: Optional[Path]) -> str:
+    """The program text from `--impl` (a file, or - for stdin), else the task's reference impl."""
+    if impl is not None:
+        if str(impl) != "-" and not impl.is_file():
+            _fail(f"--impl {impl}: no such file")
+        return read_impl(impl)
+    if not task.impl:
+        _fail(f"task {task.key} has no reference impl; pass the program with --impl")
+    return task.impl
+
+
 def register(app: typer.Typer) -> None:
     """Add the benchmark's commands to the root `stepforge` app."""
 
@@ -136,14 +147,7 @@ def register(app: typer.Typer) -> None:
         from stepforge.benchmark.verifier import verify
 
         t = _load_task(task, root)
-        if impl is not None:
-            if str(impl) != "-" and not impl.is_file():
-                _fail(f"--impl {impl}: no such file")
-            program = read_impl(impl)
-        elif t.impl:
-            program = t.impl
-        else:
-            _fail(f"task {t.key} has no reference impl; pass the program with --impl")
+        program = _program(t, impl)
         try:
             verdict = verify(t, program, seeds=seed_list, bindings=bindings, engine=engine, check_affine=not no_affine)
         except TaskFileError as exc:
@@ -169,14 +173,7 @@ def register(app: typer.Typer) -> None:
         from stepforge.benchmark.export import write_export
 
         t = _load_task(task, root)
-        if impl is not None:
-            if str(impl) != "-" and not impl.is_file():
-                _fail(f"--impl {impl}: no such file")
-            program = read_impl(impl)
-        elif t.impl:
-            program = t.impl
-        else:
-            _fail(f"task {t.key} has no reference impl; pass the program with --impl")
+        program = _program(t, impl)
         try:
             path = write_export(t, program, out, _parse_seeds(seeds))
         except (ValueError, OSError) as exc:
