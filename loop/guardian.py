@@ -27,28 +27,14 @@ from typing import Sequence, Union
 
 from stepforge.loop.interfaces import GuardRequest, GuardResult, Guardian
 from stepforge.simulator import ProgramSyntaxError, check_affine, parse_program
-from stepforge.simulator.program import Apply, Comprehension, FnList, NameRef, OpCall, Program, Return, SizeExpr
+from stepforge.simulator.program import Apply, Comprehension, FnList, OpCall, Program, Return
 
 # ---------------------------------------------------------------------------
 # IR -> text
 
 
-def format_kw_value(value) -> str:
-    if isinstance(value, bool):  # never produced by the parser; keep the printer total
-        return str(int(value))
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, NameRef):
-        return value.name
-    if isinstance(value, SizeExpr):
-        return "*".join(format_kw_value(f) for f in value.factors)
-    if isinstance(value, tuple):
-        return "[" + ", ".join(format_kw_value(v) for v in value) + "]"
-    raise TypeError(f"not a keyword value: {value!r}")
-
-
 def format_call(call: OpCall) -> str:
-    return f"step.{call.op}(" + ", ".join(f"{k}={format_kw_value(v)}" for k, v in call.kwargs) + ")"
+    return f"step.{call.label()}"
 
 
 def format_arg(arg) -> str:
@@ -311,7 +297,6 @@ __all__ = [
     "RuleGuardian",
     "format_arg",
     "format_call",
-    "format_kw_value",
     "format_program",
     "format_statement",
     "make_guardian",

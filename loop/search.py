@@ -108,7 +108,7 @@ from stepforge.loop.search_task import SearchTask, SearchTaskError, fields_of
 from stepforge.simulator.errors import SimulatorError, StepTypeError
 from stepforge.simulator.interpreter import typecheck_program
 from stepforge.simulator.ops import StreamList, TypeContext, infer, resolve_params
-from stepforge.simulator.program import NameRef, OpCall, SizeExpr, check_affine, parse_program
+from stepforge.simulator.program import NameRef, OpCall, SizeExpr, check_affine, format_kwargs, parse_program
 from stepforge.simulator.shapes import Dim
 from stepforge.simulator.types import BufferType, MultihotType, TupleType
 from stepforge.simulator.values import StreamType
@@ -914,7 +914,7 @@ class _Searcher:
                 args = [take(t, b) for t, b in mv.inputs]
                 var = fresh(_PREFIX.get(mv.op, "s"))
                 arg = args[0] if len(args) == 1 else "(" + ", ".join(args) + ")"
-                lines.append(f"{var} = step.{mv.op}({_render_kwargs(mv.kwargs)}).apply({arg})")
+                lines.append(f"{var} = step.{mv.op}({format_kwargs(mv.kwargs)}).apply({arg})")
                 single_defs.add(var)
             else:
                 data = take(mv.inputs[0][0], mv.inputs[0][1])
@@ -1035,20 +1035,6 @@ _PREFIX = {
     "Bufferize": "buf", "Streamify": "st", "Promote": "prom", "Repeat": "rep", "RepeatRef": "rep",
     "Flatten": "flat", "Reshape": "tiles", "Zip": "zip", "Map": "y", "Accum": "acc", "Scan": "scan",
 }
-
-
-def _render_value(v) -> str:
-    if isinstance(v, NameRef):
-        return v.name
-    if isinstance(v, SizeExpr):
-        return "*".join(_render_value(f) for f in v.factors)
-    if isinstance(v, tuple):
-        return "[" + ", ".join(_render_value(x) for x in v) + "]"
-    return str(v)
-
-
-def _render_kwargs(kwargs: tuple) -> str:
-    return ", ".join(f"{k}={_render_value(v)}" for k, v in kwargs)
 
 
 def _render_size_param(width, binding: Mapping[str, int]) -> str:

@@ -13,7 +13,7 @@ from typing import Any, Mapping, Union
 
 from stepforge.simulator.errors import StepTypeError
 from stepforge.simulator.fns import StepFn
-from stepforge.simulator.program import NameRef, OpCall, SizeExpr
+from stepforge.simulator.program import NameRef, OpCall, SizeExpr, format_kw_value
 from stepforge.simulator.shapes import Dim, Shape, format_shape, product
 from stepforge.simulator.types import BufferType, MultihotType, TupleType, make_buffer, make_tuple
 from stepforge.simulator.values import StreamType
@@ -97,16 +97,16 @@ def _resolve(call: OpCall, key: str, kind: str, value, ctx: TypeContext):
         name = ctx.fn_vars.get(name, name)
         if name is None or name not in ctx.fns:
             known = ", ".join(sorted(ctx.fns)) or "none"
-            raise _err(call, f"{key}={_show(value)} is not a fn of this task (its fns: {known})")
+            raise _err(call, f"{key}={format_kw_value(value)} is not a fn of this task (its fns: {known})")
         return ctx.fns[name]
     if kind == "int":
         if not isinstance(value, int):
-            raise _err(call, f"{key} must be an integer, got {_show(value)}")
+            raise _err(call, f"{key} must be an integer, got {format_kw_value(value)}")
         return value
     if kind == "ints":
         items = value if isinstance(value, tuple) else (value,)
         if not items or not all(isinstance(v, int) for v in items):
-            raise _err(call, f"{key} must be a list of integers, got {_show(value)}")
+            raise _err(call, f"{key} must be a list of integers, got {format_kw_value(value)}")
         return tuple(items)
     if kind == "size":
         return _size(call, key, value, ctx)
@@ -126,17 +126,7 @@ def _size(call: OpCall, key: str, value, ctx: TypeContext) -> Dim:
             return Dim.sym(name[: -len("_value")])
         if ctx.known_symbol(name):
             return Dim.sym(name)
-    raise _err(call, f"{key} must be a size (an integer, a size symbol such as D, or E_value), got {_show(value)}")
-
-
-def _show(value) -> str:
-    if isinstance(value, NameRef):
-        return value.name
-    if isinstance(value, tuple):
-        return "[" + ", ".join(_show(v) for v in value) + "]"
-    if isinstance(value, SizeExpr):
-        return "*".join(_show(f) for f in value.factors)
-    return repr(value)
+    raise _err(call, f"{key} must be a size (an integer, a size symbol such as D, or E_value), got {format_kw_value(value)}")
 
 
 def _stream(call: OpCall, arg: ArgType, what: str = "its input") -> StreamType:

@@ -57,16 +57,23 @@ class OpCall:
         return dict(self.kwargs)
 
     def label(self) -> str:
-        def fmt(v):
-            if isinstance(v, NameRef):
-                return v.name
-            if isinstance(v, SizeExpr):
-                return "*".join(fmt(f) for f in v.factors)
-            if isinstance(v, tuple):
-                return "[" + ", ".join(fmt(x) for x in v) + "]"
-            return str(v)
+        return f"{self.op}({format_kwargs(self.kwargs)})"
 
-        return f"{self.op}(" + ", ".join(f"{k}={fmt(v)}" for k, v in self.kwargs) + ")"
+
+def format_kw_value(value: KwValue) -> str:
+    """A keyword argument's value as program text (`D`, `K*N`, `[1, 2]`, `3`)."""
+    if isinstance(value, NameRef):
+        return value.name
+    if isinstance(value, SizeExpr):
+        return "*".join(format_kw_value(f) for f in value.factors)
+    if isinstance(value, tuple):
+        return "[" + ", ".join(format_kw_value(v) for v in value) + "]"
+    return str(int(value))
+
+
+def format_kwargs(kwargs: tuple[tuple[str, KwValue], ...]) -> str:
+    """`k=v, ...` as program text."""
+    return ", ".join(f"{k}={format_kw_value(v)}" for k, v in kwargs)
 
 
 # An apply argument: a name, or a tuple of arguments.
