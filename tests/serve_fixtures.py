@@ -93,3 +93,18 @@ def long_prompt(tiny_model_dir) -> str:
 
     context = json.loads((tiny_model_dir / "config.json").read_text())["max_position_embeddings"]
     return " ".join(["7"] * (context + 1))
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local 2-CPU Ray instance for one test module (an outer RAY_ADDRESS is set aside meanwhile)."""
+    import ray
+
+    from stepforge.serve.actors import init_ray
+
+    saved = os.environ.pop("RAY_ADDRESS", None)
+    init_ray(num_cpus=2)
+    yield ray
+    ray.shutdown()
+    if saved is not None:
+        os.environ["RAY_ADDRESS"] = saved

@@ -10,11 +10,10 @@ shared by the module.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
-from serve_fixtures import tiny_model_dir  # noqa: F401
+from serve_fixtures import ray_local, tiny_model_dir  # noqa: F401
 from typer.testing import CliRunner
 
 from stepforge.cli import app
@@ -23,20 +22,6 @@ from stepforge.loop.runstore import load_jsonl
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 RUN_FILES = ("config.yaml", "samples.jsonl", "prompts.jsonl", "steps.jsonl", "buffer.jsonl", "state.json",
              "summary.json", "report.md", "tasks_solved.png", "tokens.png")
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    from stepforge.serve.actors import init_ray
-
-    saved = os.environ.pop("RAY_ADDRESS", None)
-    init_ray(num_cpus=2)
-    yield ray
-    ray.shutdown()
-    if saved is not None:
-        os.environ["RAY_ADDRESS"] = saved
 
 
 def test_cpu_smoke_end_to_end_through_the_cli(ray_local, tiny_model_dir, tmp_path):  # noqa: F811

@@ -6,27 +6,15 @@ import os
 import time
 
 import pytest
-from serve_fixtures import hf_backend, long_prompt, tiny_model_dir  # noqa: F401
+from serve_fixtures import hf_backend, long_prompt, ray_local, tiny_model_dir  # noqa: F401
 
-from stepforge.serve.actors import ModelPool, init_ray, split_balanced
+from stepforge.serve.actors import ModelPool, split_balanced
 from stepforge.serve.base import BackendConfig, GenerationRequest, SamplingParams
 from stepforge.serve.errors import BackendUnavailableError, ModelNotFoundError, PromptTooLongError
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    saved = os.environ.pop("RAY_ADDRESS", None)
-    init_ray(num_cpus=2)
-    yield ray
-    ray.shutdown()
-    if saved is not None:
-        os.environ["RAY_ADDRESS"] = saved
-
-
-@pytest.fixture(scope="module")
-def pool(ray_cluster, tiny_model_dir):
+def pool(ray_local, tiny_model_dir):
     p = ModelPool(BackendConfig(kind="hf", model=str(tiny_model_dir), device="cpu"), replicas=2)
     yield p
     p.close()
@@ -46,7 +34,7 @@ def test_split_balanced_covers_everything_in_order():
     assert split_balanced([], 3) == []
 
 
-def test_pool_spreads_a_batch_and_keeps_order(pool, hf_backend, ray_cluster, long_prompt):
+def test_pool_spreads_a_batch_and_keeps_order(pool, hf_backend, ray_local, long_prompt):
     reqs = batch(6, n=2, max_tokens=8)
     pending = pool.submit(reqs)
     assert len(pending.refs) == 2 and {s.slot for s in pending.shards} == {0, 1}
@@ -56,21 +44,21 @@ def test_pool_spreads_a_batch_and_keeps_order(pool, hf_backend, ray_cluster, lon
     local = hf_backend.generate(reqs)
     assert [r.prompt_tokens for r in results] == [r.prompt_tokens for r in local]
     assert [r.texts for r in results] == [r.texts for r in local]
-    pids = ray_cluster.get([a.ready.remote() for a in pool.actors])
+    pids = ray_local.get([a.ready.remote() for a in pool.actors])
     assert len(set(pids)) == 2 and os.getpid() not in pids
     assert pool.count_tokens("E1 = step.Map") == hf_backend.count_tokens("E1 = step.Map")
     with pytest.raises(PromptTooLongError):  # the actor's typed error reaches the caller as itself
         pool.generate([GenerationRequest(prompt=long_prompt)])
 
 
-def test_killed_actor_is_replaced_and_batch_completes(pool, ray_cluster):
+def test_killed_actor_is_replaced_and_batch_completes(pool, ray_local):
     reqs = batch(8, n=4, max_tokens=256)  # each shard takes ~1-3 s, the kill lands well inside it
     replaced_before = pool.replacements
     pending = pool.submit(reqs)
     victim_shard = pending.shards[0]
     victim = victim_shard.actor
     time.sleep(0.1)  # let the shard start generating, then kill its replica mid-way
-    ray_cluster.kill(victim)
+    ray_local.kill(victim)
     results = pool.collect(pending)
     assert [r.request_id for r in results] == [r.request_id for r in reqs]
     assert all(len(r.completions) == 4 for r in results)
@@ -80,12 +68,12 @@ def test_killed_actor_is_replaced_and_batch_completes(pool, ray_cluster):
     assert [r.texts for r in again] == [r.texts for r in results[:2]]
 
 
-def test_pool_surfaces_typed_load_errors(ray_cluster, tmp_path):
+def test_pool_surfaces_typed_load_errors(ray_local, tmp_path):
     with pytest.raises(ModelNotFoundError, match="does not exist"):
         ModelPool(BackendConfig(kind="hf", model=str(tmp_path / "missing")), replicas=1, actor_options={"num_cpus": 0})
 
 
-def test_unplaceable_pool_fails_instead_of_hanging(ray_cluster, tiny_model_dir):
+def test_unplaceable_pool_fails_instead_of_hanging(ray_local, tiny_model_dir):
     config = BackendConfig(kind="hf", model=str(tiny_model_dir), num_gpus=1)  # this cluster has no GPU
     with pytest.raises(BackendUnavailableError, match="not ready after 2s"):
         ModelPool(config, replicas=1, startup_timeout_s=2)
