@@ -24,13 +24,13 @@ def _fail(message: str) -> NoReturn:
 def _expected_errors() -> tuple[type[BaseException], ...]:
     from stepforge.benchmark.schema import TaskFileError
     from stepforge.loop.config import ConfigError
-    from stepforge.loop.driver import ImproveError
+    from stepforge.loop.algorithm import ImproveError
     from stepforge.loop.runstore import RunStoreError
     from stepforge.serve.errors import ServeError
 
     errors: list[type[BaseException]] = [ConfigError, ImproveError, RunStoreError, TaskFileError, ServeError]
     try:
-        from stepforge.loop.knowledge import KnowledgeError
+        from stepforge.loop.agents.knowledge import KnowledgeError
 
         errors.append(KnowledgeError)
     except ImportError:
@@ -83,7 +83,7 @@ def register(app: typer.Typer) -> None:
             _fail("--resume continues a run in its own directory; leave out --run-dir")
         if resume is None and config is None:
             _fail("give --config FILE for a new run (e.g. configs/default.yaml), or --resume RUN_DIR")
-        from stepforge.loop.driver import run_improve
+        from stepforge.loop.algorithm import run_improve
 
         try:
             outcome = run_improve(config, run_dir=run_dir, resume=resume, overrides=list(set_ or []),
@@ -104,7 +104,7 @@ def register(app: typer.Typer) -> None:
     @app.command("report")
     def report_cmd(run_dir: Path = typer.Argument(..., help="a run directory of `stepforge improve`")) -> None:
         """Write summary.json, report.md and plots (PNG) for a run directory."""
-        from stepforge.loop.report import PLOTS, write_report
+        from stepforge.loop.reporting.report import PLOTS, write_report
 
         try:
             summary = write_report(run_dir)

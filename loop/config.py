@@ -105,7 +105,7 @@ class ProposerConfig(_Strict):
     the role and the answer format: `full` = the base knowledge (STeP
     reference with worked examples, the published setting), `none` = nothing
     (the compact prompt, for fine-tuned models and SFT on CPU; see
-    `loop/knowledge.py`). SFT data built for the same settings uses exactly
+    `loop/agents/knowledge/__init__.py`). SFT data built for the same settings uses exactly
     this prompt (`stepforge.training.data.PromptBuilder`).
     """
 

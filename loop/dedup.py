@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 from typing import Optional, Sequence
 
-from stepforge.loop.guardian import format_program
+from stepforge.loop.agents.guardians import format_program
 from stepforge.simulator import ProgramSyntaxError, parse_program
 from stepforge.simulator.program import Apply, Comprehension, FnList, NameRef, OpCall, Program, Return, SizeExpr
 

@@ -480,7 +480,7 @@ def wait(cfg: SweepConfig, address: str, log, timeout_s: Optional[float] = None)
 
 
 def _round0(summary: dict[str, Any], n: Optional[int]) -> tuple[Optional[float], Optional[float]]:
-    from stepforge.loop.metrics import pass_at_k
+    from stepforge.loop.reporting.metrics import pass_at_k
 
     tasks = summary.get("tasks") or {}
     if not tasks:

@@ -64,7 +64,7 @@ QWEN2_SPLIT_PATTERN = (
 )
 
 _SUFFIXES = {".md", ".yaml", ".yml", ".txt", ".j2", ".jinja", ".tmpl"}
-_TEMPLATE_DIRS = ("loop/templates", "loop/knowledge")
+_TEMPLATE_DIRS = ("loop/agents/templates", "loop/agents/knowledge")
 _SKIP_DIRS = {".git", ".venv", "venv", "__pycache__", "runs", "build", "dist", "node_modules"}
 _MAX_FILE_BYTES = 200_000
 _MAX_CORPUS_BYTES = 2_000_000

@@ -16,8 +16,8 @@ import pytest
 from test_loop_scripted import ScriptedProposer, ok_verify
 
 from stepforge.loop.buffer import demonstration_sets, stratify
-from stepforge.loop.driver import LoopSettings, StepPlan, run_algorithm1
-from stepforge.loop.execution import Executor, InlineVerifier, SampleJob, derive_seed
+from stepforge.loop.algorithm import LoopSettings, StepPlan, run_algorithm1
+from stepforge.loop.executor import Executor, InlineVerifier, SampleJob, derive_seed
 from stepforge.loop.interfaces import BufferEntry, Proposal, Proposer
 
 TASKS = {k: f"test_name: {k}\n" for k in "ABCDEFG"}
@@ -208,7 +208,7 @@ def test_progress_outputs_follow_the_steps():
 
     from rich.console import Console
 
-    from stepforge.loop.execution import LogProgress, RichProgress
+    from stepforge.loop.executor import LogProgress, RichProgress
 
     out = io.StringIO()
     log = LogProgress(7, stream=out)
@@ -280,7 +280,7 @@ def test_improve_run_with_seed_buffer_records_origin_counts_only_earned_and_resu
 
     import yaml
 
-    from stepforge.loop.driver import run_improve
+    from stepforge.loop.algorithm import run_improve
     from stepforge.loop.runstore import RunStore
 
     easy, hard, seeded = "moe-index/G_0_3_04", "moe-index/G_0_3_03", "rope/G_0_3_02"
@@ -337,7 +337,7 @@ def test_seed_buffer_errors_name_the_key(tmp_path):
     import yaml
 
     from stepforge.loop.config import ConfigError
-    from stepforge.loop.driver import run_improve
+    from stepforge.loop.algorithm import run_improve
 
     config = {"tasks": ["moe-index/G_0_3_04"], "seed_buffer": str(tmp_path / "nope"), "progress": False,
               "verifier": {"kind": "inline"}}

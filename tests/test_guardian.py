@@ -12,8 +12,8 @@ from program_gen import OPS, DataChooser, assert_same_streams, fn_table, generat
 from serve_fixtures import hf_backend, tiny_model_dir  # noqa: F401 - pytest fixtures (the tiny Qwen2 model)
 
 from stepforge.benchmark.schema import load_benchmark
-from stepforge.loop.agents import LLMGuardian
-from stepforge.loop.guardian import (
+from stepforge.loop.agents.proposer import LLMGuardian
+from stepforge.loop.agents.guardians import (
     NoGuardian,
     RuleGuardian,
     format_program,
@@ -22,7 +22,7 @@ from stepforge.loop.guardian import (
     repair_affine,
 )
 from stepforge.loop.interfaces import GuardRequest
-from stepforge.loop.knowledge import load_knowledge
+from stepforge.loop.agents.knowledge import load_knowledge
 from stepforge.serve.base import Completion, GenerationResult
 from stepforge.serve.errors import PromptTooLongError
 from stepforge.simulator import check_affine, parse_program

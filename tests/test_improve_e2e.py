@@ -84,7 +84,7 @@ def test_cpu_smoke_end_to_end_through_the_cli(ray_local, tiny_model_dir, tmp_pat
 
 def test_ray_verifier_actors_verify_and_replace_a_worker_past_its_time_limit(ray_local):
     from stepforge.benchmark.schema import load_benchmark
-    from stepforge.loop.execution import RayVerifier
+    from stepforge.loop.executor import RayVerifier
 
     task = load_benchmark()["rope/G_0_3_02"]
     wrong = "x = step.Zip().apply((E0, E1))\nreturn x\n"

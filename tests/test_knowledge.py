@@ -10,8 +10,8 @@ import yaml
 
 from stepforge.benchmark.schema import Task
 from stepforge.benchmark.verifier import verify
-from stepforge.loop.guardian import repair_affine
-from stepforge.loop.knowledge import KNOWLEDGE_DIR, KnowledgeError, load_knowledge
+from stepforge.loop.agents.guardians import repair_affine
+from stepforge.loop.agents.knowledge import KNOWLEDGE_DIR, KnowledgeError, load_knowledge
 from stepforge.simulator import check_affine, parse_program
 from stepforge.simulator.program import OPS
 

@@ -135,9 +135,9 @@ def test_relative_seed_buffer_becomes_absolute(tmp_path, monkeypatch):
 def test_knowledge_option_reaches_the_llm_proposer(monkeypatch):
     """`proposer.knowledge` is validated and the driver builds the LLM proposer with that knowledge."""
     from stepforge.loop.config import ProposerConfig
-    from stepforge.loop.driver import build_components
+    from stepforge.loop.algorithm import build_components
     from stepforge.loop.interfaces import ProposalRequest
-    from stepforge.loop.knowledge import CompactKnowledge, load_knowledge
+    from stepforge.loop.agents.knowledge import CompactKnowledge, load_knowledge
 
     assert ProposerConfig().knowledge == "full"
     with pytest.raises(ConfigError, match=r"config: proposer.knowledge \(from --set\): expected 'full' or 'none'"):

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stepforge.loop.metrics import (
+from stepforge.loop.reporting.metrics import (
     maintainability,
     pass_at_k,
     round_metrics,

@@ -12,10 +12,10 @@ import torch
 from serve_fixtures import hf_backend, tiny_model_dir  # noqa: F401 - pytest fixtures (the tiny Qwen2 model)
 
 from stepforge.benchmark.schema import Task, load_benchmark
-from stepforge.loop.agents import LLMProposer, make_proposer
+from stepforge.loop.agents.proposer import LLMProposer, make_proposer
 from stepforge.loop.interfaces import Demonstration, ProposalRequest
-from stepforge.loop.knowledge import load_knowledge
-from stepforge.loop.prompts import (
+from stepforge.loop.agents.knowledge import load_knowledge
+from stepforge.loop.agents.prompts import (
     TEMPLATES_DIR,
     guardian_messages,
     proposer_messages,
@@ -299,7 +299,7 @@ def test_llm_proposer_through_the_transformers_backend_sends_the_full_prompt(hf_
 def test_knowledge_none_is_the_compact_system_prompt():
     """`proposer.knowledge`: `full` puts the STeP reference (operator docs) in the system message,
     `none` keeps only the role (the user message, with the answer format, is the same)."""
-    from stepforge.loop.knowledge import CompactKnowledge
+    from stepforge.loop.agents.knowledge import CompactKnowledge
 
     compact = load_knowledge(variant="none")
     assert isinstance(compact, CompactKnowledge) and load_knowledge(variant="full") is KNOWLEDGE

@@ -68,7 +68,7 @@ class ScriptedPool:
 
 def _llm_run(root: Path, knowledge: str) -> Path:
     """`stepforge improve` with the loop's own LLM proposer (`proposer.knowledge`) on the scripted pool."""
-    from stepforge.loop.driver import run_improve
+    from stepforge.loop.algorithm import run_improve
 
     config = {
         "name": f"earned-{knowledge}", "tasks": EASY + [HARD], "variant": "agent+si",
@@ -112,8 +112,8 @@ def _irs(keys):
 def _expected_messages(entry: BufferEntry, buffer: dict[str, BufferEntry], knowledge=None):
     """What `proposer_messages` gives for this task and the demonstrations it was earned with."""
     from stepforge.loop.interfaces import Demonstration
-    from stepforge.loop.knowledge import load_knowledge
-    from stepforge.loop.prompts import proposer_messages
+    from stepforge.loop.agents.knowledge import load_knowledge
+    from stepforge.loop.agents.prompts import proposer_messages
 
     irs = _irs(list(buffer))
     demos = [Demonstration(task_key=k, task_ir=irs[k], impl=buffer[k].impl, success_rate=buffer[k].success_rate,
@@ -122,7 +122,7 @@ def _expected_messages(entry: BufferEntry, buffer: dict[str, BufferEntry], knowl
 
 
 def test_buffer_examples_carry_the_exact_prompt_and_the_earned_program(earned_run):
-    from stepforge.loop.replies import extract_program
+    from stepforge.loop.agents.replies import extract_program
     from stepforge.training.data import build_dataset
     from stepforge.training.settings import DataSettings, PromptSettings
 
@@ -206,8 +206,8 @@ def test_seeded_entries_make_no_examples_but_still_demonstrate(earned_run, tmp_p
 
 
 def test_filters_extra_tasks_and_compact_prompt(earned_run):
-    from stepforge.loop.knowledge import CompactKnowledge, load_knowledge
-    from stepforge.loop.prompts import proposer_messages
+    from stepforge.loop.agents.knowledge import CompactKnowledge, load_knowledge
+    from stepforge.loop.agents.prompts import proposer_messages
     from stepforge.training.data import build_dataset
     from stepforge.training.settings import DataSettings, PromptSettings
 

@@ -31,7 +31,7 @@ def _run(*args, timeout=400):
 
 def test_sft_then_improve_with_the_adapter_solves_the_tasks(tiny_model_dir, tmp_path):  # noqa: F811
     from stepforge.benchmark.schema import load_benchmark
-    from stepforge.loop.replies import extract_program
+    from stepforge.loop.agents.replies import extract_program
     from stepforge.serve.base import BackendConfig, GenerationRequest, SamplingParams, make_backend
     from stepforge.training.data import read_dataset
 

@@ -315,8 +315,8 @@ def ensure_adapter(cfg: AblationConfig, run_dir: Path, split: dict[str, list[str
 
 def run_arm(arm_dir: Path, config_path: Path, progress: Optional[bool]) -> dict[str, Any]:
     """Run (or resume, or just read) one arm; its summary."""
-    from stepforge.loop.driver import run_improve
-    from stepforge.loop.report import write_report
+    from stepforge.loop.algorithm import run_improve
+    from stepforge.loop.reporting.report import write_report
 
     state_path = arm_dir / "state.json"
     if state_path.is_file() and json.loads(state_path.read_text(encoding="utf-8")).get("status") == "done":
@@ -333,7 +333,7 @@ def run_arm(arm_dir: Path, config_path: Path, progress: Optional[bool]) -> dict[
 
 def arm_row(arm: str, variant: str, summary: dict[str, Any], n: int, adapter: Optional[Path]) -> dict[str, Any]:
     """One table row from an arm's summary (round-0 pass@k over its test tasks)."""
-    from stepforge.loop.metrics import pass_at_k
+    from stepforge.loop.reporting.metrics import pass_at_k
 
     run = summary["run"]
     p1, pn = [], []
@@ -509,7 +509,7 @@ def run_ablation(config_path: str | Path, *, run_dir: str | Path | None = None, 
 def _is_expected(exc: BaseException) -> bool:
     import importlib
 
-    for module, name in (("stepforge.loop.config", "ConfigError"), ("stepforge.loop.driver", "ImproveError"),
+    for module, name in (("stepforge.loop.config", "ConfigError"), ("stepforge.loop.algorithm", "ImproveError"),
                          ("stepforge.loop.runstore", "RunStoreError"), ("stepforge.serve.errors", "ServeError"),
                          ("stepforge.benchmark.schema", "TaskFileError")):
         try:

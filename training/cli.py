@@ -27,9 +27,9 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from stepforge.training.sft import TrainingError
 
     errors: list[type[BaseException]] = [AblationError, DatasetError, TrainingConfigError, TrainingError]
-    for module, name in (("stepforge.loop.config", "ConfigError"), ("stepforge.loop.driver", "ImproveError"),
+    for module, name in (("stepforge.loop.config", "ConfigError"), ("stepforge.loop.algorithm", "ImproveError"),
                          ("stepforge.loop.runstore", "RunStoreError"), ("stepforge.benchmark.schema", "TaskFileError"),
-                         ("stepforge.serve.errors", "ServeError"), ("stepforge.loop.knowledge", "KnowledgeError")):
+                         ("stepforge.serve.errors", "ServeError"), ("stepforge.loop.agents.knowledge", "KnowledgeError")):
         try:
             import importlib
 

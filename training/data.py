@@ -19,11 +19,11 @@ Sources:
   demonstrations) built by the loop's prompt builder.
 
 The prompt builder (`PromptBuilder`) is the loop's own `LLMProposer`
-prompt (`stepforge.loop.prompts.proposer_messages`) with the knowledge and
+prompt (`stepforge.loop.agents.prompts.proposer_messages`) with the knowledge and
 style of the improve config (`prompt.loop_config`: its `proposer.knowledge`
 and `proposer.style`) or of the SFT settings (`prompt.knowledge`,
 `prompt.style`). `knowledge: none` gives the compact prompt (the system
-message without the STeP reference, see `stepforge.loop.knowledge`).
+message without the STeP reference, see `stepforge.loop.agents.knowledge`).
 
 Entries of a run's buffer that were seeded from another run (`seed_buffer`,
 marked by `source`) are not that run's experience: they make no examples
@@ -117,7 +117,7 @@ class PromptBuilder:
     @property
     def knowledge(self):
         """What the loop's driver gives its LLMProposer: `load_knowledge(variant=proposer.knowledge)`."""
-        from stepforge.loop.knowledge import load_knowledge
+        from stepforge.loop.agents.knowledge import load_knowledge
 
         if self._knowledge is None:
             self._knowledge = load_knowledge(variant=self.knowledge_variant)
@@ -125,7 +125,7 @@ class PromptBuilder:
 
     def messages(self, task_ir: str, demonstrations: Sequence[Any] = (), task_key: str = "task") -> list[dict[str, str]]:
         """The chat prompt the loop's LLM proposer sends for this task and these demonstrations."""
-        from stepforge.loop.agents import LLMProposer
+        from stepforge.loop.agents.proposer import LLMProposer
         from stepforge.loop.interfaces import ProposalRequest
 
         if self._proposer is None:

@@ -19,11 +19,11 @@ import logging
 import time
 from typing import Any, Optional, Sequence
 
-from stepforge.loop.guardian import NoGuardian, RuleGuardian, make_guardian
+from stepforge.loop.agents.guardians import NoGuardian, RuleGuardian, make_guardian
 from stepforge.loop.interfaces import GuardRequest, GuardResult, Guardian, Proposal, ProposalRequest, Proposer
-from stepforge.loop.knowledge import Knowledge, load_knowledge
-from stepforge.loop.prompts import STYLES, guardian_messages, proposer_messages
-from stepforge.loop.replies import extract_program_with_reason
+from stepforge.loop.agents.knowledge import Knowledge, load_knowledge
+from stepforge.loop.agents.prompts import STYLES, guardian_messages, proposer_messages
+from stepforge.loop.agents.replies import extract_program_with_reason
 from stepforge.serve.base import GenerationRequest, GenerationResult, SamplingParams
 from stepforge.serve.errors import InvalidRequestError, PromptTooLongError
 

@@ -1,6 +1,6 @@
 """Base knowledge: the STeP documentation every proposer prompt starts with.
 
-The knowledge lives in data files under `loop/knowledge/`:
+The knowledge lives in data files under `loop/agents/knowledge/`:
 
 - `language.yaml`: the rules of streams, task files, fns, the affine rule and
   the program language (STEP_SPEC.md sections 1, 3, 4, 5), as prose sections;
@@ -38,7 +38,7 @@ from typing import Any, Mapping
 
 import yaml
 
-KNOWLEDGE_DIR = Path(__file__).resolve().parent / "knowledge"
+KNOWLEDGE_DIR = Path(__file__).resolve().parent
 EXAMPLE_PREFIX = "kb_"
 
 
@@ -130,7 +130,7 @@ class Knowledge:
         return self._rendered[style]
 
     def _render(self, style: str) -> str:
-        from stepforge.loop.prompts import render_example
+        from stepforge.loop.agents.prompts import render_example
         out = ["# STeP reference", ""]
         for s in self.sections:
             if s.place == "before":
@@ -322,7 +322,7 @@ class CompactKnowledge:
 
 def load_knowledge(root: str | Path | None = None, *, variant: str = "full") -> "Knowledge | CompactKnowledge":
     """The proposer's knowledge: `full` = the base knowledge from `root` (default: the package's
-    `loop/knowledge/`; cached), `none` = `CompactKnowledge` (no STeP reference)."""
+    `loop/agents/knowledge/`; cached), `none` = `CompactKnowledge` (no STeP reference)."""
     if variant not in KNOWLEDGE_VARIANTS:
         raise ValueError(f"unknown knowledge {variant!r}; expected one of {', '.join(KNOWLEDGE_VARIANTS)}")
     if variant == "none":

@@ -94,8 +94,8 @@ class SampleJob:
 
 
 def default_extract(raw: str) -> tuple[Optional[str], str]:
-    """(program, "") or (None, reason), via the agents' lenient parser (`loop/replies.py`)."""
-    from stepforge.loop.replies import extract_program_with_reason
+    """(program, "") or (None, reason), via the agents' lenient parser (`loop/agents/replies.py`)."""
+    from stepforge.loop.agents.replies import extract_program_with_reason
 
     found, reason = extract_program_with_reason(raw)
     if found is None:

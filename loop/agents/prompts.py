@@ -1,6 +1,6 @@
 """Prompts of the proposer and guardian agents.
 
-The texts live in `loop/templates/*.txt` (`string.Template`, `$name`
+The texts live in `loop/agents/templates/*.txt` (`string.Template`, `$name`
 placeholders); this module only fills them in.
 
 Proposer prompt (chat messages), built so that every prompt of a round shares
@@ -35,7 +35,7 @@ from stepforge.simulator.fns import body_returns
 
 if TYPE_CHECKING:  # pragma: no cover
     from stepforge.benchmark.schema import Task
-    from stepforge.loop.knowledge import Knowledge
+    from stepforge.loop.agents.knowledge import Knowledge
 
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
 STYLES = ("ir", "python")
@@ -43,7 +43,7 @@ STYLES = ("ir", "python")
 
 @functools.lru_cache(maxsize=None)
 def load_template(name: str) -> string.Template:
-    """A template file from `loop/templates/` (`name` without `.txt`)."""
+    """A template file from `loop/agents/templates/` (`name` without `.txt`)."""
     return string.Template((TEMPLATES_DIR / f"{name}.txt").read_text(encoding="utf-8"))
 
 
@@ -284,7 +284,7 @@ def proposer_messages(
 
 def guardian_messages(task_ir: str, program: str, knowledge: "Knowledge | None" = None) -> list[dict[str, str]]:
     """Chat messages asking the guardian to make `program` obey the affine rule."""
-    from stepforge.loop.knowledge import load_knowledge
+    from stepforge.loop.agents.knowledge import load_knowledge
 
     knowledge = knowledge or load_knowledge()
     rule = " ".join(knowledge.section("The affine rule").text.split())

@@ -15,7 +15,7 @@ comprehension used in its body (consumed once per item). Such a program
 still fails the affine check in the verifier.
 
 `NoGuardian` returns every program unchanged; `make_guardian` builds any of
-the three kinds (`LLMGuardian` lives in `loop/agents.py`).
+the three kinds (`LLMGuardian` lives in `loop/agents/proposer.py`).
 """
 
 from __future__ import annotations
@@ -285,7 +285,7 @@ def make_guardian(kind: str, backend=None, **options) -> Guardian:
     if kind == "llm":
         if backend is None:
             raise ValueError("the LLM guardian needs a backend (an object with generate(list[GenerationRequest]))")
-        from stepforge.loop.agents import LLMGuardian
+        from stepforge.loop.agents.proposer import LLMGuardian
 
         return LLMGuardian(backend, **options)
     raise ValueError(f"unknown guardian kind {kind!r}; expected 'rule', 'llm' or 'none'")

@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from stepforge.loop import metrics as M
+from stepforge.loop.reporting import metrics as M
 from stepforge.loop.runstore import REPORT, RunStore
 
 PLOTS = ("tasks_solved.png", "tokens.png")

@@ -58,7 +58,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from stepforge.loop.buffer import ExperienceBuffer, demonstration_sets, earn
-from stepforge.loop.execution import Events, Executor, InlineVerifier, SampleJob, derive_seed
+from stepforge.loop.executor import Events, Executor, InlineVerifier, SampleJob, derive_seed
 from stepforge.loop.interfaces import BufferEntry, Guardian, Proposer
 from stepforge.loop.runstore import RunStore, SampleRecord, StepRecord, sample_key
 
@@ -363,7 +363,7 @@ def build_components(cfg, tasks: dict[str, Any], where: str = "config") -> Compo
     if cfg.proposer.resolved_kind == "llm":  # check the options before Ray or a model starts
         import inspect
 
-        from stepforge.loop.agents import LLMProposer
+        from stepforge.loop.agents.proposer import LLMProposer
 
         settings = {"style": cfg.proposer.style, "max_tokens": cfg.proposer.max_tokens,
                     "stop": cfg.proposer.stop or None, "top_p": cfg.proposer.top_p, **cfg.proposer.options}
@@ -394,14 +394,14 @@ def build_components(cfg, tasks: dict[str, Any], where: str = "config") -> Compo
         elif kind == "custom":
             proposer = _import_factory(cfg.proposer.factory)(cfg, tasks)
         else:
-            from stepforge.loop.agents import LLMProposer
-            from stepforge.loop.knowledge import load_knowledge
+            from stepforge.loop.agents.proposer import LLMProposer
+            from stepforge.loop.agents.knowledge import load_knowledge
 
             proposer = LLMProposer(model_pool(cfg.proposer.backend), load_knowledge(variant=cfg.proposer.knowledge),
                                    **settings)
         guardian = None
         if cfg.guardian.kind != "none":
-            from stepforge.loop.guardian import make_guardian
+            from stepforge.loop.agents.guardians import make_guardian
 
             if cfg.guardian.kind == "llm":
                 guardian = make_guardian("llm", backend=model_pool(cfg.guardian_backend()),
@@ -422,7 +422,7 @@ def build_components(cfg, tasks: dict[str, Any], where: str = "config") -> Compo
 
 def build_verifier(cfg, tasks: dict[str, Any]):
     """The verifier backend of `cfg.verifier.kind` (auto: Ray actors when Ray runs generation)."""
-    from stepforge.loop.execution import PoolVerifier, RayVerifier
+    from stepforge.loop.executor import PoolVerifier, RayVerifier
 
     v = cfg.verifier
     verify_kwargs = {"seeds": tuple(v.seeds), "check_affine": v.check_affine}
@@ -472,7 +472,7 @@ def default_run_dir(name: str) -> Path:
 def _make_events(cfg, n_tasks: int, progress: Optional[bool]) -> Events:
     import sys
 
-    from stepforge.loop.execution import LogProgress, RichProgress
+    from stepforge.loop.executor import LogProgress, RichProgress
 
     show = cfg.progress if progress is None else progress
     if not show:
@@ -529,7 +529,7 @@ def run_improve(config_path: Optional[str | Path] = None, *, run_dir: Optional[s
     """`stepforge improve`: a new run (config + overrides) or `resume` of a run directory."""
     from stepforge.benchmark.schema import load_benchmark
     from stepforge.loop import config as C
-    from stepforge.loop.report import write_report
+    from stepforge.loop.reporting.report import write_report
     from stepforge.loop.runstore import CONFIG, atomic_write_text
 
     overrides = list(overrides)

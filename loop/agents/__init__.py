@@ -1,0 +1,1 @@
+"""The LLM agents: the proposer, the guardians, their prompts, knowledge and reply parsing."""

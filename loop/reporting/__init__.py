@@ -1,0 +1,1 @@
+"""Metrics of a run and its report (markdown + plots)."""
