@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 RUN_DIR ?= runs/demo
 
-.PHONY: demo test install clean
+.PHONY: demo test test-fast lint install clean
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,8 +18,14 @@ install: $(BIN)/.installed
 demo: $(BIN)/.installed
 	$(BIN)/stepforge improve --config configs/default.yaml --run-dir $(RUN_DIR)
 
-test: $(BIN)/.installed
+lint: $(BIN)/.installed
+	$(BIN)/ruff check .
+
+test: lint
 	$(BIN)/pytest -q
+
+test-fast: lint
+	$(BIN)/pytest -q -m "not slow"
 
 clean:
 	rm -rf $(VENV) runs

@@ -50,8 +50,9 @@ def short_repr(value: object, limit: int = 60) -> str:
     """`repr(value)` cut to `limit` characters, never rendering more of a huge value than it shows."""
     import reprlib
 
-    shorter = reprlib.Repr(maxlevel=3, maxlist=6, maxtuple=6, maxdict=6, maxset=6, maxstring=limit, maxlong=40,
-                           maxother=limit)
+    shorter = reprlib.Repr()
+    shorter.maxlevel, shorter.maxlist, shorter.maxtuple, shorter.maxdict, shorter.maxset = 3, 6, 6, 6, 6
+    shorter.maxstring, shorter.maxlong, shorter.maxother = limit, 40, limit
     text = shorter.repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 

@@ -14,10 +14,7 @@ from typing import Optional
 
 import typer
 
-
-def _fail(message: str, code: int = 2) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
+from stepforge.errors import fail
 
 
 def _task_error_line(exc) -> str:
@@ -31,9 +28,9 @@ def _load_task(key_or_file: str, root: Optional[Path]):
     try:
         return resolve_task(key_or_file, root)
     except TaskFileError as exc:
-        _fail(_task_error_line(exc))
+        fail(_task_error_line(exc))
     except KeyError as exc:
-        _fail(exc.args[0] if exc.args else str(exc))
+        fail(exc.args[0] if exc.args else str(exc))
 
 
 def read_impl(path: Path) -> str:
@@ -53,7 +50,7 @@ def read_impl(path: Path) -> str:
 
 def _parse_seeds(seeds: int) -> tuple[int, ...]:
     if seeds < 1:
-        _fail("--seeds must be at least 1")
+        fail("--seeds must be at least 1")
     return tuple(range(seeds))
 
 
@@ -69,7 +66,7 @@ def _parse_binding(text: Optional[str]) -> Optional[list[dict[str, int]]]:
                 continue
             name, _, value = item.partition("=")
             if not name.strip().isidentifier() or not value.strip().isdigit() or int(value) < 1:
-                _fail(f"--binding: expected SYM=positive int pairs such as D=8,N=3, got {item.strip()!r}")
+                fail(f"--binding: expected SYM=positive int pairs such as D=8,N=3, got {item.strip()!r}")
             b[name.strip()] = int(value)
         out.append(b)
     return out
@@ -79,10 +76,10 @@ def _program(task, impl: Optional[Path]) -> str:
     """The program text from `--impl` (a file, or - for stdin), else the task's reference impl."""
     if impl is not None:
         if str(impl) != "-" and not impl.is_file():
-            _fail(f"--impl {impl}: no such file")
+            fail(f"--impl {impl}: no such file")
         return read_impl(impl)
     if not task.impl:
-        _fail(f"task {task.key} has no reference impl; pass the program with --impl")
+        fail(f"task {task.key} has no reference impl; pass the program with --impl")
     return task.impl
 
 
@@ -100,7 +97,7 @@ def register(app: typer.Typer) -> None:
         try:
             tasks = load_benchmark(root)
         except TaskFileError as exc:
-            _fail(_task_error_line(exc))
+            fail(_task_error_line(exc))
         rows = []
         for key, t in tasks.items():
             rows.append({"key": key, "group": t.group, "test_name": t.test_name, "fns": len(t.fns),
@@ -136,13 +133,13 @@ def register(app: typer.Typer) -> None:
         seed_list = _parse_seeds(seeds)
         bindings = _parse_binding(binding)
         if engine not in ("vectorised", "naive"):
-            _fail(f"--engine must be vectorised or naive, got {engine!r}")
+            fail(f"--engine must be vectorised or naive, got {engine!r}")
         if all_tasks:
             if task is not None or impl is not None:
-                _fail("--all verifies the reference solutions; give no task and no --impl with it")
+                fail("--all verifies the reference solutions; give no task and no --impl with it")
             raise typer.Exit(_verify_all(root, seed_list, bindings, engine, not no_affine, as_json))
         if task is None:
-            _fail("give a task key or file (see `stepforge tasks`), or --all")
+            fail("give a task key or file (see `stepforge tasks`), or --all")
         from stepforge.benchmark.schema import TaskFileError
         from stepforge.benchmark.verifier import verify
 
@@ -151,7 +148,7 @@ def register(app: typer.Typer) -> None:
         try:
             verdict = verify(t, program, seeds=seed_list, bindings=bindings, engine=engine, check_affine=not no_affine)
         except TaskFileError as exc:
-            _fail(_task_error_line(exc))
+            fail(_task_error_line(exc))
         if as_json:
             typer.echo(verdict.model_dump_json(indent=2))
         else:
@@ -177,7 +174,7 @@ def register(app: typer.Typer) -> None:
         try:
             path = write_export(t, program, out, _parse_seeds(seeds))
         except (ValueError, OSError) as exc:
-            _fail(str(exc))
+            fail(str(exc))
         typer.echo(f"wrote {path} (run: pytest {path})")
 
 
@@ -188,7 +185,7 @@ def _verify_all(root, seeds, bindings, engine, check_affine, as_json) -> int:
     try:
         tasks = load_benchmark(root)
     except TaskFileError as exc:
-        _fail(_task_error_line(exc))
+        fail(_task_error_line(exc))
     verdicts = {}
     for key, t in tasks.items():
         if not t.impl:
@@ -196,7 +193,7 @@ def _verify_all(root, seeds, bindings, engine, check_affine, as_json) -> int:
         try:
             verdicts[key] = verify(t, t.impl, seeds=seeds, bindings=bindings, engine=engine, check_affine=check_affine)
         except TaskFileError as exc:
-            _fail(_task_error_line(exc))
+            fail(_task_error_line(exc))
     n_pass = sum(v.passed for v in verdicts.values())
     if as_json:
         typer.echo(json.dumps({k: v.model_dump() for k, v in verdicts.items()}, indent=2))

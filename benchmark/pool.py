@@ -43,6 +43,7 @@ from typing import Any, Optional, Sequence, Union
 
 from stepforge.benchmark.schema import Task, TaskFileError, load_benchmark
 from stepforge.benchmark.verifier import Verdict
+from stepforge.errors import StepforgeError
 
 TaskRef = Union[str, Task]
 _PRELOAD = ["torch", "stepforge.simulator", "stepforge.benchmark.verifier"]
@@ -131,7 +132,7 @@ class _Worker:
     known: set = field(default_factory=set)  # task keys this worker holds
 
 
-class PoolError(RuntimeError):
+class PoolError(StepforgeError):
     """The pool itself cannot work (workers fail to start)."""
 
 

@@ -38,6 +38,9 @@ from typing import Any, ClassVar, Iterable, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from stepforge.config_io import StrictModel
+from stepforge.errors import StepforgeError
+
 TASKS_ROOT = Path(__file__).resolve().parent / "tasks"
 
 # Groups in the order BENCHMARK.md lists them; other groups follow alphabetically.
@@ -49,7 +52,7 @@ _IDENT = re.compile(r"^[A-Za-z_][A-Za-z_0-9]*$")
 _DIM_TEXT = re.compile(r"^\s*([A-Za-z_][A-Za-z_0-9]*|\d+)(\s*[*/]\s*([A-Za-z_][A-Za-z_0-9]*|\d+))*\s*$")
 
 
-class TaskFileError(ValueError):
+class TaskFileError(StepforgeError, ValueError):
     """A task file (or task text) that does not follow the schema.
 
     `path` is the file (or a label such as `<string>`), `errors` a list of
@@ -172,7 +175,7 @@ def _check_init_value(v: Any) -> bool:
 # models
 
 
-class _Strict(BaseModel):
+class _Strict(StrictModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=False)
 
 

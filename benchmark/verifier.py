@@ -60,43 +60,21 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Literal, Mapping, Optional, Sequence, Union
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
-from pydantic import BaseModel, Field
 
 from stepforge import simulator as sim
 from stepforge.benchmark.schema import MultihotGen, Task, TaskFileError, resolve_task
+from stepforge.benchmark.verdict import STAGES, Stage, Verdict
 from stepforge.simulator.fns import build_namespace, namespace_binding
 from stepforge.simulator.shapes import DEFAULT_SIZES, format_shape
-
-Stage = Literal["ok", "parse", "type", "affine", "arity", "dtype", "shape", "value", "timeout", "resource", "runtime"]
-STAGES: tuple[str, ...] = ("ok", "parse", "type", "affine", "arity", "dtype", "shape", "value", "timeout", "resource", "runtime")
 
 EPS32 = float(torch.finfo(torch.float32).eps)
 TOL_FACTOR = 8.0
 DEV32_FACTOR = 4.0
 DEFAULT_SEEDS = (0, 1, 2)
 DEFAULT_MAX_ELEMENTS = 2**27
-
-
-class Verdict(BaseModel):
-    """The result of verifying one program against one task."""
-
-    passed: bool
-    stage: Stage
-    message: str = Field(description="one line fit to show a model")
-    task: Optional[str] = None
-    binding: Optional[dict[str, int]] = Field(default=None, description="the size binding of the failing run")
-    seed: Optional[int] = Field(default=None, description="the input seed of the failing run")
-    affine_ok: Optional[bool] = Field(default=None, description="None when the program did not parse")
-    functional_ok: bool = False
-    runs: int = Field(default=0, description="(binding, seed) runs completed")
-    timings: dict[str, float] = Field(default_factory=dict, description="seconds: parse, setup, run, check, total")
-
-    def short(self) -> str:
-        """`PASS`/`FAIL <stage>: message` on one line."""
-        return ("PASS" if self.passed else f"FAIL {self.stage}") + f": {self.message}"
 
 
 # ---------------------------------------------------------------------------
@@ -235,7 +213,7 @@ def _generate(task: Task, decl, stype: sim.StreamType, binding: Mapping[str, int
     if total > max_elements:
         raise sim.ResourceError(f"{decl.name} would have {total:,} elements for this binding (limit {max_elements:,})")
     tensors = []
-    for shape, field in zip(shapes, stype.fields()):
+    for shape, _field in zip(shapes, stype.fields()):
         spec = decl.data_gen
         if isinstance(spec, MultihotGen):
             width = shape[-1]

@@ -1,4 +1,4 @@
-"""Algorithm 1 (adaptive self-improvement) and the `stepforge improve` job around it.
+"""Algorithm 1: adaptive self-improvement over an executor that proposes, guards and verifies.
 
 `SelfImprovementLoop` is the control flow of DESIGN.md's Algorithm 1, and
 nothing else: it decides which tasks to sample with which demonstrations,
@@ -45,22 +45,22 @@ killed run stopped (see `loop/runstore.py`).
 
 `run_algorithm1(tasks, proposer, guardian, verify, ...)` runs the loop in
 process with a plain verify function (the tests use it with a scripted
-proposer); `run_improve(...)` is the CLI's job: config, run directory,
-Ray, model pool, verifier pool, summary and report.
+proposer); the CLI's job around it (config, run directory, Ray, model pool,
+verifier pool, summary and report) is `loop/job.py`.
 """
 
 from __future__ import annotations
 
-import importlib
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from stepforge.loop.buffer import ExperienceBuffer, demonstration_sets, earn
-from stepforge.loop.executor import Events, Executor, InlineVerifier, SampleJob, derive_seed
+from stepforge.loop.executor import Executor, SampleJob, derive_seed
 from stepforge.loop.interfaces import BufferEntry, Guardian, Proposer
+from stepforge.loop.progress import Events
 from stepforge.loop.runstore import RunStore, SampleRecord, StepRecord, sample_key
+from stepforge.loop.verifiers import InlineVerifier
 
 SEED_SCHEME = "sha256('seed|round|step|task|temperature') -> 31 bits; guardian: sha256('job_seed|index|guard')"
 
@@ -292,335 +292,19 @@ def run_algorithm1(tasks: dict[str, str], proposer: Proposer, guardian: Optional
         executor.close()
 
 
-# ---------------------------------------------------------------------------
-# the `stepforge improve` job
-
-
-class ImproveError(RuntimeError):
-    """An expected failure of the improve job (shown as one line by the CLI)."""
-
-
-class Interrupted(KeyboardInterrupt):
-    """Ctrl-C during a run: `run_dir` is the directory to `--resume`."""
-
-    def __init__(self, run_dir: Path):
-        super().__init__(str(run_dir))
-        self.run_dir = run_dir
-
-
 def settings_from_config(cfg) -> LoopSettings:
+    """The loop settings of an experiment config."""
     return LoopSettings(granularity=cfg.granularity, temperatures=tuple(float(t) for t in cfg.temperatures),
                         n=cfg.n, rounds_limit=cfg.rounds_limit, adaptive=cfg.adaptive,
                         max_demonstrations=cfg.max_demonstrations, seed=cfg.seed)
 
 
-@dataclass
-class Components:
-    """Everything a run holds open: proposer, guardian, verifier backend, model pools."""
-
-    proposer: Proposer
-    guardian: Optional[Guardian]
-    verifier: Any
-    closers: list[Callable[[], None]] = field(default_factory=list)
-    token_counter: Optional[Callable[[str], int]] = None
-
-    def close(self) -> None:
-        for close in reversed(self.closers):
-            try:
-                close()
-            except Exception:  # noqa: BLE001 - best effort at shutdown
-                pass
-        self.closers = []
-
-
-def _import_factory(spec: str):
-    module, _, name = spec.partition(":")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as exc:
-        raise ImproveError(f"proposer.factory: cannot import {spec!r}: {exc}") from None
-
-
-def build_components(cfg, tasks: dict[str, Any], where: str = "config") -> Components:
-    """The proposer, guardian and verifier a config asks for (Ray and models started as needed).
-
-    `where` names the config file in errors.
-    """
-    cfg = cfg.effective()
-    closers: list[Callable[[], None]] = []
-    pools: dict[str, Any] = {}
-
-    def model_pool(backend) -> Any:
-        key = backend.model_dump_json()
-        if key not in pools:
-            from stepforge.serve.actors import ModelPool
-
-            pool = ModelPool(backend, replicas=cfg.proposer.replicas, address=cfg.ray.address)
-            pools[key] = pool
-            closers.append(pool.close)
-        return pools[key]
-
-    if cfg.proposer.resolved_kind == "llm":  # check the options before Ray or a model starts
-        import inspect
-
-        from stepforge.loop.agents.proposer import LLMProposer
-
-        settings = {"style": cfg.proposer.style, "max_tokens": cfg.proposer.max_tokens,
-                    "stop": cfg.proposer.stop or None, "top_p": cfg.proposer.top_p, **cfg.proposer.options}
-        try:
-            inspect.signature(LLMProposer).bind(None, None, **settings)
-        except TypeError as exc:
-            raise ImproveError(f"{where}: proposer.options: not an option of the LLM proposer: {exc}") from None
-    try:
-        if cfg.uses_ray():
-            from stepforge.serve.actors import init_ray
-
-            try:
-                init_ray(cfg.ray.address, cfg.ray.num_cpus)
-            except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
-                target = cfg.ray.address or "a local instance"
-                raise ImproveError(f"ray: cannot start or join {target}: {exc}".splitlines()[0]) from None
-        kind = cfg.proposer.resolved_kind
-        if kind == "search":
-            from pydantic import ValidationError
-
-            from stepforge.loop.config import ConfigError, format_errors
-            from stepforge.loop.search import SearchConfig, SearchProposer
-
-            try:
-                proposer = SearchProposer(cfg.proposer.options)
-            except ValidationError as exc:
-                raise ConfigError(format_errors(exc, where, prefix="proposer.options", model=SearchConfig)) from None
-        elif kind == "custom":
-            proposer = _import_factory(cfg.proposer.factory)(cfg, tasks)
-        else:
-            from stepforge.loop.agents.proposer import LLMProposer
-            from stepforge.loop.agents.knowledge import load_knowledge
-
-            proposer = LLMProposer(model_pool(cfg.proposer.backend), load_knowledge(variant=cfg.proposer.knowledge),
-                                   **settings)
-        guardian = None
-        if cfg.guardian.kind != "none":
-            from stepforge.loop.agents.guardians import make_guardian
-
-            if cfg.guardian.kind == "llm":
-                guardian = make_guardian("llm", backend=model_pool(cfg.guardian_backend()),
-                                         max_tokens=cfg.guardian.max_tokens)
-            else:
-                guardian = make_guardian(cfg.guardian.kind)
-        verifier = build_verifier(cfg, tasks)
-        closers.append(verifier.close)
-        return Components(proposer, guardian, verifier, closers)
-    except BaseException:
-        for close in reversed(closers):
-            try:
-                close()
-            except Exception:  # noqa: BLE001
-                pass
-        raise
-
-
-def build_verifier(cfg, tasks: dict[str, Any]):
-    """The verifier backend of `cfg.verifier.kind` (auto: Ray actors when Ray runs generation)."""
-    from stepforge.loop.executor import PoolVerifier, RayVerifier
-
-    v = cfg.verifier
-    verify_kwargs = {"seeds": tuple(v.seeds), "check_affine": v.check_affine}
-    kind = v.kind
-    if kind == "auto":
-        kind = "ray" if cfg.uses_ray() else "pool"
-    if kind == "ray":
-        return RayVerifier(v.workers, v.timeout_s, verify_kwargs, num_cpus=v.num_cpus)
-    if kind == "inline":
-        from stepforge.benchmark.verifier import verify
-
-        return InlineVerifier(lambda key, program: verify(tasks[key], program, **verify_kwargs))
-    from stepforge.benchmark.pool import VerifierPool
-
-    return PoolVerifier(VerifierPool(v.workers, v.timeout_s, tasks=tasks, verify_kwargs=verify_kwargs))
-
-
-
-
-# ---------------------------------------------------------------------------
-# the job: config -> run directory -> loop -> summary and report
-
-
-@dataclass
-class ImproveOutcome:
-    run_dir: Path
-    summary: dict[str, Any]
-    result: Optional[LoopResult]  # None when a resumed run had already finished
-    new_samples: int = 0
-    replayed_samples: int = 0
-
-
-def ensure_tiny_model(path: str | Path) -> Path:
-    """Build the tiny random test model at `path` unless a model is already there."""
-    path = Path(path).expanduser()
-    if not (path / "config.json").is_file():
-        from stepforge.serve.tiny_model import build_tiny_model
-
-        build_tiny_model(path)
-    return path
-
-
-def default_run_dir(name: str) -> Path:
-    return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def _make_events(cfg, n_tasks: int, progress: Optional[bool]) -> Events:
-    import sys
-
-    from stepforge.loop.executor import LogProgress, RichProgress
-
-    show = cfg.progress if progress is None else progress
-    if not show:
-        return Events()
-    if sys.stderr.isatty():
-        return RichProgress(n_tasks)
-    return LogProgress(n_tasks)
-
-
-def load_seed(cfg, benchmark_keys: Sequence[str], where: str = "config",
-              store: Optional[RunStore] = None) -> list[BufferEntry]:
-    """The seeded entries of `cfg.seed_buffer` (none for a non-adaptive variant).
-
-    A run directory keeps the seed it started with (seed_buffer.jsonl): a
-    resumed run reads that copy, never the source again.
-    """
-    from stepforge.loop.buffer import SeedBufferError, read_seed_buffer
-    from stepforge.loop.config import ConfigError
-    from stepforge.loop.runstore import SEED_BUFFER
-
-    if not cfg.seed_buffer or not cfg.adaptive:
-        return []
-    snapshot = store.path(SEED_BUFFER) if store is not None else None
-    source = snapshot if snapshot is not None and snapshot.is_file() else cfg.seed_buffer
-    try:
-        entries = read_seed_buffer(source)
-    except SeedBufferError as exc:
-        raise ConfigError(f"{where}: seed_buffer: {exc}") from None
-    known = set(benchmark_keys)
-    unknown = [e.task_key for e in entries if e.task_key not in known]
-    if unknown:
-        raise ConfigError(f"{where}: seed_buffer: entries of tasks that are not in the benchmark: "
-                          f"{', '.join(unknown)}")
-    return entries
-
-
-def _save_seed(store: RunStore, entries: Sequence[BufferEntry]) -> None:
-    from stepforge.loop.runstore import SEED_BUFFER, atomic_write_text
-
-    if entries and not store.path(SEED_BUFFER).is_file():
-        atomic_write_text(store.path(SEED_BUFFER), "".join(e.model_dump_json() + "\n" for e in entries))
-
-
-def _ray_running() -> bool:
-    import sys
-
-    ray = sys.modules.get("ray")
-    return bool(ray is not None and ray.is_initialized())
-
-
-def run_improve(config_path: Optional[str | Path] = None, *, run_dir: Optional[str | Path] = None,
-                resume: Optional[str | Path] = None, overrides: Sequence[str] = (),
-                progress: Optional[bool] = None) -> ImproveOutcome:
-    """`stepforge improve`: a new run (config + overrides) or `resume` of a run directory."""
-    from stepforge.benchmark.schema import load_benchmark
-    from stepforge.loop import config as C
-    from stepforge.loop.reporting.report import write_report
-    from stepforge.loop.runstore import CONFIG, atomic_write_text
-
-    overrides = list(overrides)
-    if resume is not None:
-        if config_path is not None:
-            raise C.ConfigError("--resume continues a run with its own config.yaml; leave out --config")
-        C.check_resume_overrides(overrides)
-        store = RunStore.open(resume)
-        where = str(store.path(CONFIG))
-        try:
-            data, keys = C.apply_overrides(C.read_yaml(store.path(CONFIG)), overrides)
-            cfg = C.config_from_dict(data, where, keys)
-        except BaseException:
-            store.close()
-            raise
-        if overrides:
-            atomic_write_text(store.path(CONFIG), cfg.to_yaml())
-    else:
-        cfg = C.resolve_model_paths(C.load_config(config_path, overrides))
-        where = str(config_path) if config_path is not None else "config"
-        store = None
-    try:
-        tasks_all = load_benchmark()
-        keys = C.select_tasks(cfg.tasks, list(tasks_all), where)
-        if cfg.proposer.tiny_model and cfg.proposer.backend is not None:
-            ensure_tiny_model(cfg.proposer.backend.model)
-        C.check_model_paths(cfg, where)
-        if store is not None and store.load_state().get("status") == "done":
-            summary = write_report(store.root, store)
-            return ImproveOutcome(store.root, summary, None)
-        new_dir = Path(run_dir or default_run_dir(cfg.name))
-        if store is None:
-            RunStore.check_new(new_dir)  # before any model starts
-        tasks = {k: tasks_all[k] for k in keys}
-        task_irs = {k: t.to_yaml(include_impl=False, include_meta=False) for k, t in tasks.items()}
-        seed = load_seed(cfg, list(tasks_all), where, store)
-        seed_irs = {e.task_key: tasks_all[e.task_key].to_yaml(include_impl=False, include_meta=False) for e in seed}
-        ray_was_running = _ray_running()
-        components = build_components(cfg, tasks, where)
-        try:
-            if store is None:
-                store = RunStore.create(new_dir, cfg.to_yaml())
-            _save_seed(store, seed)
-            cached, _ = store.prepare_resume()
-            prompts = store.load_prompts()
-        except BaseException:
-            components.close()
-            raise
-        events = _make_events(cfg, len(keys), progress)
-        executor = Executor(components.proposer, components.guardian, components.verifier,
-                            chunk_size=cfg.chunk_size, guard_temperature=cfg.guardian.temperature,
-                            sink=store.append_samples, prompt_sink=store.add_prompts, events=events)
-        try:
-            loop = SelfImprovementLoop(task_irs, executor, settings_from_config(cfg), store=store, cached=cached,
-                                       prompts=prompts, events=events, seed=seed, seed_irs=seed_irs)
-            result = loop.run()
-        finally:
-            events.close()
-            executor.close()
-            components.close()
-            if not ray_was_running and _ray_running():
-                import ray
-
-                ray.shutdown()  # a local instance this run started
-        summary = write_report(store.root, store)
-        return ImproveOutcome(store.root, summary, result, loop.new_samples, loop.replayed_samples)
-    except KeyboardInterrupt:
-        if store is None:
-            raise
-        raise Interrupted(store.root) from None
-    finally:
-        if store is not None:
-            store.close()
-
-
 __all__ = [
-    "Components",
-    "ImproveError",
-    "ImproveOutcome",
-    "Interrupted",
     "LoopResult",
     "LoopSettings",
     "SelfImprovementLoop",
     "StepPlan",
     "StepResult",
-    "build_components",
-    "build_verifier",
-    "default_run_dir",
-    "ensure_tiny_model",
-    "load_seed",
     "run_algorithm1",
-    "run_improve",
     "settings_from_config",
 ]

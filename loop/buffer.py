@@ -25,6 +25,7 @@ import json
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
+from stepforge.errors import StepforgeError
 from stepforge.loop.interfaces import BufferEntry, Demonstration
 
 
@@ -134,7 +135,7 @@ class ExperienceBuffer:
                               success_rate=e.success_rate, round=e.round) for e in entries]
 
 
-class SeedBufferError(ValueError):
+class SeedBufferError(StepforgeError, ValueError):
     """A seed buffer that cannot be read; the text names the file (and line)."""
 
 

@@ -10,38 +10,11 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import NoReturn, Optional
+from typing import Optional
 
 import typer
 
-
-def _fail(message: str) -> NoReturn:
-    for line in str(message).strip().splitlines() or ["error"]:
-        typer.echo(f"error: {line}", err=True)
-    raise typer.Exit(code=2)
-
-
-def _expected_errors() -> tuple[type[BaseException], ...]:
-    from stepforge.benchmark.schema import TaskFileError
-    from stepforge.loop.config import ConfigError
-    from stepforge.loop.algorithm import ImproveError
-    from stepforge.loop.runstore import RunStoreError
-    from stepforge.serve.errors import ServeError
-
-    errors: list[type[BaseException]] = [ConfigError, ImproveError, RunStoreError, TaskFileError, ServeError]
-    try:
-        from stepforge.loop.agents.knowledge import KnowledgeError
-
-        errors.append(KnowledgeError)
-    except ImportError:
-        pass
-    try:
-        from stepforge.benchmark.pool import PoolError
-
-        errors.append(PoolError)
-    except ImportError:
-        pass
-    return tuple(errors)
+from stepforge.errors import EXIT_INTERRUPTED, cli_errors, fail
 
 
 def print_summary(summary: dict, run_dir: Path, stream=None) -> None:
@@ -80,23 +53,22 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Run adaptive self-improvement (Algorithm 1) on the benchmark; write a run directory and its report."""
         if resume is not None and run_dir is not None:
-            _fail("--resume continues a run in its own directory; leave out --run-dir")
+            fail("--resume continues a run in its own directory; leave out --run-dir")
         if resume is None and config is None:
-            _fail("give --config FILE for a new run (e.g. configs/default.yaml), or --resume RUN_DIR")
-        from stepforge.loop.algorithm import run_improve
+            fail("give --config FILE for a new run (e.g. configs/default.yaml), or --resume RUN_DIR")
+        from stepforge.loop.job import run_improve
 
         try:
-            outcome = run_improve(config, run_dir=run_dir, resume=resume, overrides=list(set_ or []),
-                                  progress=progress)
-        except _expected_errors() as exc:
-            _fail(str(exc))
+            with cli_errors():
+                outcome = run_improve(config, run_dir=run_dir, resume=resume, overrides=list(set_ or []),
+                                      progress=progress)
         except KeyboardInterrupt as exc:
             where = getattr(exc, "run_dir", None) or resume or run_dir
             if where is None:
                 typer.echo("interrupted before the run directory was made", err=True)
             else:
                 typer.echo(f"interrupted; continue with: stepforge improve --resume {where}", err=True)
-            raise typer.Exit(code=130)
+            raise typer.Exit(code=EXIT_INTERRUPTED) from None
         if outcome.result is None:
             typer.echo(f"{outcome.run_dir}: the run had already finished; summary and report rewritten", err=True)
         print_summary(outcome.summary, outcome.run_dir)
@@ -106,10 +78,8 @@ def register(app: typer.Typer) -> None:
         """Write summary.json, report.md and plots (PNG) for a run directory."""
         from stepforge.loop.reporting.report import PLOTS, write_report
 
-        try:
+        with cli_errors():
             summary = write_report(run_dir)
-        except _expected_errors() as exc:
-            _fail(str(exc))
         typer.echo(f"wrote {run_dir / 'report.md'}, {run_dir / 'summary.json'}, "
                    + ", ".join(str(run_dir / p) for p in PLOTS))
         print_summary(summary, run_dir)

@@ -45,14 +45,15 @@ self-improvement round); `single` and `agent` always stop after round 0.
 
 from __future__ import annotations
 
-import copy
 import fnmatch
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
+from stepforge.config_io import StrictModel, apply_overrides, format_problems, parse_override, read_mapping
+from stepforge.errors import ConfigError
 from stepforge.serve.config import BackendConfig
 
 Variant = Literal["single", "agent", "agent+si", "ir-ablation"]
@@ -82,15 +83,9 @@ RESUME_SETTABLE = (
 )
 
 
-class ConfigError(ValueError):
-    """A bad experiment config or override; `str()` names the file, key and expectation."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ProposerConfig(_Strict):
+class ProposerConfig(StrictModel):
     """Who writes candidate programs.
 
     `kind: null` means `llm` when a backend is configured, else `search`
@@ -148,7 +143,7 @@ class ProposerConfig(_Strict):
         return "llm" if self.backend is not None else "search"
 
 
-class GuardianConfig(_Strict):
+class GuardianConfig(StrictModel):
     """Who repairs the affine rule: `rule` (program transformation), `llm` or `none`.
 
     An LLM guardian uses `backend`, or the proposer's backend when null.
@@ -160,7 +155,7 @@ class GuardianConfig(_Strict):
     temperature: float = Field(default=0.0, ge=0.0)
 
 
-class VerifierConfig(_Strict):
+class VerifierConfig(StrictModel):
     """How candidates are scored.
 
     `kind`: `pool` = the benchmark's process pool on this machine; `ray` =
@@ -179,14 +174,14 @@ class VerifierConfig(_Strict):
     num_cpus: float = Field(default=1.0, gt=0)  # per Ray verifier actor
 
 
-class RayConfig(_Strict):
+class RayConfig(StrictModel):
     """Ray cluster: `address` (or $RAY_ADDRESS) joins a cluster, null starts a local one."""
 
     address: Optional[str] = None
     num_cpus: Optional[int] = Field(default=None, ge=1)
 
 
-class ImproveConfig(_Strict):
+class ImproveConfig(StrictModel):
     """The whole experiment (see the module docstring)."""
 
     name: str = "improve"
@@ -291,107 +286,6 @@ def select_tasks(patterns: list[str], keys: list[str], where: str = "config") ->
 # loading and overrides
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`key.path=value` -> (["key", "path"], value parsed as a YAML scalar/flow value)."""
-    if "=" not in text:
-        raise ConfigError(f"--set {text}: expected key.path=value")
-    key, _, raw = text.partition("=")
-    key = key.strip()
-    parts = key.split(".")
-    if not key or any(not p for p in parts):
-        raise ConfigError(f"--set {text}: expected key.path=value with a dotted key such as proposer.backend.model")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return parts, value
-
-
-def apply_overrides(data: dict, overrides: list[str]) -> tuple[dict, set[str]]:
-    """A copy of `data` with every `--set key.path=value` applied; also the set keys."""
-    out = copy.deepcopy(data)
-    keys: set[str] = set()
-    for text in overrides:
-        parts, value = parse_override(text)
-        node = out
-        for depth, part in enumerate(parts[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = {}
-                node[part] = child
-            elif not isinstance(child, dict):
-                where = ".".join(parts[: depth + 1])
-                raise ConfigError(f"--set {text}: {where} is {child!r}, not a mapping; cannot set {'.'.join(parts)}")
-            node = child
-        node[parts[-1]] = value
-        keys.add(".".join(parts))
-    return out, keys
-
-
-def _loc(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            text = str(part)
-            if text.startswith(("function-", "literal[", "union[")) or text in {"str", "int", "float", "bool", "list",
-                                                                               "dict", "none", "BackendConfig"}:
-                continue
-            out += ("." if out else "") + text
-    return out or "(top level)"
-
-
-def _allowed(model: type[BaseModel]) -> str:
-    return ", ".join(model.model_fields)
-
-
-_SECTIONS: dict[str, type[BaseModel]] = {}
-
-
-def _section_model(key: str) -> type[BaseModel]:
-    if not _SECTIONS:
-        _SECTIONS.update({"": ImproveConfig, "proposer": ProposerConfig, "guardian": GuardianConfig,
-                          "verifier": VerifierConfig, "ray": RayConfig, "proposer.backend": BackendConfig,
-                          "guardian.backend": BackendConfig})
-    return _SECTIONS.get(key, ImproveConfig)
-
-
-def format_errors(exc: ValidationError, where: str, set_keys: set[str] | None = None, prefix: str = "",
-                  model: type[BaseModel] | None = None) -> str:
-    """One line per problem: `WHERE: key.path: what was expected, got ...`.
-
-    `prefix` is put before every key path and `model` lists the allowed keys
-    of an unknown one (for sections validated by another model, such as
-    `proposer.options` by the search proposer's settings).
-    """
-    lines = []
-    seen = set()
-    for err in exc.errors(include_url=False):
-        key = _loc(err["loc"])
-        kind = err["type"]
-        if prefix:
-            key = prefix if key == "(top level)" else f"{prefix}.{key}"
-        if kind == "extra_forbidden":
-            parent, _, name = key.rpartition(".")
-            allowed = _allowed(model) if model is not None else _allowed(_section_model(parent))
-            msg = f"unknown key {name!r}; expected one of: {allowed}"
-        else:
-            msg = err["msg"].removeprefix("Value error, ")
-            if msg.startswith("Input should be "):
-                msg = "expected " + msg.removeprefix("Input should be ")
-            if kind not in ("value_error", "missing") and "input" in err:
-                shown = repr(err["input"])
-                msg += f", got {shown if len(shown) <= 60 else shown[:57] + '...'}"
-        origin = " (from --set)" if set_keys and any(key == k or key.startswith(k + ".") or k.startswith(key + ".")
-                                                     for k in set_keys) else ""
-        line = f"{where}: {key}{origin}: {msg}"
-        if line not in seen:
-            seen.add(line)
-            lines.append(line)
-    return "\n".join(lines)
-
-
 def config_from_dict(data: Any, where: str = "config", set_keys: set[str] | None = None) -> ImproveConfig:
     """Validate a mapping into an ImproveConfig; ConfigError naming `where` and the key."""
     if data is None:
@@ -402,35 +296,12 @@ def config_from_dict(data: Any, where: str = "config", set_keys: set[str] | None
     try:
         return ImproveConfig.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(format_errors(exc, where, set_keys)) from None
-
-
-def read_yaml(path: str | Path, what: str = "settings (tasks, proposer, ...)") -> dict:
-    """A YAML file's mapping of `what`; ConfigError naming the file on any problem."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the config: {exc.strerror or exc}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "(YAML)"
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{path}: {at}: not valid YAML: {problem}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: (top level): expected a mapping of {what}, got {type(data).__name__}")
-    return data
+        raise ConfigError(format_problems(exc, where, ImproveConfig, set_keys)) from None
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ImproveConfig:
     """Read `path` (None: all defaults), apply `--set` overrides, validate."""
-    data = read_yaml(path) if path is not None else {}
+    data = read_mapping(path, "settings (tasks, proposer, ...)") if path is not None else {}
     where = str(path) if path is not None else "config"
     data, keys = apply_overrides(data, list(overrides or []))
     return config_from_dict(data, where, keys)
@@ -500,10 +371,8 @@ __all__ = [
     "check_model_paths",
     "check_resume_overrides",
     "config_from_dict",
-    "format_errors",
     "load_config",
     "parse_override",
-    "read_yaml",
     "resolve_model_paths",
     "select_tasks",
 ]

@@ -33,9 +33,10 @@ class ProposalRequest(BaseModel):
 
 
 class Proposal(BaseModel):
-    """One candidate: the raw reply and what it cost."""
+    """One candidate: the raw reply and what it cost, or why the request produced none (`error`)."""
 
-    raw: str  # model text (to be parsed leniently) or a search-made program
+    raw: str  # model text (to be parsed leniently) or a search-made program; "" when `error` is set
+    error: str | None = None  # the request failed for this sample (e.g. its prompt is too long)
     messages: list[dict[str, str]] | None = None  # the chat prompt sent (None for search)
     prompt_tokens: int = 0
     completion_tokens: int = 0

@@ -47,6 +47,8 @@ from typing import Any, Iterable, Iterator, Optional
 
 from pydantic import BaseModel, Field
 
+from stepforge.benchmark.verdict import Verdict
+from stepforge.errors import StepforgeError
 from stepforge.loop.interfaces import BufferEntry
 
 CONFIG = "config.yaml"
@@ -61,37 +63,12 @@ REPORT = "report.md"
 LOCK = ".lock"
 
 
-class RunStoreError(RuntimeError):
+class RunStoreError(StepforgeError):
     """A run directory that cannot be created, resumed or read."""
 
 
 # ---------------------------------------------------------------------------
 # records
-
-
-class VerdictRecord(BaseModel):
-    """What the verifier (or the extraction before it) said about one sample."""
-
-    passed: bool
-    stage: str  # the verifier's stages (`parse` also when no program was found in the reply), or `generate` (the request produced no proposal)
-    message: str = ""
-    affine_ok: Optional[bool] = None
-    functional_ok: bool = False
-    seconds: float = 0.0
-
-    @classmethod
-    def from_verdict(cls, verdict: Any, seconds: float | None = None) -> "VerdictRecord":
-        """From the benchmark's Verdict (or anything with the same attributes)."""
-        timings = getattr(verdict, "timings", None) or {}
-        secs = seconds if seconds is not None else float(timings.get("total", 0.0))
-        return cls(
-            passed=bool(verdict.passed),
-            stage=str(verdict.stage),
-            message=str(getattr(verdict, "message", "") or ""),
-            affine_ok=getattr(verdict, "affine_ok", None),
-            functional_ok=bool(getattr(verdict, "functional_ok", False)),
-            seconds=round(float(secs), 6),
-        )
 
 
 def sample_key(round_: int, step: int, task: str, temperature: float, index: int) -> str:
@@ -115,7 +92,7 @@ class SampleRecord(BaseModel):
     program: Optional[str] = None  # extracted from the reply (None: nothing parsable found, stage `parse`)
     guarded: Optional[str] = None  # after the guardian (what was verified)
     guard_changed: bool = False
-    verdict: VerdictRecord
+    verdict: Verdict
     correct: bool = False
     verified: bool = False
     prompt_tokens: int = 0
@@ -415,7 +392,6 @@ __all__ = [
     "SUMMARY",
     "SampleRecord",
     "StepRecord",
-    "VerdictRecord",
     "append_lines",
     "atomic_write_text",
     "load_jsonl",

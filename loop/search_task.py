@@ -17,13 +17,14 @@ from typing import Any
 
 import yaml
 
+from stepforge.errors import StepforgeError
 from stepforge.simulator.fns import StepFn, build_namespace, namespace_binding, parse_init
 from stepforge.simulator.shapes import DEFAULT_SIZES, Dim, as_dim, parse_dims
 from stepforge.simulator.types import BufferType, MultihotType, TupleType, parse_dtype
 from stepforge.simulator.values import StreamType
 
 
-class SearchTaskError(ValueError):
+class SearchTaskError(StepforgeError, ValueError):
     """The task IR cannot be read by the search proposer (names the key)."""
 
 

@@ -76,7 +76,10 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
+
+from stepforge.config_io import StrictModel
+from stepforge.errors import StepforgeError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
@@ -95,15 +98,11 @@ TABLE_COLUMNS = ("job", "arm", "model", "variant", "m", "seed", "temperatures", 
                  "wall_seconds", "run_dir")
 
 
-class SweepError(RuntimeError):
+class SweepError(StepforgeError):
     """An expected failure: a bad sweep config, no Ray address, a failed submission."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class Grid(_Strict):
+class Grid(StrictModel):
     """Values per axis; `null` (the default) leaves the base config's value."""
 
     models: list[Optional[str]] = Field(default_factory=lambda: [None], min_length=1)
@@ -127,7 +126,7 @@ class Grid(_Strict):
         return v
 
 
-class RaySettings(_Strict):
+class RaySettings(StrictModel):
     address: Optional[str] = None
     code: Literal["upload", "installed"] = "upload"
     python: str = "python"
@@ -137,7 +136,7 @@ class RaySettings(_Strict):
     entrypoint_num_gpus: float = Field(default=0.0, ge=0)
 
 
-class SweepConfig(_Strict):
+class SweepConfig(StrictModel):
     name: str = Field(default="sweep", pattern=r"^[A-Za-z0-9_.-]+$")
     command: Literal["improve", "ablate"] = "improve"
     config: str

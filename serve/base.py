@@ -121,7 +121,7 @@ class ModelBackend(ABC):
     def count_tokens(self, text: str) -> int:
         """Number of tokens the model's tokenizer gives `text`."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional: a backend may hold nothing
         """Release the model and any pools or connections."""
 
     def __enter__(self) -> "ModelBackend":

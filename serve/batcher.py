@@ -16,7 +16,7 @@ import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
-from .base import GenerationRequest, GenerationResult, ModelBackend
+from .base import GenerationRequest, ModelBackend
 
 
 @dataclass

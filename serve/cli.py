@@ -2,7 +2,7 @@
 
 Heavy libraries load inside the commands, so `stepforge --help` stays fast.
 Expected failures (missing model, unreachable server, bad settings) print one
-`error: ...` line on stderr and exit with status 1 (2 for invalid options).
+`error: ...` line on stderr and exit with status 2 (stepforge.errors).
 """
 
 from __future__ import annotations
@@ -15,16 +15,13 @@ from typing import Any, Optional
 
 import typer
 
+from stepforge.errors import cli_errors, fail
+
 
 class BackendChoice(str, Enum):
     hf = "hf"
     vllm = "vllm"
     openai = "openai"
-
-
-def _fail(message: str, code: int = 1) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
 
 
 def _offline_quiet() -> None:
@@ -45,25 +42,14 @@ def _backend_config(config_file: Optional[Path], overrides: dict[str, Any]):
         data = load_backend_config(config_file).model_dump(exclude_unset=True)
     data.update({k: v for k, v in overrides.items() if v is not None})
     if "model" not in data:
-        _fail("give --model (a local checkpoint dir, or the served name with --backend openai)", 2)
+        fail("give --model (a local checkpoint dir, or the served name with --backend openai)", 2)
     return config_from_dict(data, "options")
 
 
 def _run_guarded(fn) -> None:
-    """Run `fn`, turning expected errors into one line on stderr."""
-    from pydantic import ValidationError
-
-    from .config import format_validation_error
-    from .errors import ConfigError, ServeError
-
-    try:
+    """Run `fn`, turning expected errors into one line on stderr (exit 2)."""
+    with cli_errors():
         fn()
-    except ConfigError as exc:
-        _fail(str(exc), 2)
-    except ServeError as exc:
-        _fail(f"{type(exc).__name__}: {exc}")
-    except ValidationError as exc:
-        _fail(format_validation_error(exc), 2)
 
 
 BACKEND_OPT = typer.Option(None, "--backend", help="Backend kind (default hf).")
@@ -190,7 +176,7 @@ def tiny_model(
     try:
         path = build_tiny_model(out_dir, seed=seed, vocab_size=vocab_size)
     except OSError as exc:
-        _fail(f"cannot write {out_dir}: {exc}")
+        fail(f"cannot write {out_dir}: {exc}")
     typer.echo(str(path))
 
 

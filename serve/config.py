@@ -6,14 +6,16 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ConfigDict, Field, model_validator
+
+from stepforge.config_io import StrictModel, read_yaml_file, validate
 
 from .errors import ConfigError
 
 BackendKind = Literal["hf", "vllm", "openai"]
 
 
-class BackendConfig(BaseModel):
+class BackendConfig(StrictModel):
     """Everything needed to build one backend instance.
 
     `model` is a local checkpoint directory for `hf` and `vllm`, and the served
@@ -87,15 +89,8 @@ def load_backend_config(path: str | Path, key: str | None = None) -> BackendConf
     (so an experiment config works as is), else the whole document. Errors
     name the file and the offending key.
     """
-    import yaml
-
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: cannot read YAML: {exc}") from None
+    data = read_yaml_file(path)
     keys = [key] if key else [k for k in SECTION_KEYS if _lookup(data, k) is not None]
     where = str(path)
     if keys:
@@ -118,16 +113,4 @@ def _lookup(data: Any, dotted: str) -> Any:
 
 def config_from_dict(data: dict[str, Any], where: str = "config") -> BackendConfig:
     """Validate a mapping into a BackendConfig, raising ConfigError with key names."""
-    try:
-        return BackendConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(f"{where}: {format_validation_error(exc)}") from None
-
-
-def format_validation_error(exc: ValidationError) -> str:
-    """One line per problem: `key.path: message`."""
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(root)"
-        parts.append(f"{loc}: {err['msg']}")
-    return "; ".join(parts)
+    return validate(BackendConfig, data, where, what="backend settings")

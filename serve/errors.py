@@ -8,13 +8,15 @@ across Ray processes unchanged.
 
 from __future__ import annotations
 
+from stepforge import errors
+from stepforge.errors import StepforgeError
 
-class ServeError(Exception):
+
+class ServeError(StepforgeError):
     """Base class of every serving error."""
 
 
-class ConfigError(ServeError):
-    """A backend configuration is invalid or inconsistent."""
+ConfigError = errors.ConfigError  # a backend configuration is invalid or inconsistent: the one config error
 
 
 class ModelNotFoundError(ServeError):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from stepforge.errors import StepforgeError
 
-class SimulatorError(Exception):
+
+class SimulatorError(StepforgeError):
     """Base class; `message` is one line, `line` the program line (or None)."""
 
     stage = "runtime"

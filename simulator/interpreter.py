@@ -17,7 +17,7 @@ from stepforge.simulator.errors import ResourceError, StepRuntimeError, StepType
 from stepforge.simulator.fns import StepFn
 from stepforge.simulator.ops import FnListType, StreamList, TypeContext, infer, resolve_params
 from stepforge.simulator.program import Apply, Comprehension, FnList, OpCall, Program, Return
-from stepforge.simulator.shapes import format_shape, shape_values
+from stepforge.simulator.shapes import format_shape
 from stepforge.simulator.values import Stream, StreamType
 
 DEFAULT_MAX_ELEMENTS = 2**27

@@ -14,7 +14,7 @@ from typing import Any, Mapping, Union
 from stepforge.simulator.errors import StepTypeError
 from stepforge.simulator.fns import StepFn
 from stepforge.simulator.program import NameRef, OpCall, SizeExpr, format_kw_value
-from stepforge.simulator.shapes import Dim, Shape, format_shape, product
+from stepforge.simulator.shapes import Dim, format_shape, product
 from stepforge.simulator.types import BufferType, MultihotType, TupleType, make_buffer, make_tuple
 from stepforge.simulator.values import StreamType
 

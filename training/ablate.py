@@ -62,9 +62,12 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from .settings import TrainingConfigError, apply_overrides, read_yaml_mapping, validate_model
+from stepforge.config_io import StrictModel
+from stepforge.errors import StepforgeError
+
+from .settings import apply_overrides, read_yaml_mapping, validate_model
 
 ARMS: tuple[str, ...] = ("base", "base+si", "sft", "sft+si")
 ARM_DIRS = {"base": "base", "base+si": "base_si", "sft": "sft", "sft+si": "sft_si"}
@@ -75,15 +78,11 @@ TABLE_COLUMNS = ("arm", "model", "variant", "tasks", "solved", "completion", "pa
                  "prompt_tokens", "completion_tokens", "wall_seconds", "status")
 
 
-class AblationError(RuntimeError):
+class AblationError(StepforgeError):
     """An expected failure of the ablation (one line per problem in the CLI)."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class SplitSettings(_Strict):
+class SplitSettings(StrictModel):
     source_run: Optional[str] = None
     tasks: list[str] = Field(default_factory=lambda: ["*"], min_length=1)
     train: Optional[list[str]] = None
@@ -104,23 +103,23 @@ class SplitSettings(_Strict):
         return self
 
 
-class SFTArmSettings(_Strict):
+class SFTArmSettings(StrictModel):
     adapter: Optional[str] = None
     config: Optional[str] = None
     set: list[str] = Field(default_factory=list)
     train_extra: bool = False
 
 
-class PromptChoice(_Strict):
+class PromptChoice(StrictModel):
     knowledge: Literal["full", "none"] = "full"
 
 
-class Variants(_Strict):
+class Variants(StrictModel):
     plain: Literal["single", "agent"] = "agent"
     si: Literal["agent+si", "ir-ablation"] = "agent+si"
 
 
-class AblationConfig(_Strict):
+class AblationConfig(StrictModel):
     name: str = "ablate"
     model: str = Field(min_length=1)
     tiny_model: bool = False
@@ -189,10 +188,11 @@ def base_improve_dict(cfg: AblationConfig) -> dict[str, Any]:
     """The improve config all arms share (file, then the inline mapping on top)."""
     data: dict[str, Any] = {}
     if cfg.improve_config:
-        from stepforge.loop.config import ConfigError, read_yaml
+        from stepforge.config_io import read_mapping
+        from stepforge.errors import ConfigError
 
         try:
-            data = read_yaml(cfg.improve_config)
+            data = read_mapping(cfg.improve_config, "settings (tasks, proposer, ...)")
         except ConfigError as exc:
             raise AblationError(str(exc)) from None
     return _deep_merge(data, cfg.improve)
@@ -315,7 +315,7 @@ def ensure_adapter(cfg: AblationConfig, run_dir: Path, split: dict[str, list[str
 
 def run_arm(arm_dir: Path, config_path: Path, progress: Optional[bool]) -> dict[str, Any]:
     """Run (or resume, or just read) one arm; its summary."""
-    from stepforge.loop.algorithm import run_improve
+    from stepforge.loop.job import run_improve
     from stepforge.loop.reporting.report import write_report
 
     state_path = arm_dir / "state.json"
@@ -507,17 +507,7 @@ def run_ablation(config_path: str | Path, *, run_dir: str | Path | None = None, 
 
 
 def _is_expected(exc: BaseException) -> bool:
-    import importlib
-
-    for module, name in (("stepforge.loop.config", "ConfigError"), ("stepforge.loop.algorithm", "ImproveError"),
-                         ("stepforge.loop.runstore", "RunStoreError"), ("stepforge.serve.errors", "ServeError"),
-                         ("stepforge.benchmark.schema", "TaskFileError")):
-        try:
-            if isinstance(exc, getattr(importlib.import_module(module), name)):
-                return True
-        except (ImportError, AttributeError):
-            continue
-    return isinstance(exc, (TrainingConfigError,))
+    return isinstance(exc, StepforgeError)
 
 
 def _start_ray(arm_cfgs) -> bool:

@@ -9,34 +9,11 @@ traceback. Heavy imports (torch, trl, peft) happen inside the commands.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import NoReturn, Optional
+from typing import Optional
 
 import typer
 
-
-def _fail(message: str) -> NoReturn:
-    for line in str(message).strip().splitlines() or ["error"]:
-        typer.echo(f"error: {line}", err=True)
-    raise typer.Exit(code=2)
-
-
-def _expected_errors() -> tuple[type[BaseException], ...]:
-    from stepforge.training.ablate import AblationError
-    from stepforge.training.data import DatasetError
-    from stepforge.training.settings import TrainingConfigError
-    from stepforge.training.sft import TrainingError
-
-    errors: list[type[BaseException]] = [AblationError, DatasetError, TrainingConfigError, TrainingError]
-    for module, name in (("stepforge.loop.config", "ConfigError"), ("stepforge.loop.algorithm", "ImproveError"),
-                         ("stepforge.loop.runstore", "RunStoreError"), ("stepforge.benchmark.schema", "TaskFileError"),
-                         ("stepforge.serve.errors", "ServeError"), ("stepforge.loop.agents.knowledge", "KnowledgeError")):
-        try:
-            import importlib
-
-            errors.append(getattr(importlib.import_module(module), name))
-        except (ImportError, AttributeError):
-            pass
-    return tuple(errors)
+from stepforge.errors import cli_errors, fail
 
 
 def _split_list(values: Optional[list[str]]) -> list[str]:
@@ -68,12 +45,10 @@ def register(app: typer.Typer) -> None:
 
         extras = _split_list(extra_tasks)
         if run_dir is None and not extras and not config:
-            _fail("give --run-dir RUN (its buffer is the data) and/or --extra-tasks KEYS")
-        try:
+            fail("give --run-dir RUN (its buffer is the data) and/or --extra-tasks KEYS")
+        with cli_errors():
             outcome = run_sft(run_dir=run_dir, model=model, out=out, config=config, overrides=list(set_ or []),
                               extra_tasks=extras, merge=merge, dry_run=dry_run)
-        except _expected_errors() as exc:
-            _fail(str(exc))
         ds = outcome.dataset.summary()
         typer.echo(f"dataset: {ds['examples']} examples ({ds['from_buffer']} from the buffer, "
                    f"{ds['from_extra']} extra tasks)" + (f"; skipped: {', '.join(ds['skipped'])}" if ds["skipped"] else ""))
@@ -100,9 +75,7 @@ def register(app: typer.Typer) -> None:
         """SFT versus in-context self-improvement: base, base+si, sft, sft+si on one split; one table and plot."""
         from stepforge.training.ablate import run_ablation
 
-        try:
+        with cli_errors():
             outcome = run_ablation(config, run_dir=run_dir, overrides=list(set_ or []), progress=progress)
-        except _expected_errors() as exc:
-            _fail(str(exc))
         typer.echo(outcome.markdown)
         typer.echo(f"wrote {outcome.run_dir / 'ablation.md'}, ablation.csv, ablation.json, ablation.png")

@@ -37,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from stepforge.errors import StepforgeError
+
 from .settings import DataSettings, PromptSettings
 
 ANSWER_FENCE = "```python"
@@ -65,7 +67,7 @@ class SFTExample:
                 "messages": [dict(m) for m in self.messages], "meta": self.meta}
 
 
-class DatasetError(ValueError):
+class DatasetError(StepforgeError, ValueError):
     """The dataset cannot be built: no buffer, a bad buffer line, an unknown task."""
 
 

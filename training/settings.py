@@ -32,21 +32,21 @@ Sections:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
+
+from stepforge import config_io
+from stepforge.config_io import StrictModel, read_mapping, validate
+from stepforge.errors import ConfigError
 
 
-class TrainingConfigError(ValueError):
+class TrainingConfigError(ConfigError):
     """A bad SFT / ablation / sweep config or override; `str()` names the file, key and expectation."""
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class LoraSettings(_Strict):
+class LoraSettings(StrictModel):
     """The LoRA adapter: low-rank updates of the named linear modules."""
 
     r: int = Field(default=16, ge=1)
@@ -72,7 +72,7 @@ class LoraSettings(_Strict):
         return v
 
 
-class DataSettings(_Strict):
+class DataSettings(StrictModel):
     """Which examples the dataset holds."""
 
     min_success_rate: float = Field(default=0.0, ge=0.0, le=1.0)
@@ -102,7 +102,7 @@ class DataSettings(_Strict):
         return self
 
 
-class PromptSettings(_Strict):
+class PromptSettings(StrictModel):
     """How the loop's prompt builder is called for tasks without a recorded prompt.
 
     `style` and `knowledge` are the improve config's `proposer.style` and
@@ -123,7 +123,7 @@ class PromptSettings(_Strict):
         return data
 
 
-class SFTSettings(_Strict):
+class SFTSettings(StrictModel):
     """Everything that shapes one SFT run (see the module docstring)."""
 
     lora: LoraSettings = Field(default_factory=LoraSettings)
@@ -160,78 +160,25 @@ class SFTSettings(_Strict):
 # loading
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`key.path=value` -> (["key", "path"], value); the loop's rule, with this module's error type."""
-    from stepforge.loop import config as loop_config
+def validate_model(model: type[BaseModel], data: dict, where: str, set_keys: set[str] | None = None):
+    """`model.model_validate(data)` with errors as one TrainingConfigError (one line per problem)."""
+    return validate(model, data, where, set_keys, error=TrainingConfigError)
 
+
+def read_yaml_mapping(path: str | Path, what: str = "settings") -> dict:
+    """A YAML file's top-level mapping; TrainingConfigError naming the file otherwise."""
     try:
-        return loop_config.parse_override(text)
-    except loop_config.ConfigError as exc:
+        return read_mapping(path, what)
+    except ConfigError as exc:
         raise TrainingConfigError(str(exc)) from None
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> tuple[dict, set[str]]:
-    """A copy of `data` with every `--set key.path=value` applied, and the keys set (as the loop does)."""
-    from stepforge.loop import config as loop_config
-
+    """`--set key.path=value` overrides (the shared parser), errors as TrainingConfigError."""
     try:
-        return loop_config.apply_overrides(data, overrides)
-    except loop_config.ConfigError as exc:
+        return config_io.apply_overrides(data, overrides)
+    except ConfigError as exc:
         raise TrainingConfigError(str(exc)) from None
-
-
-def format_validation_error(exc: ValidationError, where: str, set_keys: set[str] | None = None,
-                            model: type[BaseModel] | None = None) -> str:
-    """One line per problem: `WHERE: key.path: message` (unknown keys list the allowed ones)."""
-    lines: list[str] = []
-    for err in exc.errors(include_url=False):
-        loc = [str(p) if not isinstance(p, int) else f"[{p}]" for p in err["loc"]
-               if not str(p).startswith(("literal[", "list[", "function-", "union[", "tagged-union["))]
-        key = ".".join(loc).replace(".[", "[") or "(top level)"
-        if err["type"] == "extra_forbidden":
-            parent_fields = _fields_at(model, loc[:-1]) if model is not None else None
-            msg = f"unknown key {loc[-1]!r}" + (f"; expected one of: {', '.join(parent_fields)}" if parent_fields else "")
-        else:
-            msg = err["msg"].removeprefix("Value error, ")
-            if err["type"] not in ("value_error", "missing") and "input" in err:
-                shown = repr(err["input"])
-                msg += f", got {shown if len(shown) <= 60 else shown[:57] + '...'}"
-        origin = " (from --set)" if set_keys and any(key == k or key.startswith(k + ".") or k.startswith(key + ".")
-                                                     for k in set_keys) else ""
-        line = f"{where}: {key}{origin}: {msg}"
-        if line not in lines:
-            lines.append(line)
-    return "\n".join(lines)
-
-
-def _fields_at(model: type[BaseModel], path: list[str]) -> list[str] | None:
-    for part in path:
-        field = model.model_fields.get(part)
-        if field is None:
-            return None
-        ann = field.annotation
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
-            return None
-        model = ann
-    return list(model.model_fields)
-
-
-def read_yaml_mapping(path: str | Path, what: str = "settings") -> dict:
-    """A YAML file's top-level mapping (the loop's reader); TrainingConfigError naming the file otherwise."""
-    from stepforge.loop import config as loop_config
-
-    try:
-        return loop_config.read_yaml(path, what)
-    except loop_config.ConfigError as exc:
-        raise TrainingConfigError(str(exc)) from None
-
-
-def validate_model(model: type[BaseModel], data: dict, where: str, set_keys: set[str] | None = None):
-    """`model.model_validate(data)` with errors as one TrainingConfigError."""
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise TrainingConfigError(format_validation_error(exc, where, set_keys, model)) from None
 
 
 def load_sft_settings(path: str | Path | None = None, overrides: list[str] | None = None) -> SFTSettings:
@@ -249,9 +196,7 @@ __all__ = [
     "SFTSettings",
     "TrainingConfigError",
     "apply_overrides",
-    "format_validation_error",
     "load_sft_settings",
-    "parse_override",
     "read_yaml_mapping",
     "validate_model",
 ]

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from stepforge.errors import StepforgeError
+
 from .data import SFTExample, write_dataset
 from .settings import SFTSettings
 
@@ -41,7 +43,7 @@ SFT_RECORD = "sft.json"
 DATASET_FILE = "dataset.jsonl"
 
 
-class TrainingError(RuntimeError):
+class TrainingError(StepforgeError):
     """SFT cannot run: a bad base model, an empty or over-long dataset, an unusable output folder."""
 
 

@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Sequence, Union
 
-from stepforge.loop.interfaces import GuardRequest, GuardResult, Guardian
+from stepforge.loop.interfaces import Guardian, GuardRequest, GuardResult
 from stepforge.simulator import ProgramSyntaxError, check_affine, parse_program
 from stepforge.simulator.program import Apply, Comprehension, FnList, OpCall, Program, Return
 

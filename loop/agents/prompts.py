@@ -213,7 +213,7 @@ def task_as_python(task: "Task | str | dict") -> str:
     for o in t.outputs:
         blocks = o.transforms()
         fields = o.dtype if isinstance(o.dtype, list) else [o.dtype]
-        for i, (block, ftype) in enumerate(zip(blocks, fields)):
+        for i, (block, _ftype) in enumerate(zip(blocks, fields)):
             name = f"expected_{o.name}" if len(blocks) == 1 else f"expected_{o.name}_{i}"
             what = f"{o.name}" if len(blocks) == 1 else f"field {i} of {o.name}"
             parts.append(f"def {name}():\n"

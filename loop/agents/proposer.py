@@ -20,10 +20,10 @@ import time
 from typing import Any, Optional, Sequence
 
 from stepforge.loop.agents.guardians import NoGuardian, RuleGuardian, make_guardian
-from stepforge.loop.interfaces import GuardRequest, GuardResult, Guardian, Proposal, ProposalRequest, Proposer
 from stepforge.loop.agents.knowledge import Knowledge, load_knowledge
 from stepforge.loop.agents.prompts import STYLES, guardian_messages, proposer_messages
 from stepforge.loop.agents.replies import extract_program_with_reason
+from stepforge.loop.interfaces import Guardian, GuardRequest, GuardResult, Proposal, ProposalRequest, Proposer
 from stepforge.serve.base import GenerationRequest, GenerationResult, SamplingParams
 from stepforge.serve.errors import InvalidRequestError, PromptTooLongError
 
@@ -80,7 +80,6 @@ class LLMProposer(Proposer):
         self.max_tokens = max_tokens
         self.top_p = top_p
         self.stop = list(stop or [])
-        self.last_errors: dict[str, str] = {}  # task key -> why its request produced no proposals (last call)
 
     def messages_for(self, request: ProposalRequest) -> list[dict[str, str]]:
         return proposer_messages(self.knowledge, request.demonstrations, request.task_ir, style=self.style)
@@ -94,7 +93,6 @@ class LLMProposer(Proposer):
         )
 
     def propose(self, requests: list[ProposalRequest]) -> list[list[Proposal]]:
-        self.last_errors = {}
         live = [i for i, r in enumerate(requests) if r.n >= 1]
         gen = [self.generation_request(requests[i], i) for i in live]
         t0 = time.perf_counter()
@@ -105,8 +103,9 @@ class LLMProposer(Proposer):
         out: list[list[Proposal]] = [[] for _ in requests]
         for j, (i, res) in enumerate(zip(live, results)):
             if res is None:
-                self.last_errors[requests[i].task_key] = errors.get(j, "no result")
-                log.warning("proposer: task %s got no proposals: %s", requests[i].task_key, errors.get(j))
+                why = errors.get(j, "no result")
+                log.warning("proposer: task %s got no proposals: %s", requests[i].task_key, why)
+                out[i] = [Proposal(raw="", error=why, messages=gen[j].messages)] * requests[i].n
                 continue
             messages = gen[j].messages
             for c in res.completions[: requests[i].n]:

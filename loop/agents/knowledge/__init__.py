@@ -38,11 +38,13 @@ from typing import Any, Mapping
 
 import yaml
 
+from stepforge.errors import StepforgeError
+
 KNOWLEDGE_DIR = Path(__file__).resolve().parent
 EXAMPLE_PREFIX = "kb_"
 
 
-class KnowledgeError(ValueError):
+class KnowledgeError(StepforgeError, ValueError):
     """A knowledge file that is missing, malformed or inconsistent; names the file and key."""
 
     def __init__(self, path: str | Path, key: str, problem: str):

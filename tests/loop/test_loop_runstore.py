@@ -6,12 +6,12 @@ import json
 
 import pytest
 
+from stepforge.benchmark.verdict import Verdict
 from stepforge.loop.runstore import (
     SAMPLES,
     RunStore,
     RunStoreError,
     SampleRecord,
-    VerdictRecord,
     append_lines,
     load_jsonl,
 )
@@ -19,7 +19,7 @@ from stepforge.loop.runstore import (
 
 def _sample(i: int) -> SampleRecord:
     return SampleRecord(round=0, step=0, task="t", temperature=0.4, index=i, of=3, seed=1, raw=f"r{i}",
-                        verdict=VerdictRecord(passed=False, stage="value"))
+                        verdict=Verdict(passed=False, stage="value"))
 
 
 def test_torn_last_line_is_dropped_and_cut_before_appending(tmp_path):

@@ -10,7 +10,6 @@ import types
 from types import SimpleNamespace
 
 import pytest
-from serve_fixtures import tiny_model_dir  # noqa: F401
 
 from stepforge.serve import vllm_backend as vb
 from stepforge.serve.base import BackendConfig, GenerationRequest, SamplingParams, make_backend

@@ -1,15 +1,11 @@
-"""Shared fixtures of the serve tests: the tiny model, built once per session.
+"""Fixtures shared by the whole suite: the tiny model (built once per session), its backend, a local Ray.
 
-Imported by the `test_serve_*` modules (`from serve_fixtures import ...`).
-Builds are cached by path, so importing the fixtures into several modules
-still builds the model and loads the backend only once.
+Helpers that are not fixtures live in `support.py` and `program_gen.py` beside this file.
 """
 
 from __future__ import annotations
 
 import os
-import socket
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,8 +15,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 _BACKENDS: dict[str, object] = {}
-
-STEPFORGE = str(Path(sys.executable).parent / "stepforge")
 
 
 @pytest.fixture(scope="session")
@@ -43,46 +37,6 @@ def hf_backend(tiny_model_dir):
     if key not in _BACKENDS:
         _BACKENDS[key] = make_backend(BackendConfig(kind="hf", model=key, device="cpu"))
     return _BACKENDS[key]
-
-
-def free_port() -> int:
-    """A free TCP port on the loopback interface."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerThread:
-    """Runs a uvicorn server for an ASGI app on a loopback port in a thread."""
-
-    def __init__(self, app, port: int | None = None):
-        import threading
-
-        import uvicorn
-
-        self.port = port or free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="error"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
-
-    def __enter__(self) -> "ServerThread":
-        import time
-
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("test server did not start")
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-
 
 
 @pytest.fixture(scope="session")

@@ -6,11 +6,12 @@ import os
 import time
 
 import pytest
-from serve_fixtures import hf_backend, long_prompt, ray_local, tiny_model_dir  # noqa: F401
 
 from stepforge.serve.actors import ModelPool, split_balanced
 from stepforge.serve.base import BackendConfig, GenerationRequest, SamplingParams
 from stepforge.serve.errors import BackendUnavailableError, ModelNotFoundError, PromptTooLongError
+
+pytestmark = pytest.mark.slow  # end to end: real Ray, training or process kills
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow  # end to end: real Ray, training or process kills
+
+REPO = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).parent / "ray")
 
 

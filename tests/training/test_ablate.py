@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from serve_fixtures import tiny_model_dir  # noqa: F401
 
-REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow  # end to end: real Ray, training or process kills
+
+REPO = Path(__file__).resolve().parents[2]
 STEPFORGE = str(Path(sys.executable).parent / "stepforge")
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 TEST = ["rope/G_0_3_02", "moe-index/G_0_3_04"]  # benchmark order
@@ -41,7 +42,7 @@ def _ablate(*args):
     return subprocess.run([STEPFORGE, "ablate", *args], capture_output=True, text=True, env=ENV, timeout=500, cwd=REPO)
 
 
-def test_ablation_four_arms_table_plot_and_resume(tiny_model_dir, tmp_path):  # noqa: F811
+def test_ablation_four_arms_table_plot_and_resume(tiny_model_dir, tmp_path):
     config = _config(tmp_path, tiny_model_dir)
     run = tmp_path / "abl-run"
     proc = _ablate("--config", str(config), "--run-dir", str(run))
@@ -99,7 +100,7 @@ def test_ablation_four_arms_table_plot_and_resume(tiny_model_dir, tmp_path):  # 
     assert other.returncode == 2 and "holds a different ablation" in other.stderr and "Traceback" not in other.stderr
 
 
-def test_split_from_a_source_run_and_config_errors(tiny_model_dir, tmp_path):  # noqa: F811
+def test_split_from_a_source_run_and_config_errors(tiny_model_dir, tmp_path):
     from stepforge.loop.interfaces import BufferEntry
     from stepforge.training.ablate import (
         AblationError,
@@ -152,7 +153,7 @@ def test_split_from_a_source_run_and_config_errors(tiny_model_dir, tmp_path):  #
     assert bad.returncode == 2 and "unknown key 'nn'" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def test_si_arm_starts_from_the_source_runs_train_entries(tiny_model_dir, tmp_path):  # noqa: F811
+def test_si_arm_starts_from_the_source_runs_train_entries(tiny_model_dir, tmp_path):
     """With a source run, base+si's D starts with the train split's earned entries (demonstrations from
     round 1 on, never counted as solved)."""
     from stepforge.benchmark.schema import load_benchmark

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 from pydantic import ValidationError
-from serve_fixtures import hf_backend, tiny_model_dir  # noqa: F401
 
 from stepforge.serve.base import BackendConfig, GenerationRequest, SamplingParams, make_backend
 from stepforge.serve.errors import InvalidRequestError, ModelNotFoundError, PromptTooLongError

@@ -21,6 +21,8 @@ import yaml
 
 from stepforge.loop.runstore import load_jsonl
 
+pytestmark = pytest.mark.slow  # end to end: real Ray, training or process kills
+
 TESTS = Path(__file__).resolve().parent
 STEPFORGE = str(Path(sys.executable).parent / "stepforge")
 TASKS = ["bmm/bmm_0", "gemm/G_0_6_02", "rope/G_0_3_02", "moe-index/G_0_3_03"]

@@ -14,8 +14,8 @@ from collections import Counter
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
 from program_gen import OPS, DataChooser, RandomChooser, assert_same_streams, generate, run_both
+
 from stepforge.simulator import check_affine, parse_program, typecheck
 
 EXAMPLES_PER_OP = 40

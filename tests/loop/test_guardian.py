@@ -9,10 +9,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from program_gen import OPS, DataChooser, assert_same_streams, fn_table, generate, run, stream
-from serve_fixtures import hf_backend, tiny_model_dir  # noqa: F401 - pytest fixtures (the tiny Qwen2 model)
 
 from stepforge.benchmark.schema import load_benchmark
-from stepforge.loop.agents.proposer import LLMGuardian
 from stepforge.loop.agents.guardians import (
     NoGuardian,
     RuleGuardian,
@@ -21,8 +19,9 @@ from stepforge.loop.agents.guardians import (
     make_guardian,
     repair_affine,
 )
-from stepforge.loop.interfaces import GuardRequest
 from stepforge.loop.agents.knowledge import load_knowledge
+from stepforge.loop.agents.proposer import LLMGuardian
+from stepforge.loop.interfaces import GuardRequest
 from stepforge.serve.base import Completion, GenerationResult
 from stepforge.serve.errors import PromptTooLongError
 from stepforge.simulator import check_affine, parse_program
@@ -349,7 +348,7 @@ def test_llm_guardian_only_violations_and_request_errors():
     assert res.program == BROKEN and not res.changed and "PromptTooLongError" in failing.last_reasons[0]
 
 
-def test_llm_guardian_through_the_transformers_backend(hf_backend):  # noqa: F811 - the fixture
+def test_llm_guardian_through_the_transformers_backend(hf_backend):
     """The real path: chat template, generation and counting on the tiny Qwen2 model."""
     guardian = LLMGuardian(hf_backend, max_tokens=8, temperature=0.0)
     (res,) = guardian.repair([_req(BROKEN)])

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from program_gen import fn_table, stream
+
 from stepforge.simulator import (
     ResourceError,
     StepFn,

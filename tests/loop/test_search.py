@@ -248,7 +248,7 @@ def test_proposer_contract_pickle_and_config():
         options = {"max_seconds": 5.0}
 
     assert SearchProposer(LoopProposerConfig()).config.max_seconds == 5.0
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError):  # pydantic ValidationError
         SearchProposer({"max_expansion": 1})  # a typo is an error, not a silent default
 
 

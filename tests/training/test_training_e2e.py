@@ -14,10 +14,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
-from serve_fixtures import tiny_model_dir  # noqa: F401
 
-REPO = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow  # end to end: real Ray, training or process kills
+
+REPO = Path(__file__).resolve().parents[2]
 STEPFORGE = str(Path(sys.executable).parent / "stepforge")
 TASKS = ["moe-index/G_0_3_04", "moe-index/G_0_3_03"]  # short prompts and programs: fast on CPU
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -29,7 +31,7 @@ def _run(*args, timeout=400):
     return proc
 
 
-def test_sft_then_improve_with_the_adapter_solves_the_tasks(tiny_model_dir, tmp_path):  # noqa: F811
+def test_sft_then_improve_with_the_adapter_solves_the_tasks(tiny_model_dir, tmp_path):
     from stepforge.benchmark.schema import load_benchmark
     from stepforge.loop.agents.replies import extract_program
     from stepforge.serve.base import BackendConfig, GenerationRequest, SamplingParams, make_backend

@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from stepforge.benchmark.schema import load_benchmark
-from stepforge.loop.dedup import canonical_form, dedup, program_size, select_shortest
 from stepforge.loop.agents.knowledge import load_knowledge
+from stepforge.loop.dedup import canonical_form, dedup, program_size, select_shortest
 from stepforge.simulator import parse_program
 
 ROUTED = """route_0, route_1 = step.Copy().apply(E1)

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from program_gen import assert_same_streams
+
 from stepforge.simulator import parse_program, run_program
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_simulator.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_simulator.py"
 
 
 @pytest.fixture(scope="module")

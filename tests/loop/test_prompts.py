@@ -9,11 +9,8 @@ import string
 
 import pytest
 import torch
-from serve_fixtures import hf_backend, tiny_model_dir  # noqa: F401 - pytest fixtures (the tiny Qwen2 model)
 
 from stepforge.benchmark.schema import Task, load_benchmark
-from stepforge.loop.agents.proposer import LLMProposer, make_proposer
-from stepforge.loop.interfaces import Demonstration, ProposalRequest
 from stepforge.loop.agents.knowledge import load_knowledge
 from stepforge.loop.agents.prompts import (
     TEMPLATES_DIR,
@@ -24,6 +21,8 @@ from stepforge.loop.agents.prompts import (
     strip_impl,
     task_as_python,
 )
+from stepforge.loop.agents.proposer import LLMProposer, make_proposer
+from stepforge.loop.interfaces import Demonstration, ProposalRequest
 from stepforge.serve.base import Completion, GenerationResult
 from stepforge.serve.errors import BackendUnavailableError, PromptTooLongError
 from stepforge.simulator import StreamType, parse_dims, parse_dtype
@@ -223,7 +222,7 @@ def test_render_task_styles():
 
 
 class ScriptedBackend:
-    def __init__(self, reply=lambda req, i: f"```python\nS0 = step.Map(fn=fn_square).apply(E0)\nreturn S0\n```",
+    def __init__(self, reply=lambda req, i: "```python\nS0 = step.Map(fn=fn_square).apply(E0)\nreturn S0\n```",
                  fail=lambda req: None):
         self.reply, self.fail, self.calls = reply, fail, []
 
@@ -278,18 +277,19 @@ def test_llm_proposer_isolates_a_prompt_that_is_too_long():
     backend = ScriptedBackend(fail=lambda r: PromptTooLongError("prompt has 9000 tokens") if r.request_id.startswith("bmm") else None)
     proposer = LLMProposer(backend, KNOWLEDGE)
     out = proposer.propose([_request("norm/G_0_8_01", n=2), _request("bmm/bmm_0", n=2), _request("gemm/G_0_6_02", n=0)])
-    assert [len(p) for p in out] == [2, 0, 0]
-    assert "PromptTooLongError" in proposer.last_errors["bmm/bmm_0"]
+    assert [len(p) for p in out] == [2, 2, 0]
+    assert all(p.error is None for p in out[0])
+    assert all("PromptTooLongError" in p.error and p.raw == "" for p in out[1])
     with pytest.raises(BackendUnavailableError):  # a backend failure is not hidden
         LLMProposer(ScriptedBackend(fail=lambda r: BackendUnavailableError("down")), KNOWLEDGE).propose([_request("bmm/bmm_0")])
 
 
-def test_llm_proposer_through_the_transformers_backend_sends_the_full_prompt(hf_backend):  # noqa: F811
+def test_llm_proposer_through_the_transformers_backend_sends_the_full_prompt(hf_backend):
     """The real proposer prompt (knowledge included) fits the tiny model and is counted exactly."""
     proposer = LLMProposer(hf_backend, KNOWLEDGE, max_tokens=4)
     request = _request("bmm/bmm_0", n=2, temperature=0.7)
     (out,) = proposer.propose([request])
-    assert len(out) == 2 and not proposer.last_errors
+    assert len(out) == 2 and all(p.error is None for p in out)
     expected = len(hf_backend.tokenizer.apply_chat_template(out[0].messages, add_generation_prompt=True, tokenize=True, return_dict=False))
     assert out[0].prompt_tokens == expected > 4000
     assert all(0 < p.completion_tokens <= 4 for p in out)

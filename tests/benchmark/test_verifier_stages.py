@@ -273,7 +273,7 @@ def test_random_program_mutations_always_get_a_verdict():
     rng = random.Random(7)
     ops = list(sim.program.OPS)
     seen_stages = set()
-    for key, task in TASKS.items():
+    for _key, task in TASKS.items():
         lines = task.impl.splitlines()
         names = sorted(set(re.findall(r"\b[A-Za-z_]\w*\b", task.impl)) - {"step", "apply", "return"})
         for _ in range(6):

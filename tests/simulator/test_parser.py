@@ -8,8 +8,8 @@ import uuid
 
 import pytest
 import torch
-
 from program_gen import fn_table, run, stream
+
 from stepforge.simulator import ProgramSyntaxError, parse_program, run_program, typecheck
 from stepforge.simulator.program import Apply, Comprehension, FnList, NameRef, Return, SizeExpr
 
@@ -304,7 +304,7 @@ def test_deep_nesting_never_escapes_as_recursion_error(kind, n):
     if len(text) > 20_000:
         text = text[:20_000]
     try:
-        prog = parse_program(text)
+        parse_program(text)
     except ProgramSyntaxError as e:
         assert "\n" not in e.message and len(e.message) < 300
         return

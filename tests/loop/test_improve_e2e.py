@@ -13,18 +13,19 @@ import json
 from pathlib import Path
 
 import pytest
-from serve_fixtures import ray_local, tiny_model_dir  # noqa: F401
 from typer.testing import CliRunner
 
 from stepforge.cli import app
 from stepforge.loop.runstore import load_jsonl
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+pytestmark = pytest.mark.slow  # end to end: real Ray, training or process kills
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 RUN_FILES = ("config.yaml", "samples.jsonl", "prompts.jsonl", "steps.jsonl", "buffer.jsonl", "state.json",
              "summary.json", "report.md", "tasks_solved.png", "tokens.png")
 
 
-def test_cpu_smoke_end_to_end_through_the_cli(ray_local, tiny_model_dir, tmp_path):  # noqa: F811
+def test_cpu_smoke_end_to_end_through_the_cli(ray_local, tiny_model_dir, tmp_path):
     from transformers import AutoTokenizer
 
     run = tmp_path / "run"
@@ -84,7 +85,7 @@ def test_cpu_smoke_end_to_end_through_the_cli(ray_local, tiny_model_dir, tmp_pat
 
 def test_ray_verifier_actors_verify_and_replace_a_worker_past_its_time_limit(ray_local):
     from stepforge.benchmark.schema import load_benchmark
-    from stepforge.loop.executor import RayVerifier
+    from stepforge.loop.verifiers import RayVerifier
 
     task = load_benchmark()["rope/G_0_3_02"]
     wrong = "x = step.Zip().apply((E0, E1))\nreturn x\n"

@@ -12,8 +12,8 @@ import math
 
 import pytest
 import torch
-
 from program_gen import fn_table, run, stream
+
 from stepforge.simulator import (
     BufferType,
     MultihotType,

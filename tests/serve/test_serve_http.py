@@ -10,7 +10,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
-from serve_fixtures import ServerThread, free_port, hf_backend, long_prompt, tiny_model_dir  # noqa: F401
+from support import ServerThread, free_port
 
 from stepforge.serve.base import BackendConfig, GenerationRequest, SamplingParams, make_backend
 from stepforge.serve.errors import BackendUnavailableError, InvalidRequestError, ModelNotFoundError, PromptTooLongError

@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import threading
 import time
-from types import SimpleNamespace
 
 import pytest
 from test_loop_scripted import ScriptedProposer, ok_verify
 
-from stepforge.loop.buffer import demonstration_sets, stratify
+from stepforge.benchmark.verdict import Verdict
 from stepforge.loop.algorithm import LoopSettings, StepPlan, run_algorithm1
-from stepforge.loop.executor import Executor, InlineVerifier, SampleJob, derive_seed
+from stepforge.loop.buffer import demonstration_sets, stratify
+from stepforge.loop.executor import Executor, SampleJob, derive_seed
 from stepforge.loop.interfaces import BufferEntry, Proposal, Proposer
+from stepforge.loop.verifiers import InlineVerifier
 
 TASKS = {k: f"test_name: {k}\n" for k in "ABCDEFG"}
 T2 = (0.4, 1.0)
@@ -94,7 +95,7 @@ def test_shortest_after_dedup_across_temperatures():
 
     def verify(task, program):
         good = "Map" in program
-        return SimpleNamespace(passed=good, stage="ok" if good else "value", message="", affine_ok=True,
+        return Verdict(passed=good, stage="ok" if good else "value", message="", affine_ok=True,
                                functional_ok=good)
 
     result, _ = run(script, LoopSettings(granularity=3, temperatures=T2, n=2), tasks={"A": "x"}, verify=verify)
@@ -208,7 +209,7 @@ def test_progress_outputs_follow_the_steps():
 
     from rich.console import Console
 
-    from stepforge.loop.executor import LogProgress, RichProgress
+    from stepforge.loop.progress import LogProgress, RichProgress
 
     out = io.StringIO()
     log = LogProgress(7, stream=out)
@@ -280,7 +281,7 @@ def test_improve_run_with_seed_buffer_records_origin_counts_only_earned_and_resu
 
     import yaml
 
-    from stepforge.loop.algorithm import run_improve
+    from stepforge.loop.job import run_improve
     from stepforge.loop.runstore import RunStore
 
     easy, hard, seeded = "moe-index/G_0_3_04", "moe-index/G_0_3_03", "rope/G_0_3_02"
@@ -337,7 +338,7 @@ def test_seed_buffer_errors_name_the_key(tmp_path):
     import yaml
 
     from stepforge.loop.config import ConfigError
-    from stepforge.loop.algorithm import run_improve
+    from stepforge.loop.job import run_improve
 
     config = {"tasks": ["moe-index/G_0_3_04"], "seed_buffer": str(tmp_path / "nope"), "progress": False,
               "verifier": {"kind": "inline"}}

@@ -18,9 +18,9 @@ from __future__ import annotations
 import hashlib
 import os
 import time
-from types import SimpleNamespace
 from typing import Any, Optional
 
+from stepforge.benchmark.verdict import Verdict
 from stepforge.loop.interfaces import Proposal, ProposalRequest, Proposer
 
 WRONG = "x = step.Map(fn=nope).apply(E0)\nreturn x\n"
@@ -54,7 +54,7 @@ class ScriptedProposer(Proposer):
 def ok_verify(task: str, program: str) -> Any:
     """A verifier for scripted runs: replies starting with `ok` are correct."""
     good = program.startswith("ok")
-    return SimpleNamespace(passed=good, stage="ok" if good else "value", message="" if good else "wrong",
+    return Verdict(passed=good, stage="ok" if good else "value", message="" if good else "wrong",
                            affine_ok=True, functional_ok=good, timings={"total": 0.0})
 
 

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from serve_fixtures import tiny_model_dir  # noqa: F401
 
 from stepforge.loop.interfaces import BufferEntry
 
@@ -68,7 +67,7 @@ class ScriptedPool:
 
 def _llm_run(root: Path, knowledge: str) -> Path:
     """`stepforge improve` with the loop's own LLM proposer (`proposer.knowledge`) on the scripted pool."""
-    from stepforge.loop.algorithm import run_improve
+    from stepforge.loop.job import run_improve
 
     config = {
         "name": f"earned-{knowledge}", "tasks": EASY + [HARD], "variant": "agent+si",
@@ -111,9 +110,9 @@ def _irs(keys):
 
 def _expected_messages(entry: BufferEntry, buffer: dict[str, BufferEntry], knowledge=None):
     """What `proposer_messages` gives for this task and the demonstrations it was earned with."""
-    from stepforge.loop.interfaces import Demonstration
     from stepforge.loop.agents.knowledge import load_knowledge
     from stepforge.loop.agents.prompts import proposer_messages
+    from stepforge.loop.interfaces import Demonstration
 
     irs = _irs(list(buffer))
     demos = [Demonstration(task_key=k, task_ir=irs[k], impl=buffer[k].impl, success_rate=buffer[k].success_rate,
@@ -230,7 +229,7 @@ def test_filters_extra_tasks_and_compact_prompt(earned_run):
     assert [e.task_key for e in only.examples] == [HARD]
 
 
-def test_collated_labels_mask_the_prompt(tiny_model_dir, tmp_path):  # noqa: F811
+def test_collated_labels_mask_the_prompt(tiny_model_dir, tmp_path):
     """Every prompt token's label is -100; the answer tokens (and the end-of-turn) keep their ids."""
     from stepforge.training.data import build_dataset
     from stepforge.training.settings import DataSettings, PromptSettings, load_sft_settings
@@ -238,7 +237,7 @@ def test_collated_labels_mask_the_prompt(tiny_model_dir, tmp_path):  # noqa: F81
 
     ds = build_dataset(None, DataSettings(extra_tasks=["moe-index/G_0_3_04", "rope/G_0_3_02"]),
                        PromptSettings(knowledge="none"))
-    settings = load_sft_settings(Path(__file__).parent.parent / "configs" / "sft_tiny.yaml", ["max_steps=1"])
+    settings = load_sft_settings(Path(__file__).resolve().parents[2] / "configs" / "sft_tiny.yaml", ["max_steps=1"])
     trainer = build_trainer(ds.examples, tiny_model_dir, tmp_path / "out", settings)
     tok = trainer.processing_class
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(trainer.train_dataset))])
@@ -280,7 +279,7 @@ def test_settings_errors_name_the_file_and_key(tmp_path):
         load_sft_settings(None, ["prompt.options.knowledge=none"])
 
 
-def test_examples_longer_than_the_context_are_refused(tiny_model_dir):  # noqa: F811
+def test_examples_longer_than_the_context_are_refused(tiny_model_dir):
     from stepforge.training.data import build_dataset
     from stepforge.training.settings import DataSettings, PromptSettings
     from stepforge.training.sft import TrainingError, check_lengths, load_tokenizer, model_context
@@ -302,7 +301,7 @@ def _cli(*args, cwd=None):
     return subprocess.run([STEPFORGE, *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=120)
 
 
-def test_cli_errors_are_one_line_exit_2(tiny_model_dir, tmp_path, earned_run):  # noqa: F811
+def test_cli_errors_are_one_line_exit_2(tiny_model_dir, tmp_path, earned_run):
     cases = [
         (["train", "sft", "--model", str(tiny_model_dir), "--out", str(tmp_path / "a"), "--run-dir", str(tmp_path / "nope")],
          "no such run directory"),

@@ -1,0 +1,283 @@
+"""Verifier backends of the executor: submit (ticket, task key, program) items, poll for verdicts.
+
+- `InlineVerifier`: a verify function called in this process (tests,
+  debugging; no time limit).
+- `PoolVerifier`: the benchmark's `VerifierPool` (warm worker processes, a
+  time limit per verification, a worker that exceeds it is replaced).
+- `RayVerifier`: Ray actors each holding a warm verifier, one verification
+  in flight per actor; one that exceeds `timeout_s` is killed and replaced
+  and the candidate is scored `timeout`; one that dies is replaced and the
+  candidate scored `runtime`.
+
+`VERIFIERS` names them for the config's `verifier.kind`.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from stepforge.benchmark.verdict import Verdict, failed
+from stepforge.registry import Registry
+
+VerifyFn = Callable[[str, str], Any]  # (task key, program) -> a Verdict
+
+
+class VerifierBackend(ABC):
+    """Asynchronous verification: submit (ticket, task key, program) items, poll for verdicts."""
+
+    @abstractmethod
+    def submit(self, items: list[tuple[int, str, str]]) -> None:
+        """Queue items for verification."""
+
+    @abstractmethod
+    def poll(self, timeout: float = 0.0) -> list[tuple[int, Verdict]]:
+        """Verdicts finished so far (waiting up to `timeout` seconds for the first one)."""
+
+    @abstractmethod
+    def pending(self) -> int:
+        """Items submitted and not yet returned by poll."""
+
+    def close(self) -> None:  # noqa: B027 - optional: backends without workers hold nothing
+        """Release workers."""
+
+
+class InlineVerifier(VerifierBackend):
+    """Verifies in this process, at submit time (no time limit)."""
+
+    def __init__(self, verify: VerifyFn):
+        self.verify = verify
+        self._done: list[tuple[int, Verdict]] = []
+
+    def submit(self, items: list[tuple[int, str, str]]) -> None:
+        for ticket, task, program in items:
+            t0 = time.perf_counter()
+            verdict = self.verify(task, program)
+            own = verdict.seconds or verdict.timings.get("total", 0.0)
+            self._done.append((ticket, verdict.timed(own or time.perf_counter() - t0)))
+
+    def poll(self, timeout: float = 0.0) -> list[tuple[int, Verdict]]:
+        out, self._done = self._done, []
+        return out
+
+    def pending(self) -> int:
+        return len(self._done)
+
+
+class PoolVerifier(VerifierBackend):
+    """The benchmark's VerifierPool, fed batch by batch from a thread so the caller never blocks."""
+
+    def __init__(self, pool: Any, own_pool: bool = True):
+        self.pool = pool
+        self.own_pool = own_pool
+        self._inbox: "queue.Queue[Optional[list[tuple[int, str, str]]]]" = queue.Queue()
+        self._outbox: "queue.Queue[Any]" = queue.Queue()
+        self._pending = 0
+        self._thread = threading.Thread(target=self._feed, name="stepforge-verify", daemon=True)
+        self._thread.start()
+
+    def _feed(self) -> None:
+        while True:
+            batch = self._inbox.get()
+            if batch is None:
+                return
+            try:
+                verdicts = self.pool.verify_many([(task, program) for _, task, program in batch])
+                self._outbox.put([(t, v.timed()) for (t, _, _), v in zip(batch, verdicts)])
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller by poll()
+                self._outbox.put(exc)
+
+    def submit(self, items: list[tuple[int, str, str]]) -> None:
+        if items:
+            self._pending += len(items)
+            self._inbox.put(list(items))
+
+    def poll(self, timeout: float = 0.0) -> list[tuple[int, Verdict]]:
+        out: list[tuple[int, Verdict]] = []
+        block = timeout > 0
+        while True:
+            try:
+                got = self._outbox.get(block=block, timeout=timeout if block else None)
+            except queue.Empty:
+                break
+            if isinstance(got, BaseException):
+                raise got
+            out.extend(got)
+            block = False
+        self._pending -= len(out)
+        return out
+
+    def pending(self) -> int:
+        return self._pending
+
+    def close(self) -> None:
+        if self._thread.is_alive():
+            self._inbox.put(None)
+            self._thread.join(timeout=2)
+        # a batch still running holds the pool (after Ctrl-C): its daemon workers end with this process
+        if self.own_pool and not self._thread.is_alive():
+            self.pool.close()
+
+
+class VerifierActor:
+    """A Ray actor holding a warm verifier (the benchmark loaded once, caches kept)."""
+
+    def __init__(self, verify_kwargs: dict[str, Any]):
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        import torch
+
+        torch.set_num_threads(1)
+        from stepforge.benchmark.schema import load_benchmark
+
+        self.tasks = load_benchmark()
+        self.verify_kwargs = dict(verify_kwargs)
+
+    def ready(self) -> int:
+        return os.getpid()
+
+    def verify(self, task_key: str, program: str) -> dict:
+        from stepforge.benchmark.verifier import verify
+
+        return verify(self.tasks[task_key], program, **self.verify_kwargs).model_dump()
+
+
+@dataclass
+class _Slot:
+    actor: Any
+    ready_ref: Any = None
+    job: Optional[tuple[int, str, str]] = None
+    ref: Any = None
+    dispatched: float = 0.0
+
+
+class RayVerifier(VerifierBackend):
+    """`workers` Ray actors running verifications with a time limit each."""
+
+    def __init__(self, workers: int, timeout_s: float, verify_kwargs: dict[str, Any], num_cpus: float = 1.0,
+                 startup_timeout_s: float = 300.0):
+        import ray
+
+        self._ray = ray
+        self.timeout_s = timeout_s
+        self.verify_kwargs = dict(verify_kwargs)
+        self.num_cpus = num_cpus
+        self.startup_timeout_s = startup_timeout_s
+        self._cls = ray.remote(max_restarts=0, max_task_retries=0)(VerifierActor)
+        self._queue: list[tuple[int, str, str]] = []
+        self._done: list[tuple[int, Verdict]] = []
+        self._pending = 0
+        self.replacements = 0
+        self._started = time.monotonic()
+        self.slots = [self._spawn() for _ in range(workers)]
+
+    def _spawn(self) -> _Slot:
+        actor = self._cls.options(num_cpus=self.num_cpus).remote(self.verify_kwargs)
+        return _Slot(actor=actor, ready_ref=actor.ready.remote())
+
+    def _replace(self, slot: _Slot) -> None:
+        try:
+            self._ray.kill(slot.actor, no_restart=True)
+        except Exception:  # noqa: BLE001 - already gone
+            pass
+        fresh = self._spawn()
+        slot.actor, slot.ready_ref, slot.job, slot.ref = fresh.actor, fresh.ready_ref, None, None
+        self.replacements += 1
+        self._started = time.monotonic()
+
+    def submit(self, items: list[tuple[int, str, str]]) -> None:
+        self._queue.extend(items)
+        self._pending += len(items)
+        self._dispatch()
+
+    def _dispatch(self) -> None:
+        for slot in self.slots:
+            if self._queue and slot.ready_ref is None and slot.job is None:
+                job = self._queue.pop(0)
+                slot.job, slot.ref, slot.dispatched = job, slot.actor.verify.remote(job[1], job[2]), time.monotonic()
+
+    def _fail(self, job: tuple[int, str, str], stage: str, message: str) -> tuple[int, Verdict]:
+        affine_ok = None
+        try:
+            from stepforge import simulator as sim
+
+            affine_ok = not sim.check_affine(sim.parse_program(job[2]))
+        except Exception:  # noqa: BLE001 - unparsable: unknown
+            affine_ok = None
+        return job[0], failed(stage, message, affine_ok=affine_ok)
+
+    def poll(self, timeout: float = 0.0) -> list[tuple[int, Verdict]]:
+        ray = self._ray
+        from ray.exceptions import RayActorError, RayTaskError
+
+        refs = [s.ready_ref for s in self.slots if s.ready_ref is not None]
+        refs += [s.ref for s in self.slots if s.ref is not None]
+        if refs:
+            wait_s = timeout
+            deadlines = [s.dispatched + self.timeout_s for s in self.slots if s.ref is not None]
+            if deadlines:
+                wait_s = max(0.0, min(wait_s, min(deadlines) - time.monotonic()))
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=wait_s) if wait_s == 0 else \
+                ray.wait(refs, num_returns=1, timeout=wait_s)
+            ready_set = set(ready)
+            if wait_s > 0 and ready:  # gather everything else that is done too
+                more, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+                ready_set.update(more)
+            for slot in self.slots:
+                if slot.ready_ref is not None and slot.ready_ref in ready_set:
+                    try:
+                        ray.get(slot.ready_ref)
+                        slot.ready_ref = None
+                    except (RayActorError, RayTaskError) as exc:
+                        raise RuntimeError(f"a Ray verifier actor failed to start: {exc}") from None
+                elif slot.ref is not None and slot.ref in ready_set:
+                    job = slot.job
+                    try:
+                        verdict = ray.get(slot.ref)
+                        self._done.append((job[0], Verdict.model_validate(verdict).timed()))
+                        slot.job, slot.ref = None, None
+                    except RayTaskError as exc:
+                        from stepforge.benchmark.schema import TaskFileError
+
+                        cause = getattr(exc, "cause", None)
+                        if isinstance(cause, TaskFileError):
+                            raise cause from None
+                        self._done.append(self._fail(job, "runtime", f"the verifier failed: {cause or exc}"))
+                        slot.job, slot.ref = None, None
+                    except RayActorError:
+                        self._done.append(self._fail(job, "runtime", "the verification crashed its worker"))
+                        self._replace(slot)
+        now = time.monotonic()
+        for slot in self.slots:
+            if slot.ref is not None and now - slot.dispatched > self.timeout_s:
+                self._done.append(self._fail(slot.job, "timeout",
+                                             f"verification exceeded the time limit of {self.timeout_s:g} s; "
+                                             f"the worker was stopped"))
+                self._replace(slot)
+        if self._queue and all(s.ready_ref is not None for s in self.slots) \
+                and now - self._started > self.startup_timeout_s:
+            raise RuntimeError(f"no Ray verifier actor started within {self.startup_timeout_s:g} s "
+                               f"(each asks for num_cpus={self.num_cpus:g}; is the cluster big enough?)")
+        self._dispatch()
+        out, self._done = self._done, []
+        self._pending -= len(out)
+        return out
+
+    def pending(self) -> int:
+        return self._pending
+
+    def close(self) -> None:
+        for slot in self.slots:
+            try:
+                self._ray.kill(slot.actor, no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+        self.slots = []
+
+
+VERIFIERS: Registry[type[VerifierBackend]] = Registry("verifier kind", {
+    "inline": InlineVerifier, "pool": PoolVerifier, "ray": RayVerifier})
