@@ -1,9 +1,9 @@
-"""Task files: the structural IR of STEP_SPEC.md section 5, as pydantic models.
+"""Task files: the structural IR of docs/task-format.md, as pydantic models.
 
 A task file is one YAML mapping with the keys of the spec (`test_name`,
 `global`, `inputs`, `parameters`, `fns`, `outputs`, `impl`) and stepforge's
 optional keys (`group`, `description`, `bindings`, `tolerance`); see
-benchmark/TASK_FORMAT.md. `load_task` reads one file, `load_benchmark` the
+docs/task-format.md. `load_task` reads one file, `load_benchmark` the
 whole benchmark keyed by `<group>/<test_name>`. Every problem with a file is a
 `TaskFileError` that names the file, the key path (`fns[2].init`) and what was
 expected; callers never see a raw pydantic or YAML traceback.
@@ -43,7 +43,7 @@ from stepforge.errors import StepforgeError
 
 TASKS_ROOT = Path(__file__).resolve().parent / "tasks"
 
-# Groups in the order BENCHMARK.md lists them; other groups follow alphabetically.
+# Groups in the order docs/benchmark.md lists them; other groups follow alphabetically.
 GROUP_ORDER = ("attention", "bmm", "gemm", "norm", "rope", "moe-index", "moe-expert", "moe-end-to-end")
 
 DATA_GENS = ("torch.rand", "torch.randn", "torch.ones", "binary")
@@ -365,7 +365,7 @@ class Tolerance(_Strict):
 
 
 class Task(_Strict):
-    """One benchmark task (STEP_SPEC.md section 5 plus stepforge's optional keys)."""
+    """One benchmark task (docs/task-format.md plus stepforge's optional keys)."""
 
     test_name: str
     group: Optional[str] = None
@@ -711,7 +711,7 @@ def load_task(path: str | Path) -> Task:
 def load_benchmark(root: str | Path | None = None) -> dict[str, Task]:
     """Every `<root>/<group>/<test_name>.yaml`, keyed `<group>/<test_name>`, in a stable order.
 
-    Groups come in BENCHMARK.md's order (others alphabetically after them),
+    Groups come in docs/benchmark.md's order (others alphabetically after them),
     tasks by test_name within a group. A file's `group` key, if present, must
     match its folder, and its `test_name` its file name.
     """

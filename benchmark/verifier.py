@@ -1,4 +1,4 @@
-"""The verifier: is a STeP program a correct solution of a task (STEP_SPEC.md section 6)?
+"""The verifier: is a STeP program a correct solution of a task (docs/benchmark.md)?
 
 `verify(task, impl)` checks, in this order, and stops at the first failure:
 

@@ -1,6 +1,6 @@
 """Algorithm 1: adaptive self-improvement over an executor that proposes, guards and verifies.
 
-`SelfImprovementLoop` is the control flow of DESIGN.md's Algorithm 1, and
+`SelfImprovementLoop` is the control flow of docs/design.md's Algorithm 1, and
 nothing else: it decides which tasks to sample with which demonstrations,
 hands the samples to an `Executor` (which proposes, guards and verifies),
 and updates the buffer D and the unsolved set X from the verdicts::

@@ -10,7 +10,7 @@ Errors never show a pydantic traceback: `load_config` raises `ConfigError`
 whose text is one line per problem, `FILE: key.path: what was expected`
 (a key set by `--set` is marked as such).
 
-Variants (DESIGN.md "Agents"):
+Variants (docs/design.md "Agents"):
 
 =============  =====================================================
 single         proposer only (no guardian), base knowledge, round 0

@@ -17,7 +17,7 @@ class SimulatorError(StepforgeError):
 
 
 class ProgramSyntaxError(SimulatorError):
-    """The program text is not in the STeP language (STEP_SPEC.md section 5)."""
+    """The program text is not in the STeP language (docs/language.md section 3)."""
 
     stage = "parse"
 

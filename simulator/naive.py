@@ -1,4 +1,4 @@
-"""The naive engine: STEP_SPEC.md section 2 written element by element.
+"""The naive engine: docs/language.md section 4 written element by element.
 
 A stream is a nested Python list, outermost dim first, whose leaves are
 elements (a list with one tensor per field). Every fn call sees one element.

@@ -1,4 +1,4 @@
-"""Typing rules of the STeP operators (STEP_SPEC.md section 2).
+"""Typing rules of the STeP operators (docs/language.md section 4).
 
 `infer(call, arg, ctx)` checks an operator application and returns its output
 type(s) together with its resolved parameters. Both interpreters and the

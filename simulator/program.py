@@ -1,4 +1,4 @@
-"""The STeP program language (STEP_SPEC.md section 5): a whitelisted AST walk.
+"""The STeP program language (docs/language.md section 3): a whitelisted AST walk.
 
 Program text is model output: it is parsed with `ast.parse` (which runs
 nothing) and every node is checked against the forms below; anything else is

@@ -1,4 +1,4 @@
-"""Stream types and stream values (tensor layout of STEP_SPEC.md section 1)."""
+"""Stream types and stream values (tensor layout of docs/language.md section 2)."""
 
 from __future__ import annotations
 

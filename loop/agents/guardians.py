@@ -1,6 +1,6 @@
 """Guardians that make a proposal obey the affine rule, and the IR printer they share.
 
-`RuleGuardian` is a program transformation (DESIGN.md "Agents"): on the
+`RuleGuardian` is a program transformation (docs/design.md "Agents"): on the
 parsed program it finds every stream consumed k > 1 times and inserts exactly
 k-1 `Copy`s for it, chained, right after the statement that defines it (at
 the top for an input), then renames each later use to its own copy. Every

@@ -13,7 +13,7 @@ one long prefix (vLLM prefix caching):
 
 Two styles: `ir` shows tasks in the structural IR (task YAML without `impl`,
 and without the metadata keys group/description/bindings/tolerance, which are
-not part of STEP_SPEC.md section 5 and may describe the reference solution),
+not part of docs/task-format.md and may describe the reference solution),
 `python` shows the same tasks as generated Python modules (`task_as_python`),
 to measure how many tokens the IR saves. Both ask for the same answer, the
 STeP program, in a ```python block.

@@ -1,5 +1,5 @@
 """The LLM agents: a proposer that writes candidate programs and a guardian that
-repairs the affine rule (DESIGN.md "Agents").
+repairs the affine rule (docs/design.md "Agents").
 
 Both talk to any object with `generate(list[GenerationRequest]) ->
 list[GenerationResult]`: a `ModelBackend` (transformers, vLLM, OpenAI-style

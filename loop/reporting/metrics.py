@@ -1,4 +1,4 @@
-"""Metrics of a run (DESIGN.md "Metrics"), computed from the run directory's records.
+"""Metrics of a run (docs/design.md "Metrics"), computed from the run directory's records.
 
 - pass@k per task with the unbiased estimator `1 - C(n-c, k) / C(n, k)`
   (n samples, c correct), in the numerically stable product form

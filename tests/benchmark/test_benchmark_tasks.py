@@ -11,7 +11,7 @@ from stepforge.benchmark.verifier import verify
 TASKS = load_benchmark()
 SEEDS = (0, 1, 2, 3)
 
-# BENCHMARK.md: fns and Copies of the non-MoE tasks (and the approximate length of the reference).
+# docs/benchmark.md: fns and Copies of the non-MoE tasks (and the approximate length of the reference).
 TABLE = {
     "attention/G_0_4_01": (2, 0, 4),
     "attention/G_0_6_01": (4, 0, 6),

@@ -1,4 +1,4 @@
-"""The safe program parser: only the STeP forms of STEP_SPEC.md section 5 parse;
+"""The safe program parser: only the STeP forms of docs/language.md section 3 parse;
 everything else is a ProgramSyntaxError naming the line, and nothing is run."""
 
 from __future__ import annotations

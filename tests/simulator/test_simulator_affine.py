@@ -1,4 +1,4 @@
-"""The affine rule (STEP_SPEC.md section 4): every stream consumed at most once."""
+"""The affine rule (docs/language.md section 6): every stream consumed at most once."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Every STeP operator on small hand-computed examples, in both engines.
 
-Expected tensors are derived from STEP_SPEC.md section 2 and its layout rule:
+Expected tensors are derived from docs/language.md section 4 and its layout rule:
 a stream of dims [d0, ..., dr] (innermost first) is the tensor
 (dr, ..., d0) followed by the element's axes, a Buffer [b0, b1] element is
 the tensor (b1, b0).

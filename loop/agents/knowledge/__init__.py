@@ -3,8 +3,8 @@
 The knowledge lives in data files under `loop/agents/knowledge/`:
 
 - `language.yaml`: the rules of streams, task files, fns, the affine rule and
-  the program language (STEP_SPEC.md sections 1, 3, 4, 5), as prose sections;
-- `operators.yaml`: the 14 operators of STEP_SPEC.md section 2, each with its
+  the program language (docs/language.md and docs/task-format.md), as prose sections;
+- `operators.yaml`: the 14 operators of docs/language.md section 4, each with its
   call form, typing rule, semantics and the names of its worked examples;
 - `kb_*.yaml`: the worked examples, real task files (the benchmark schema, with
   `impl` and `bindings`) so that the tests verify every one of them and the
