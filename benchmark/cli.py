@@ -120,7 +120,8 @@ def register(app: typer.Typer) -> None:
     @app.command("verify")
     def verify_cmd(
         task: Optional[str] = typer.Argument(None, help="a task key (group/id), a unique id, or a task file"),
-        impl: Optional[Path] = typer.Option(None, "--impl", help="the program to verify (default: the task's reference impl); - reads stdin"),
+        impl: Optional[Path] = typer.Option(
+            None, "--impl", help="the program to verify (default: the task's reference impl); - reads stdin"),
         seeds: int = typer.Option(3, "--seeds", help="number of input seeds (0, 1, ...)"),
         as_json: bool = typer.Option(False, "--json", help="print the verdict as JSON"),
         all_tasks: bool = typer.Option(False, "--all", help="verify every benchmark task's reference solution"),

@@ -36,7 +36,8 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(..., "--out", help="folder for the adapter and tokenizer (use as proposer.backend.lora_path)"),
         config: Optional[Path] = typer.Option(None, "--config", "-c", help="SFT settings (YAML, e.g. configs/sft_default.yaml)"),
         set_: Optional[list[str]] = typer.Option(None, "--set", help="override a setting: key.path=value (repeatable)"),
-        extra_tasks: Optional[list[str]] = typer.Option(None, "--extra-tasks", help="add these tasks' reference solutions (keys or globs; repeatable or comma-separated)"),
+        extra_tasks: Optional[list[str]] = typer.Option(
+            None, "--extra-tasks", help="add these tasks' reference solutions (keys or globs; repeatable or comma-separated)"),
         merge: Optional[bool] = typer.Option(None, "--merge/--no-merge", help="also write the merged model to OUT/merged"),
         dry_run: bool = typer.Option(False, "--dry-run", help="build and write the dataset (OUT/dataset.jsonl) only"),
     ) -> None:
@@ -68,7 +69,8 @@ def register(app: typer.Typer) -> None:
     @app.command("ablate")
     def ablate_cmd(
         config: Path = typer.Option(..., "--config", "-c", help="ablation config (YAML, e.g. configs/ablate_tiny.yaml)"),
-        run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="ablation directory (default runs/<name>-<time>); an existing one is resumed"),
+        run_dir: Optional[Path] = typer.Option(
+            None, "--run-dir", help="ablation directory (default runs/<name>-<time>); an existing one is resumed"),
         set_: Optional[list[str]] = typer.Option(None, "--set", help="override a config key: key.path=value (repeatable)"),
         progress: Optional[bool] = typer.Option(None, "--progress/--no-progress", help="progress output of the arms on stderr"),
     ) -> None:

@@ -104,7 +104,8 @@ def test_unparsable_programs():
 def test_select_shortest():
     long = CENTER
     short = "S0 = step.Map(fn=fn_center).apply(E0)\nreturn S0\n"
-    short_verbose = "# a comment does not count\nresult_with_a_long_name = step.Map(fn=fn_center).apply(E0)\nreturn result_with_a_long_name\n"
+    short_verbose = ("# a comment does not count\nresult_with_a_long_name = step.Map(fn=fn_center).apply(E0)\n"
+                     "return result_with_a_long_name\n")
     assert select_shortest([long, short_verbose, short]) == short  # same statements, fewer characters
     assert select_shortest([long, short_verbose]) == short_verbose  # fewer statements first
     assert select_shortest([short, short.replace("S0", "T0")]) == short  # a tie: the first

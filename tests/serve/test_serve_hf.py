@@ -142,7 +142,8 @@ def test_lora_adapter_is_applied(tiny_model_dir, hf_backend, tmp_path):
 
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, local_files_only=True)
     torch.manual_seed(0)
-    peft_model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False, lora_alpha=64))
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False, lora_alpha=64)
+    peft_model = get_peft_model(base, lora)
     peft_model.save_pretrained(tmp_path / "adapter")
     tuned = make_backend(BackendConfig(kind="hf", model=str(tiny_model_dir), device="cpu", lora_path=str(tmp_path / "adapter")))
     greedy = req(n=1, max_tokens=12, temperature=0.0)

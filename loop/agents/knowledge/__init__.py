@@ -217,7 +217,8 @@ def _load_operators(path: Path) -> tuple[OperatorDoc, ...]:
     for i, item in enumerate(data["operators"]):
         where = f"operators[{i}]"
         if not isinstance(item, dict) or set(item) != keys:
-            raise KnowledgeError(path, where, f"expected keys {', '.join(sorted(keys))}, got {sorted(item) if isinstance(item, dict) else item!r}")
+            got = sorted(item) if isinstance(item, dict) else repr(item)
+            raise KnowledgeError(path, where, f"expected keys {', '.join(sorted(keys))}, got {got}")
         if item["op"] not in OPS:
             raise KnowledgeError(path, f"{where}.op", f"unknown operator {item['op']!r}; expected one of {', '.join(OPS)}")
         examples = item["examples"]
