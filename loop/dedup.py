@@ -22,8 +22,8 @@ from __future__ import annotations
 import re
 from typing import Optional, Sequence
 
-from stepforge.loop.agents.guardians import format_program
 from stepforge.simulator import ProgramSyntaxError, parse_program
+from stepforge.simulator.printer import format_program
 from stepforge.simulator.program import Apply, Comprehension, FnList, NameRef, OpCall, Program, Return, SizeExpr
 
 

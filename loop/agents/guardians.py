@@ -1,257 +1,103 @@
-"""Guardians that make a proposal obey the affine rule, and the IR printer they share.
+"""Guardians: agents that make a proposal obey the affine rule (each stream consumed once).
 
-`RuleGuardian` is a program transformation (docs/design.md "Agents"): on the
-parsed program it finds every stream consumed k > 1 times and inserts exactly
-k-1 `Copy`s for it, chained, right after the statement that defines it (at
-the top for an input), then renames each later use to its own copy. Every
-other line is left byte for byte as it was (comments included); a program
-that already obeys the rule, or does not parse, is returned unchanged. The
-copies carry the same data, so the program's meaning never changes.
+- `RuleGuardian`: a program transformation (`loop/agents/rule_repair.py`,
+  docs/design.md "Agents") that inserts exactly the Copies a program needs.
+- `LLMGuardian`: prompts a model with the rule, worked repairs and the proposal.
+- `NoGuardian`: returns every program unchanged (the single-model baseline).
 
-What it cannot repair (the language has no form for it) is left as it is and
-listed in `RepairResult.unfixable`: a list of streams (a Partition or
-comprehension result) consumed twice, and a stream from outside a list
-comprehension used in its body (consumed once per item). Such a program
-still fails the affine check in the verifier.
-
-`NoGuardian` returns every program unchanged; `make_guardian` builds any of
-the three kinds (`LLMGuardian` lives in `loop/agents/proposer.py`).
+`GUARDIANS` names them for the config's `guardian.kind`; `make_guardian` builds one.
 """
 
 from __future__ import annotations
 
-import ast
-import re
-from dataclasses import dataclass, field
-from typing import Sequence, Union
+from typing import Any, Optional
 
+from stepforge.loop.agents.knowledge import Knowledge, load_knowledge
+from stepforge.loop.agents.prompts import guardian_messages
+from stepforge.loop.agents.proposer import generate_isolated
+from stepforge.loop.agents.replies import extract_program_with_reason
+from stepforge.loop.agents.rule_repair import RepairResult, repair_affine
 from stepforge.loop.interfaces import Guardian, GuardRequest, GuardResult
-from stepforge.simulator import ProgramSyntaxError, check_affine, parse_program
-from stepforge.simulator.program import Apply, Comprehension, FnList, OpCall, Program, Return
-
-# ---------------------------------------------------------------------------
-# IR -> text
+from stepforge.registry import Registry
+from stepforge.serve.base import GenerationRequest, SamplingParams
 
 
-def format_call(call: OpCall) -> str:
-    return f"step.{call.label()}"
+class LLMGuardian(Guardian):
+    """Prompts a model with the affine rule, worked repairs and the proposal; takes the program from its reply.
 
+    As published, it is asked about every proposal and may corrupt a correct
+    program; `only_violations=True` asks only about programs that parse and
+    break the rule. If the reply holds no usable program (or the request
+    fails), the original program is kept (`changed=False`).
+    """
 
-def format_arg(arg) -> str:
-    if isinstance(arg, str):
-        return arg
-    if len(arg) == 1:
-        return "(" + format_arg(arg[0]) + ",)"
-    return "(" + ", ".join(format_arg(a) for a in arg) + ")"
+    name = "llm"
 
+    def __init__(
+        self,
+        backend: Any,
+        knowledge: Optional[Knowledge] = None,
+        *,
+        max_tokens: int = 1024,
+        temperature: Optional[float] = None,
+        only_violations: bool = False,
+    ):
+        self.backend = backend
+        self.knowledge = knowledge or load_knowledge()
+        self.max_tokens = max_tokens
+        self.temperature = temperature  # None: each request's own temperature
+        self.only_violations = only_violations
+        self.last_reasons: list[str] = []  # per request of the last call: why the original was kept ("" if not)
 
-def format_statement(st) -> str:
-    """One statement of the IR as program text (one line); `parse_program` reads it back to the same IR."""
-    if isinstance(st, Apply):
-        if st.unpack:
-            lhs = ", ".join(st.targets) + ("," if len(st.targets) == 1 else "")
-        else:
-            lhs = st.targets[0]
-        return f"{lhs} = {format_call(st.call)}.apply({format_arg(st.arg)})"
-    if isinstance(st, FnList):
-        return f"{st.target} = [" + ", ".join(st.fns) + "]"
-    if isinstance(st, Comprehension):
-        its = ["[" + ", ".join(it) + "]" if isinstance(it, tuple) else it for it in st.iterables]
-        source = its[0] if len(its) == 1 else "zip(" + ", ".join(its) + ")"
-        return (f"{st.target} = [{format_call(st.call)}.apply({format_arg(st.arg)}) "
-                f"for {', '.join(st.loop_vars)} in {source}]")
-    if isinstance(st, Return):
-        return "return " + ", ".join(st.names)
-    raise TypeError(f"not a statement: {st!r}")
+    def _needs_model(self, program: str) -> bool:
+        if not self.only_violations:
+            return True
+        from stepforge.simulator import ProgramSyntaxError, check_affine, parse_program
 
-
-def format_program(program: Union[Program, Sequence]) -> str:
-    """The program as text, one statement per line (comments and layout are not kept)."""
-    statements = program.statements if isinstance(program, Program) else program
-    return "".join(format_statement(st) + "\n" for st in statements)
-
-
-# ---------------------------------------------------------------------------
-# the rule-based repair
-
-
-@dataclass
-class RepairResult:
-    program: str
-    changed: bool
-    copies: int = 0  # Copy statements inserted
-    unfixable: list[str] = field(default_factory=list)  # violations left as they were
-
-
-@dataclass
-class _Version:
-    """One stream (a name between two assignments) and where it is consumed."""
-
-    name: str
-    kind: str  # stream | list | fns
-    after_line: int  # insert Copies after this line (0: at the top)
-    uses: list = field(default_factory=list)  # ast.Name nodes, in program order
-    in_body: bool = False  # used inside a comprehension body
-
-
-def _arg_nodes(node: ast.AST) -> list[ast.Name]:
-    if isinstance(node, ast.Name):
-        return [node]
-    if isinstance(node, ast.Tuple):
-        return [n for e in node.elts for n in _arg_nodes(e)]
-    return []
-
-
-_LINE_BREAK = re.compile(r"(\r\n|\r|\n)")
-
-
-def _split_lines(text: str) -> list[list[str]]:
-    """`[[content, line_ending], ...]` with Python's line breaks; the last line may have no ending."""
-    parts = _LINE_BREAK.split(text)
-    lines = [[parts[i], parts[i + 1] if i + 1 < len(parts) else ""] for i in range(0, len(parts), 2)]
-    if lines and lines[-1] == ["", ""]:
-        lines.pop()
-    return lines
-
-
-def _one_statement_per_line(tree: ast.Module) -> bool:
-    last_end = 0
-    for node in tree.body:
-        if node.lineno <= last_end:
+        try:
+            return bool(check_affine(parse_program(program)))
+        except ProgramSyntaxError:
             return False
-        last_end = node.end_lineno or node.lineno
-    return True
+
+    def repair(self, requests: list[GuardRequest]) -> list[GuardResult]:
+        results: list[Optional[GuardResult]] = [None] * len(requests)
+        self.last_reasons = [""] * len(requests)
+        todo = [i for i, r in enumerate(requests) if self._needs_model(r.program)]
+        for i, r in enumerate(requests):
+            if i not in todo:
+                results[i] = GuardResult(program=r.program, changed=False)
+                self.last_reasons[i] = "not sent: the program obeys the rule or does not parse"
+        gen = []
+        for i in todo:
+            r = requests[i]
+            temperature = self.temperature if self.temperature is not None else r.temperature
+            gen.append(GenerationRequest(
+                messages=guardian_messages(r.task_ir, r.program, self.knowledge),
+                sampling=SamplingParams(n=1, temperature=temperature, seed=r.seed, max_tokens=self.max_tokens),
+                request_id=f"{r.task_key}#guard{i}",
+            ))
+        outs, errors = generate_isolated(self.backend, gen)
+        for j, (i, res) in enumerate(zip(todo, outs)):
+            r = requests[i]
+            messages = gen[j].messages
+            if res is None:
+                results[i] = GuardResult(program=r.program, changed=False, messages=messages)
+                self.last_reasons[i] = errors.get(j, "no result")
+                continue
+            text = res.completions[0].text if res.completions else ""
+            found, reason = extract_program_with_reason(text)
+            program, changed = r.program, False
+            if found is None:
+                self.last_reasons[i] = reason
+            elif _normalised(found.program) != _normalised(r.program):
+                program, changed = found.program, True
+            results[i] = GuardResult(program=program, changed=changed, messages=messages,
+                                     prompt_tokens=res.prompt_tokens, completion_tokens=res.completion_tokens)
+        return [r for r in results if r is not None]
 
 
-def repair_affine(text: str) -> RepairResult:
-    """Insert the Copies the affine rule needs (see the module docstring)."""
-    try:
-        program = parse_program(text)
-    except ProgramSyntaxError:
-        return RepairResult(text, False)
-    if not check_affine(program):
-        return RepairResult(text, False)
-    tree = ast.parse(text)
-    source = text
-    if not _one_statement_per_line(tree):  # `a = ...; b = ...`: lay it out one statement per line first
-        source = format_program(program)
-        tree = ast.parse(source)
-    result = _repair(source, tree, program)
-    try:
-        repaired = parse_program(result.program)
-    except ProgramSyntaxError:  # cannot happen for a parsed program; never hand back a broken one
-        return RepairResult(text, False, unfixable=result.unfixable)
-    if len(check_affine(repaired)) >= len(check_affine(program)):
-        return RepairResult(text, False, unfixable=result.unfixable)
-    return result
-
-
-def _repair(text: str, tree: ast.Module, program: Program) -> RepairResult:
-    taken = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
-    taken |= {a.arg for a in ast.walk(tree) if isinstance(a, ast.arg)}
-    current: dict[str, _Version] = {}
-    versions: list[_Version] = []
-
-    def version_of(name: str) -> _Version:
-        if name not in current:  # an input (or an undefined name the type check will report)
-            v = _Version(name, "stream", 0)
-            current[name] = v
-            versions.append(v)
-        return current[name]
-
-    def define(name: str, kind: str, line: int) -> None:
-        v = _Version(name, kind, line)
-        current[name] = v
-        versions.append(v)
-
-    for node, st in zip(tree.body, program.statements):
-        end = node.end_lineno or node.lineno
-        if isinstance(st, Apply):
-            for n in _arg_nodes(node.value.args[0]):
-                version_of(n.id).uses.append(n)
-            kind = "list" if st.call.op == "Partition" and not st.unpack else "stream"
-            for t in st.targets:
-                define(t, kind, end)
-        elif isinstance(st, FnList):
-            define(st.target, "fns", end)
-        elif isinstance(st, Comprehension):
-            comp = node.value
-            gen = comp.generators[0]
-            iterables = gen.iter.args if isinstance(gen.iter, ast.Call) else [gen.iter]
-            for it in iterables:
-                if isinstance(it, ast.Name):
-                    version_of(it.id).uses.append(it)
-            loop_vars = set(st.loop_vars)
-            for n in _arg_nodes(comp.elt.args[0]):
-                if n.id not in loop_vars:
-                    v = version_of(n.id)
-                    v.uses.append(n)
-                    v.in_body = True
-            define(st.target, "list", end)
-        elif isinstance(st, Return):
-            value = node.value
-            for n in value.elts if isinstance(value, ast.Tuple) else [value]:
-                version_of(n.id).uses.append(n)
-
-    inserts: dict[int, list[str]] = {}
-    renames: dict[int, list[tuple[int, int, str]]] = {}  # line -> (start byte, end byte, new name)
-    unfixable: list[str] = []
-    copies = 0
-    for v in versions:
-        if v.kind == "fns" or len(v.uses) < 2:
-            if v.in_body and v.kind != "fns":
-                unfixable.append(f"{v.name} is used inside a list comprehension (once per item)")
-            continue
-        if v.kind == "list":
-            unfixable.append(f"{v.name} is a list of streams consumed {len(v.uses)} times (a list cannot be copied)")
-            continue
-        if v.in_body:
-            unfixable.append(f"{v.name} is used inside a list comprehension (once per item)")
-        names, lines = _copy_plan(v.name, len(v.uses), taken)
-        inserts.setdefault(v.after_line, []).extend(lines)
-        copies += len(lines)
-        for use, new in zip(v.uses, names):
-            renames.setdefault(use.lineno, []).append((use.col_offset, use.end_col_offset, new))
-
-    lines = _split_lines(text)
-    default_end = next((end for _, end in lines if end), "\n")
-    for lineno, edits in renames.items():
-        content = lines[lineno - 1][0].encode("utf-8")
-        for start, stop, new in sorted(edits, reverse=True):
-            content = content[:start] + new.encode("utf-8") + content[stop:]
-        lines[lineno - 1][0] = content.decode("utf-8")
-    out: list[str] = []
-    for line in inserts.get(0, []):
-        out.append(line + default_end)
-    for i, (content, end) in enumerate(lines, 1):
-        added = inserts.get(i, [])
-        out.append(content + (end or (default_end if added else "")))
-        for line in added:
-            out.append(line + (end or default_end))
-    return RepairResult("".join(out), bool(inserts), copies, unfixable)
-
-
-def _copy_plan(name: str, uses: int, taken: set[str]) -> tuple[list[str], list[str]]:
-    """Names for `uses` copies of `name` and the chained Copy lines that make them."""
-    prefix = name
-    while True:
-        copies = [f"{prefix}_{i}" for i in range(uses)]
-        temps = [f"{prefix}_t" if i == 0 else f"{prefix}_t{i + 1}" for i in range(uses - 2)]
-        if not (set(copies) | set(temps)) & taken:
-            break
-        prefix += "_c"
-    taken.update(copies, temps)
-    lines = []
-    source = name
-    for i, temp in enumerate(temps):
-        lines.append(f"{copies[i]}, {temp} = step.Copy().apply({source})")
-        source = temp
-    lines.append(f"{copies[uses - 2]}, {copies[uses - 1]} = step.Copy().apply({source})")
-    return copies, lines
-
-
-# ---------------------------------------------------------------------------
-# guardians
+def _normalised(program: str) -> str:
+    return "\n".join(line.rstrip() for line in program.strip().splitlines())
 
 
 class RuleGuardian(Guardian):
@@ -276,29 +122,27 @@ class NoGuardian(Guardian):
         return [GuardResult(program=req.program, changed=False) for req in requests]
 
 
+GUARDIANS: Registry[type[Guardian]] = Registry("guardian kind", {
+    "rule": RuleGuardian, "llm": LLMGuardian, "none": NoGuardian})
+
+
 def make_guardian(kind: str, backend=None, **options) -> Guardian:
     """`rule`, `none`, or `llm` (needs `backend`, any object with `generate`; `options` go to LLMGuardian)."""
-    if kind == "rule":
-        return RuleGuardian()
-    if kind == "none":
-        return NoGuardian()
     if kind == "llm":
         if backend is None:
             raise ValueError("the LLM guardian needs a backend (an object with generate(list[GenerationRequest]))")
-        from stepforge.loop.agents.proposer import LLMGuardian
-
         return LLMGuardian(backend, **options)
-    raise ValueError(f"unknown guardian kind {kind!r}; expected 'rule', 'llm' or 'none'")
+    if kind not in GUARDIANS:
+        raise ValueError(f"unknown guardian kind {kind!r}; expected one of: {', '.join(GUARDIANS.names())}")
+    return GUARDIANS.create(kind)
 
 
 __all__ = [
+    "GUARDIANS",
+    "LLMGuardian",
     "NoGuardian",
     "RepairResult",
     "RuleGuardian",
-    "format_arg",
-    "format_call",
-    "format_program",
-    "format_statement",
     "make_guardian",
     "repair_affine",
 ]

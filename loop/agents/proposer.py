@@ -19,11 +19,9 @@ import logging
 import time
 from typing import Any, Optional, Sequence
 
-from stepforge.loop.agents.guardians import NoGuardian, RuleGuardian, make_guardian
 from stepforge.loop.agents.knowledge import Knowledge, load_knowledge
-from stepforge.loop.agents.prompts import STYLES, guardian_messages, proposer_messages
-from stepforge.loop.agents.replies import extract_program_with_reason
-from stepforge.loop.interfaces import Guardian, GuardRequest, GuardResult, Proposal, ProposalRequest, Proposer
+from stepforge.loop.agents.prompts import STYLES, proposer_messages
+from stepforge.loop.interfaces import Proposal, ProposalRequest, Proposer
 from stepforge.serve.base import GenerationRequest, GenerationResult, SamplingParams
 from stepforge.serve.errors import InvalidRequestError, PromptTooLongError
 
@@ -33,7 +31,7 @@ log = logging.getLogger(__name__)
 REQUEST_ERRORS = (PromptTooLongError, InvalidRequestError)
 
 
-def _generate_isolated(backend: Any, requests: list[GenerationRequest]) -> tuple[list[Optional[GenerationResult]], dict[int, str]]:
+def generate_isolated(backend: Any, requests: list[GenerationRequest]) -> tuple[list[Optional[GenerationResult]], dict[int, str]]:
     """Generate a batch; if a request-level error stops it, retry one by one so only the bad requests fail."""
     if not requests:
         return [], {}
@@ -96,7 +94,7 @@ class LLMProposer(Proposer):
         live = [i for i, r in enumerate(requests) if r.n >= 1]
         gen = [self.generation_request(requests[i], i) for i in live]
         t0 = time.perf_counter()
-        results, errors = _generate_isolated(self.backend, gen)
+        results, errors = generate_isolated(self.backend, gen)
         elapsed = time.perf_counter() - t0
         total_tokens = sum(c.completion_tokens for r in results if r is not None for c in r.completions)
         total_samples = sum(len(r.completions) for r in results if r is not None)
@@ -115,87 +113,9 @@ class LLMProposer(Proposer):
         return out
 
 
-class LLMGuardian(Guardian):
-    """Prompts a model with the affine rule, worked repairs and the proposal; takes the program from its reply.
-
-    As published, it is asked about every proposal and may corrupt a correct
-    program; `only_violations=True` asks only about programs that parse and
-    break the rule. If the reply holds no usable program (or the request
-    fails), the original program is kept (`changed=False`).
-    """
-
-    name = "llm"
-
-    def __init__(
-        self,
-        backend: Any,
-        knowledge: Optional[Knowledge] = None,
-        *,
-        max_tokens: int = 1024,
-        temperature: Optional[float] = None,
-        only_violations: bool = False,
-    ):
-        self.backend = backend
-        self.knowledge = knowledge or load_knowledge()
-        self.max_tokens = max_tokens
-        self.temperature = temperature  # None: each request's own temperature
-        self.only_violations = only_violations
-        self.last_reasons: list[str] = []  # per request of the last call: why the original was kept ("" if not)
-
-    def _needs_model(self, program: str) -> bool:
-        if not self.only_violations:
-            return True
-        from stepforge.simulator import ProgramSyntaxError, check_affine, parse_program
-
-        try:
-            return bool(check_affine(parse_program(program)))
-        except ProgramSyntaxError:
-            return False
-
-    def repair(self, requests: list[GuardRequest]) -> list[GuardResult]:
-        results: list[Optional[GuardResult]] = [None] * len(requests)
-        self.last_reasons = [""] * len(requests)
-        todo = [i for i, r in enumerate(requests) if self._needs_model(r.program)]
-        for i, r in enumerate(requests):
-            if i not in todo:
-                results[i] = GuardResult(program=r.program, changed=False)
-                self.last_reasons[i] = "not sent: the program obeys the rule or does not parse"
-        gen = []
-        for i in todo:
-            r = requests[i]
-            temperature = self.temperature if self.temperature is not None else r.temperature
-            gen.append(GenerationRequest(
-                messages=guardian_messages(r.task_ir, r.program, self.knowledge),
-                sampling=SamplingParams(n=1, temperature=temperature, seed=r.seed, max_tokens=self.max_tokens),
-                request_id=f"{r.task_key}#guard{i}",
-            ))
-        outs, errors = _generate_isolated(self.backend, gen)
-        for j, (i, res) in enumerate(zip(todo, outs)):
-            r = requests[i]
-            messages = gen[j].messages
-            if res is None:
-                results[i] = GuardResult(program=r.program, changed=False, messages=messages)
-                self.last_reasons[i] = errors.get(j, "no result")
-                continue
-            text = res.completions[0].text if res.completions else ""
-            found, reason = extract_program_with_reason(text)
-            program, changed = r.program, False
-            if found is None:
-                self.last_reasons[i] = reason
-            elif _normalised(found.program) != _normalised(r.program):
-                program, changed = found.program, True
-            results[i] = GuardResult(program=program, changed=changed, messages=messages,
-                                     prompt_tokens=res.prompt_tokens, completion_tokens=res.completion_tokens)
-        return [r for r in results if r is not None]
-
-
-def _normalised(program: str) -> str:
-    return "\n".join(line.rstrip() for line in program.strip().splitlines())
-
-
 def make_proposer(backend: Any, knowledge: Optional[Knowledge] = None, **options) -> LLMProposer:
     """An LLMProposer (options: style, max_tokens, top_p, stop)."""
     return LLMProposer(backend, knowledge, **options)
 
 
-__all__ = ["LLMGuardian", "LLMProposer", "NoGuardian", "REQUEST_ERRORS", "RuleGuardian", "make_guardian", "make_proposer"]
+__all__ = ["LLMProposer", "REQUEST_ERRORS", "generate_isolated", "make_proposer"]

@@ -12,6 +12,7 @@ from program_gen import OPS, DataChooser, assert_same_streams, fn_table, generat
 
 from stepforge.benchmark.schema import load_benchmark
 from stepforge.loop.agents.guardians import (
+    LLMGuardian,
     NoGuardian,
     RuleGuardian,
     format_program,
@@ -20,7 +21,6 @@ from stepforge.loop.agents.guardians import (
     repair_affine,
 )
 from stepforge.loop.agents.knowledge import load_knowledge
-from stepforge.loop.agents.proposer import LLMGuardian
 from stepforge.loop.interfaces import GuardRequest
 from stepforge.serve.base import Completion, GenerationResult
 from stepforge.serve.errors import PromptTooLongError

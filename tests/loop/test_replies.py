@@ -6,10 +6,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stepforge.loop.agents.guardians import format_program
 from stepforge.loop.agents.knowledge import load_knowledge
 from stepforge.loop.agents.replies import extract_program, extract_program_with_reason
 from stepforge.simulator import parse_program
+from stepforge.simulator.printer import format_program
 
 P = "x = step.Map(fn=fn_a).apply(E0)\nreturn x\n"
 Q = "y = step.Map(fn=fn_b).apply(E0)\nreturn y\n"

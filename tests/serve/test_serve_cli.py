@@ -83,7 +83,7 @@ def test_sample_openai_against_stepforge_serve(cli_model, hf_sample):
         assert remote.returncode == 0, remote.stderr
         assert json.loads(remote.stdout) == hf_sample  # same model and seed: same answers and token counts
         wrong = stepforge("sample", "--backend", "openai", "--base-url", f"http://127.0.0.1:{port}/v1", "--model", "other", "--prompt", "x")
-        assert wrong.returncode == 1 and "does not serve model 'other'" in wrong.stderr
+        assert wrong.returncode == 2 and "does not serve model 'other'" in wrong.stderr
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -91,7 +91,7 @@ def test_sample_openai_against_stepforge_serve(cli_model, hf_sample):
 
 def test_expected_errors_are_one_line(tmp_path):
     proc = stepforge("sample", "--backend", "hf", "--model", str(tmp_path / "none"), "--prompt", "x")
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"error: ModelNotFoundError: model path does not exist: {tmp_path / 'none'}"]
     proc = stepforge("sample", "--backend", "openai", "--model", "m", "--prompt", "x")
     assert proc.returncode == 2 and "base_url" in proc.stderr and "Traceback" not in proc.stderr
