@@ -92,6 +92,6 @@ def test_sample_openai_against_stepforge_serve(cli_model, hf_sample):
 def test_expected_errors_are_one_line(tmp_path):
     proc = stepforge("sample", "--backend", "hf", "--model", str(tmp_path / "none"), "--prompt", "x")
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [f"error: ModelNotFoundError: model path does not exist: {tmp_path / 'none'}"]
+    assert proc.stderr.strip().splitlines() == [f"error: model path does not exist: {tmp_path / 'none'}"]
     proc = stepforge("sample", "--backend", "openai", "--model", "m", "--prompt", "x")
     assert proc.returncode == 2 and "base_url" in proc.stderr and "Traceback" not in proc.stderr
