@@ -11,20 +11,13 @@ from hypothesis import strategies as st
 from program_gen import OPS, DataChooser, assert_same_streams, fn_table, generate, run, stream
 
 from stepforge.benchmark.schema import load_benchmark
-from stepforge.loop.agents.guardians import (
-    LLMGuardian,
-    NoGuardian,
-    RuleGuardian,
-    format_program,
-    format_statement,
-    make_guardian,
-    repair_affine,
-)
+from stepforge.loop.agents.guardians import LLMGuardian, NoGuardian, RuleGuardian, make_guardian, repair_affine
 from stepforge.loop.agents.knowledge import load_knowledge
 from stepforge.loop.interfaces import GuardRequest
 from stepforge.serve.base import Completion, GenerationResult
 from stepforge.serve.errors import PromptTooLongError
 from stepforge.simulator import check_affine, parse_program
+from stepforge.simulator.printer import format_program, format_statement
 from stepforge.simulator.program import Apply
 
 KNOWLEDGE = load_knowledge()
