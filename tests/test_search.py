@@ -1,4 +1,4 @@
-"""The search proposer (loop/search.py): well-typed, affine, distinct, deterministic, budgeted, learns."""
+"""The search proposer (loop/search/): well-typed, affine, distinct, deterministic, budgeted, learns."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from stepforge.benchmark.schema import Task, load_benchmark
 from stepforge.benchmark.verifier import verify
 from stepforge.loop.interfaces import Demonstration, ProposalRequest
 from stepforge.loop.search import SearchConfig, SearchProposer, SearchStats, search_programs
-from stepforge.loop.search_prior import OpPrior, program_tokens
-from stepforge.loop.search_task import SearchTask, SearchTaskError
+from stepforge.loop.search.prior import OpPrior, program_tokens
+from stepforge.loop.search.task import SearchTask, SearchTaskError
 from stepforge.simulator import check_affine, parse_program
 from stepforge.simulator.interpreter import typecheck_program
 

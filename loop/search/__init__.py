@@ -34,7 +34,7 @@ consumed) and in which every task fn has been applied. Each goal gives one
 candidate per way of assigning its streams to the outputs.
 
 Order and heuristic: a move costs `-log P` of its tokens under the prior
-(loop/search_prior.py: a trigram over operator tokens plus a fn-order model,
+(loop/search/prior.py: a trigram over operator tokens plus a fn-order model,
 learned from the demonstrations), plus, at temperature T > 0,
 `T * noise * Exp(1)` of seeded noise (so T = 0 is the prior's order, larger T
 is flatter, and a seed fixes the order). States are expanded in order of
@@ -103,8 +103,8 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 from pydantic import BaseModel, ConfigDict, Field
 
 from stepforge.loop.interfaces import Demonstration, Proposal, ProposalRequest, Proposer
-from stepforge.loop.search_prior import OpPrior, fn_order_category, make_token
-from stepforge.loop.search_task import SearchTask, SearchTaskError, fields_of
+from stepforge.loop.search.prior import OpPrior, fn_order_category, make_token
+from stepforge.loop.search.task import SearchTask, SearchTaskError, fields_of
 from stepforge.simulator.errors import SimulatorError, StepTypeError
 from stepforge.simulator.interpreter import typecheck_program
 from stepforge.simulator.ops import StreamList, TypeContext, infer, resolve_params
