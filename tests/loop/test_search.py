@@ -1,4 +1,4 @@
-"""The search proposer (loop/search.py): well-typed, affine, distinct, deterministic, budgeted, learns."""
+"""The search proposer (loop/search/): well-typed, affine, distinct, deterministic, budgeted, learns."""
 
 from __future__ import annotations
 
@@ -10,9 +10,11 @@ import pytest
 from stepforge.benchmark.schema import Task, load_benchmark
 from stepforge.benchmark.verifier import verify
 from stepforge.loop.interfaces import Demonstration, ProposalRequest
-from stepforge.loop.search import SearchConfig, SearchProposer, SearchStats, search_programs
-from stepforge.loop.search_prior import OpPrior, program_tokens
-from stepforge.loop.search_task import SearchTask, SearchTaskError
+from stepforge.loop.search import SearchConfig, SearchProposer, SearchStats, fit_prior, search_programs
+from stepforge.loop.search.portfolio import portfolio_members
+from stepforge.loop.search.prior import OpPrior, program_tokens
+from stepforge.loop.search.tables import TaskTables
+from stepforge.loop.search.task import SearchTask, SearchTaskError
 from stepforge.simulator import check_affine, parse_program
 from stepforge.simulator.interpreter import typecheck_program
 
@@ -272,3 +274,15 @@ def test_prior_learns_from_demonstrations():
     assert fitted.prob("Flatten(L=[1])", ctx) >= fitted.mix * base.prob("Flatten(L=[1])", ctx)
     assert fitted.fit([]).prob("Streamify", ctx) == fitted.prob("Streamify", ctx)
     assert pickle.loads(pickle.dumps(fitted)).prob("Streamify", ctx) == fitted.prob("Streamify", ctx)
+
+
+def test_portfolio_members_share_one_task_tables():
+    demo = next(search_programs(MANY, n=1, config=FAST)).text
+    prior = fit_prior([(demo, MANY)], FAST, MANY)
+    tables = TaskTables(SearchTask.from_ir(MANY), FAST)
+    members = portfolio_members(tables, prior, FAST, n=4, temperature=0.0, seed=0)
+    # the learned prior at every weight, the base prior at the first weight with `base_share` of the samples
+    assert [(m.weight, m.prior is prior) for m, _ in members] == [(2.0, True), (4.0, True), (2.0, False)]
+    assert [share for _, share in members] == pytest.approx([0.375, 0.375, 0.25])
+    assert all(m.tables is tables for m, _ in members)
+    assert next(members[0][0].run()).text == demo  # the learned prior's first program is the demonstration

@@ -1,0 +1,137 @@
+"""The search proposer: `SearchProposer` (the `Proposer` contract), `search_programs` and `fit_prior`."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Iterator, Mapping, Optional, Sequence
+
+from stepforge.loop.interfaces import Demonstration, Proposal, ProposalRequest, Proposer
+from stepforge.loop.search.config import SearchConfig, as_config
+from stepforge.loop.search.portfolio import interleave, portfolio_members
+from stepforge.loop.search.prior import OpPrior
+from stepforge.loop.search.results import Candidate, SearchStats
+from stepforge.loop.search.tables import TaskTables
+from stepforge.loop.search.task import SearchTask
+
+
+def search_programs(task: SearchTask | str, *,
+                    demonstrations: Sequence[Demonstration | tuple[str, Optional[str]] | str] = (),
+                    n: int = 1, temperature: float = 0.0, seed: int = 0,
+                    config: SearchConfig | Mapping[str, Any] | None = None,
+                    prior: Optional[OpPrior] = None, stats: Optional[SearchStats] = None) -> Iterator[Candidate]:
+    """Yield up to `n` distinct well-typed candidate programs for `task` (a SearchTask or its IR text).
+
+    `demonstrations` fit the prior (ignored when `prior` is given); `stats`,
+    if given, is updated as the search goes.
+    """
+    cfg = as_config(config)
+    spec = task if isinstance(task, SearchTask) else SearchTask.from_ir(task)
+    if n <= 0:
+        return
+    if prior is None:
+        prior = fit_prior(demonstrations, cfg, task if isinstance(task, str) else None)
+    stats = stats if stats is not None else SearchStats()
+    members = portfolio_members(TaskTables(spec, cfg), prior, cfg, n=n, temperature=temperature, seed=seed)
+    if len(members) == 1:
+        members[0][0].stats = stats
+        yield from members[0][0].run()
+        return
+    yield from interleave(members, n, stats)
+
+
+def fit_prior(demonstrations: Sequence[Demonstration | tuple[str, Optional[str]] | str],
+              config: SearchConfig | Mapping[str, Any] | None = None, target_ir: Optional[str] = None) -> OpPrior:
+    """The base prior with the demonstrations' programs counted in (at most `max_demonstrations`).
+
+    With `target_ir`, demonstrations of tasks that look like the target count
+    more (`OpPrior.fit`).
+    """
+    cfg = as_config(config)
+    pairs = []
+    for d in list(demonstrations)[: cfg.max_demonstrations]:
+        if isinstance(d, Demonstration):
+            pairs.append((d.impl, d.task_ir))
+        elif isinstance(d, str):
+            pairs.append((d, None))
+        else:
+            pairs.append((d[0], d[1]))
+    return OpPrior(mix=cfg.mix).fit(pairs, target_ir=target_ir, floor=cfg.similarity_floor)
+
+
+class SearchProposer(Proposer):
+    """The model-free proposer: type-directed best-first search (see loop/search/__init__.py).
+
+    `SearchProposer(config)` takes a `SearchConfig`, a mapping of its keys,
+    an object with such a mapping as `.options` (the loop's proposer config),
+    or None for the defaults. Construction is cheap and the object pickles
+    (its caches are dropped). `propose` returns, per request, up to `n`
+    distinct programs in search order; `Proposal.raw` is the program text,
+    token counts are 0, `seconds` is the search time spent on that proposal
+    (since the previous one; the last one also carries the search after it).
+    `last_stats` holds each request's `SearchStats` of the latest call.
+    """
+
+    name = "search"
+
+    def __init__(self, config: SearchConfig | Mapping[str, Any] | None = None, **overrides: Any):
+        cfg = as_config(config)
+        if overrides:
+            cfg = cfg.model_copy(update=SearchConfig(**{**cfg.model_dump(), **overrides}).model_dump())
+        self.config = cfg
+        self._priors: dict[str, OpPrior] = {}
+        self._tasks: dict[str, SearchTask] = {}
+        self.last_stats: list[SearchStats] = []
+
+    def __getstate__(self):
+        return {"config": self.config.model_dump(), "_priors": {}, "_tasks": {}, "last_stats": []}
+
+    def __setstate__(self, state):
+        self.config = SearchConfig(**state["config"])
+        self._priors = {}
+        self._tasks = {}
+        self.last_stats = []
+
+    def _prior(self, demonstrations: Sequence[Demonstration], target_ir: str) -> OpPrior:
+        digest = hashlib.sha256("\x00".join([target_ir] + [f"{d.impl}\x01{d.task_ir}" for d in demonstrations])
+                                .encode()).hexdigest()
+        prior = self._priors.get(digest)
+        if prior is None:
+            prior = fit_prior(demonstrations, self.config, target_ir)
+            if len(self._priors) > 16:
+                self._priors.clear()
+            self._priors[digest] = prior
+        return prior
+
+    def _task(self, task_ir: str) -> SearchTask:
+        key = hashlib.sha256(task_ir.encode()).hexdigest()
+        task = self._tasks.get(key)
+        if task is None:
+            task = SearchTask.from_ir(task_ir)
+            if len(self._tasks) > 64:
+                self._tasks.clear()
+            self._tasks[key] = task
+        return task
+
+    def iter_candidates(self, request: ProposalRequest, stats: Optional[SearchStats] = None) -> Iterator[Candidate]:
+        """The candidates of one request, lazily (for callers that verify as they go)."""
+        prior = self._prior(request.demonstrations, request.task_ir)
+        return search_programs(self._task(request.task_ir), n=request.n, temperature=request.temperature,
+                               seed=request.seed, config=self.config, prior=prior, stats=stats)
+
+    def propose(self, requests: list[ProposalRequest]) -> list[list[Proposal]]:
+        results: list[list[Proposal]] = []
+        self.last_stats = []
+        for request in requests:
+            stats = SearchStats()
+            proposals: list[Proposal] = []
+            last = 0.0
+            for cand in self.iter_candidates(request, stats):
+                proposals.append(Proposal(raw=cand.text, messages=None, prompt_tokens=0, completion_tokens=0,
+                                          seconds=round(cand.seconds - last, 6)))
+                last = cand.seconds
+            if proposals and stats.seconds > last:  # the search after the last program counts too
+                tail = proposals[-1]
+                proposals[-1] = tail.model_copy(update={"seconds": round(tail.seconds + stats.seconds - last, 6)})
+            self.last_stats.append(stats)
+            results.append(proposals)
+        return results
