@@ -91,7 +91,7 @@ class TaskTables:
             f = fns[name]
             groups.setdefault((fields_of(f.input_type), fields_of(f.output_type)), []).append(name)
         self.expert_groups: list[tuple[str, ...]] = []
-        for (ins, outs), names in groups.items():
+        for (_ins, outs), names in groups.items():
             if len(names) >= 2 and len(names) in widths:
                 merges = [m for m in self.fold_fns if fields_of(fns[m].input_type) == outs]
                 if merges:
