@@ -2,8 +2,8 @@
 
 Bodies come from task files (not from model output) and are written for one
 element. `StepFn.map`/`StepFn.fold` evaluate them over a batch of elements with
-`torch.func.vmap`; a body that cannot be vmapped (it branches on a value, calls
-`.item()`, ...) falls back to element-by-element evaluation, and that choice is
+vmap (`batching.vmap`: `torch.func.vmap` without its per-call overhead); a
+body that cannot be vmapped (it branches on a value, calls `.item()`, ...) falls back to element-by-element evaluation, and that choice is
 cached per fn. `StepFn.call` evaluates one element (the naive interpreter).
 """
 
@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from stepforge.simulator.batching import vmap
 from stepforge.simulator.errors import StepRuntimeError
 from stepforge.simulator.shapes import SizeSymbol, shape_values
 from stepforge.simulator.types import ElemType, LeafType, parse_dtype
@@ -106,7 +107,9 @@ class StepFn:
     body: Callable
     init: list[float] | None = None
     source: str = ""
+    batch_direct: bool = False  # may call the body on whole batches where a trial shows it batches (task-file fns)
     _vmappable: bool | None = field(default=None, repr=False)
+    _direct: dict = field(default_factory=dict, repr=False)  # batch signature -> the body batches by itself
 
     @property
     def is_fold(self) -> bool:
@@ -197,6 +200,8 @@ class StepFn:
         batch, steps = inputs[0].shape[0], inputs[0].shape[1]
         if self._vmappable is False or batch == 0 or steps == 0:
             return None
+        if self._batches_itself([x[:, 0] for x in inputs], state):
+            return None  # the step loop calls the body on whole batches: cheaper than any vmap
         shapes = self.out_shapes(binding)
         n_in = len(inputs)
 
@@ -218,7 +223,7 @@ class StepFn:
         watched = list(inputs) + list(state)
         before = _versions(watched)
         try:
-            out = torch.func.vmap(run)(*inputs, *state)
+            out = vmap(run, [*inputs, *state])
         except Exception:
             return None
         self._check_not_mutated(watched, before)
@@ -233,7 +238,9 @@ class StepFn:
         if batch == 0:
             return [torch.zeros((0,) + s, dtype=torch.float32, device=inputs[0].device) for s in out_shapes]
         result = None
-        if self._vmappable is not False:
+        if self._batches_itself(inputs, state):
+            result = self._try_direct(inputs, state)
+        if result is None and self._vmappable is not False:
             result = self._try_vmap(inputs, state)
         if result is None:
             result = self._loop(inputs, state)
@@ -253,7 +260,7 @@ class StepFn:
         watched = list(inputs) + list(state or [])
         before = _versions(watched)
         try:
-            out = torch.func.vmap(element)(*inputs, *(state or []))
+            out = vmap(element, [*inputs, *(state or [])])
         except Exception:
             if self._vmappable is None:
                 self._vmappable = False
@@ -262,6 +269,63 @@ class StepFn:
         self._check_not_mutated(watched, before)
         self._vmappable = True
         return list(out)
+
+    # -- bodies that batch by themselves ---------------------------------------
+    # Most task-file bodies are elementwise or address only trailing axes (`x[..., 0]`,
+    # `x @ W`, `.sum(-1)`), so called on a whole batch they compute what vmap computes, for a
+    # fraction of its cost. Whether one does is decided per batch signature (shapes and dtypes
+    # of the inputs and state) by a trial on random inputs of that signature: vmap and the plain
+    # call must agree (same shapes, values within float32 rounding). A body that reduces or
+    # indexes over the batch axis (`x.mean()`, `x[:h]`) disagrees on random data and keeps vmap.
+    # Only fns with `batch_direct` (bodies from task files, see `make_fn`) are tried.
+
+    def _batches_itself(self, inputs, state) -> bool:
+        if not self.batch_direct or self._vmappable is False:
+            return False
+        args = [*inputs, *(state or [])]
+        signature = (state is not None,) + tuple((tuple(a.shape), a.dtype) for a in args)
+        known = self._direct.get(signature)
+        if known is None:
+            known = self._direct[signature] = self._trial(len(inputs), state is not None, args)
+        return known
+
+    def _trial(self, n_in: int, has_state: bool, like: list[torch.Tensor]) -> bool:
+        if not like or any(a.dim() == 0 or a.shape[0] < 2 for a in like) or not all(a.is_floating_point() for a in like):
+            return False
+        gen = torch.Generator(device=like[0].device).manual_seed(12345)
+        trial = [torch.randn(a.shape, generator=gen, dtype=a.dtype, device=a.device) for a in like]
+
+        def element(*args):
+            return tuple(self._normalise(self.body(list(args[:n_in]), list(args[n_in:]) if has_state else None)))
+
+        try:
+            want = vmap(element, [t.clone() for t in trial])
+        except Exception:
+            return False  # the body does not vmap: the usual path finds out and falls back to elements
+        self._vmappable = True
+        try:
+            got = self._call_whole(trial[:n_in], trial[n_in:] if has_state else None)
+        except Exception:
+            return False
+        if got is None or len(got) != len(want):
+            return False
+        return all(g.shape == w.shape and torch.allclose(g, w, rtol=1e-5, atol=1e-6, equal_nan=True)
+                   for g, w in zip(got, want))
+
+    def _call_whole(self, inputs, state) -> list[torch.Tensor] | None:
+        """The body called once on the batch; None if it modified an input in place."""
+        watched = list(inputs) + list(state or [])
+        before = _versions(watched)
+        out = self._normalise(self.body(list(inputs), None if state is None else list(state)))
+        if before is not None and _versions(watched) != before:
+            return None
+        return out
+
+    def _try_direct(self, inputs, state) -> list[torch.Tensor] | None:
+        try:
+            return self._call_whole(inputs, state)
+        except Exception:
+            return None  # vmap or the element loop reports the body's error precisely
 
     def _loop(self, inputs, state) -> list[torch.Tensor]:
         rows = [
@@ -303,6 +367,7 @@ def make_fn(
         body=local["_step_fn"],
         init=None if init is None else parse_init(init, len(output_type.fields()), func_name),
         source=apply,
+        batch_direct=True,
     )
 
 
