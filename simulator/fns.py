@@ -174,7 +174,8 @@ class StepFn:
         n_out = len(self.output_type.fields())
         if len(out) != n_out:
             raise StepRuntimeError(f"fn {self.func_name} returned {len(out)} fields, its output_dtype has {n_out}")
-        return [torch.as_tensor(t).to(torch.float32) for t in out]
+        return [t if isinstance(t, torch.Tensor) and t.dtype == torch.float32 else torch.as_tensor(t).to(torch.float32)
+                for t in out]
 
     # -- many elements ------------------------------------------------------
     def map(self, inputs: list[torch.Tensor], binding: Mapping[str, int]) -> list[torch.Tensor]:
@@ -191,31 +192,31 @@ class StepFn:
         """A whole fold: inputs are (batch, steps, ...), folded over axis 1 from `state` (batch, ...).
 
         Returns the final states (batch, ...), or with `keep_all` the state after every step
-        (batch, steps, ...). One vmap runs the step loop for all batch rows at once, so the
-        per-call cost of vmap is paid once per fold, not once per step; every step's body
-        call is the same batched call `fold` makes. Returns None where that is not possible
+        (batch, steps, ...). A body that batches by itself (see `_batches_itself`) runs the
+        step loop on whole batches; any other, one vmap runs the step loop for all batch rows
+        at once, so the per-call cost of vmap is paid once per fold, not once per step. Every
+        step's body call is the same batched call `fold` makes. Returns None where that is not possible
         (the body does not vmap, or an empty batch or fold): the caller then folds step by
         step with `fold`, which also reports a faulty body precisely.
         """
         batch, steps = inputs[0].shape[0], inputs[0].shape[1]
         if self._vmappable is False or batch == 0 or steps == 0:
             return None
-        if self._batches_itself([x[:, 0] for x in inputs], state):
-            return None  # the step loop calls the body on whole batches: cheaper than any vmap
         shapes = self.out_shapes(binding)
         n_in = len(inputs)
 
-        def run(*args):
-            xs, st = args[:n_in], list(args[n_in:])
+        def step_loop(xs, st, axis: int, prefix: tuple):
+            columns = [x.unbind(axis) for x in xs]  # every step's slice at once
+            want = [torch.Size(prefix + s) for s in shapes]
             history = []
             for t in range(steps):
-                st = self._normalise(self.body([x[t] for x in xs], list(st)))
-                if any(tuple(o.shape) != s for o, s in zip(st, shapes)):
+                st = self._normalise(self.body([c[t] for c in columns], list(st)))
+                if [o.shape for o in st] != want:
                     raise StepRuntimeError("wrong output shape")  # reported precisely by the step-by-step path
                 if keep_all:
                     history.append(st)
             if keep_all:
-                return tuple(torch.stack([h[i] for h in history]) for i in range(len(shapes)))
+                return tuple(torch.stack([h[i] for h in history], axis) for i in range(len(shapes)))
             return tuple(st)
 
         # Bodies cannot know the step, and value-dependent ones do not vmap, so an in-place
@@ -223,11 +224,15 @@ class StepFn:
         watched = list(inputs) + list(state)
         before = _versions(watched)
         try:
-            out = vmap(run, [*inputs, *state])
+            if self._batches_itself([x[:, 0] for x in inputs], state):
+                # the body on whole batches, step by step: cheaper than any vmap
+                out = step_loop(inputs, state, 1, (batch,))
+            else:
+                out = vmap(lambda *args: step_loop(args[:n_in], args[n_in:], 0, ()), [*inputs, *state])
+                self._vmappable = True
         except Exception:
             return None
         self._check_not_mutated(watched, before)
-        self._vmappable = True
         out = list(out)
         self._check_shapes(out, (batch, steps) if keep_all else (batch,), shapes)
         return out
