@@ -9,8 +9,10 @@ functorch levels, batch dims and un-batching, so the results are the same
 tensors) with the checks done once, in Python, and falls back to
 `torch.func.vmap` where the private functorch helpers are missing.
 
-`set_fast_vmap(False)` makes every call go through `torch.func.vmap`; the
-verdict-equivalence test runs both ways.
+`set_fast_batching(False)` turns off both shortcuts the simulator takes
+(this lean vmap, and calling a fn body that batches by itself on whole
+batches, see `StepFn._batches_itself`): every batch then goes through
+`torch.func.vmap`. The verdict-equivalence test runs both ways.
 """
 
 from __future__ import annotations
@@ -30,25 +32,32 @@ try:  # private, but stable across the torch releases stepforge supports
 except ImportError:  # pragma: no cover - a torch without them: the public vmap only
     _add_batch_dim = None
 
-_FAST = _add_batch_dim is not None
+_FAST = _add_batch_dim is not None  # the lean vmap
+_DIRECT = True  # bodies that batch by themselves are called on whole batches
 
 
-def set_fast_vmap(enabled: bool) -> bool:
-    """Use the lean path (True) or always `torch.func.vmap` (False); returns the previous setting."""
-    global _FAST
-    previous = _FAST
-    _FAST = bool(enabled) and _add_batch_dim is not None
+def set_fast_batching(enabled: bool) -> bool:
+    """Take the shortcuts (True, the default) or not; returns the previous setting."""
+    global _FAST, _DIRECT
+    previous = _DIRECT
+    _DIRECT = bool(enabled)
+    _FAST = _DIRECT and _add_batch_dim is not None
     return previous
 
 
+def fast_batching_enabled() -> bool:
+    """Whether fn bodies may be called on whole batches (see `set_fast_batching`)."""
+    return _DIRECT
+
+
 @contextlib.contextmanager
-def fast_vmap(enabled: bool):
-    """`set_fast_vmap` for a block."""
-    previous = set_fast_vmap(enabled)
+def fast_batching(enabled: bool):
+    """`set_fast_batching` for a block."""
+    previous = set_fast_batching(enabled)
     try:
         yield
     finally:
-        set_fast_vmap(previous)
+        set_fast_batching(previous)
 
 
 def vmap(func: Callable[..., tuple], args: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -77,4 +86,4 @@ def vmap(func: Callable[..., tuple], args: Sequence[torch.Tensor]) -> tuple[torc
         return tuple(_maybe_remove_batch_dim("fn", o, level, batch, 0) for o in outs)
 
 
-__all__ = ["fast_vmap", "set_fast_vmap", "vmap"]
+__all__ = ["fast_batching", "fast_batching_enabled", "set_fast_batching", "vmap"]

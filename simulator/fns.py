@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from stepforge.simulator import batching
 from stepforge.simulator.batching import vmap
 from stepforge.simulator.errors import StepRuntimeError
 from stepforge.simulator.shapes import SizeSymbol, shape_values
@@ -285,7 +286,7 @@ class StepFn:
     # Only fns with `batch_direct` (bodies from task files, see `make_fn`) are tried.
 
     def _batches_itself(self, inputs, state) -> bool:
-        if not self.batch_direct or self._vmappable is False:
+        if not self.batch_direct or self._vmappable is False or not batching.fast_batching_enabled():
             return False
         args = [*inputs, *(state or [])]
         signature = (state is not None,) + tuple((tuple(a.shape), a.dtype) for a in args)
