@@ -12,7 +12,7 @@ from __future__ import annotations
 import ast
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 
@@ -206,13 +206,16 @@ class StepFn:
         shapes = self.out_shapes(binding)
         n_in = len(inputs)
 
-        def step_loop(xs, st, axis: int, prefix: tuple):
+        def step_loop(xs, st, axis: int, prefix: tuple, layout: Optional[str] = None):
             columns = [x.unbind(axis) for x in xs]  # every step's slice at once
             want = [torch.Size(prefix + s) for s in shapes]
             history = []
             for t in range(steps):
-                st = self._normalise(self.body([c[t] for c in columns], list(st)))
-                if [o.shape for o in st] != want:
+                if layout is None:  # under vmap
+                    st = self._normalise(self.body([c[t] for c in columns], list(st)))
+                else:
+                    st = self._call_whole([c[t] for c in columns], st, layout, want)
+                if st is None or [o.shape for o in st] != want:
                     raise StepRuntimeError("wrong output shape")  # reported precisely by the step-by-step path
                 if keep_all:
                     history.append(st)
@@ -225,9 +228,10 @@ class StepFn:
         watched = list(inputs) + list(state)
         before = _versions(watched)
         try:
-            if self._batches_itself([x[:, 0] for x in inputs], state):
+            layout = self._batches_itself([x[:, 0] for x in inputs], state)
+            if layout is not None:
                 # the body on whole batches, step by step: cheaper than any vmap
-                out = step_loop(inputs, state, 1, (batch,))
+                out = step_loop(inputs, state, 1, (batch,), layout)
             else:
                 out = vmap(lambda *args: step_loop(args[:n_in], args[n_in:], 0, ()), [*inputs, *state])
                 self._vmappable = True
@@ -244,8 +248,9 @@ class StepFn:
         if batch == 0:
             return [torch.zeros((0,) + s, dtype=torch.float32, device=inputs[0].device) for s in out_shapes]
         result = None
-        if self._batches_itself(inputs, state):
-            result = self._try_direct(inputs, state)
+        layout = self._batches_itself(inputs, state)
+        if layout is not None:
+            result = self._try_direct(inputs, state, layout, [(batch,) + s for s in out_shapes])
         if result is None and self._vmappable is not False:
             result = self._try_vmap(inputs, state)
         if result is None:
@@ -279,25 +284,29 @@ class StepFn:
     # -- bodies that batch by themselves ---------------------------------------
     # Most task-file bodies are elementwise or address only trailing axes (`x[..., 0]`,
     # `x @ W`, `.sum(-1)`), so called on a whole batch they compute what vmap computes, for a
-    # fraction of its cost. Whether one does is decided per batch signature (shapes and dtypes
-    # of the inputs and state) by a trial on random inputs of that signature: vmap and the plain
-    # call must agree (same shapes, values within float32 rounding). A body that reduces or
-    # indexes over the batch axis (`x.mean()`, `x[:h]`) disagrees on random data and keeps vmap.
-    # Only fns with `batch_direct` (bodies from task files, see `make_fn`) are tried.
+    # fraction of its cost. Two layouts are tried: "plain" (each tensor batched on dim 0) and
+    # "aligned" (lower-rank elements get size-1 axes after the batch axis, so that a scalar
+    # field times a Buffer field broadcasts as it does for one element; size-1 axes are taken
+    # off the outputs again). Whether a body batches, and in which layout, is decided per batch
+    # signature (shapes and dtypes of the inputs and state) by a trial on random inputs of that
+    # signature: vmap and the plain call must agree (same shapes, values within float32
+    # rounding). A body that reduces or indexes over the batch axis (`x.mean()`, `x[:h]`)
+    # disagrees on random data and keeps vmap. Only fns with `batch_direct` (bodies from task
+    # files, see `make_fn`) are tried.
 
-    def _batches_itself(self, inputs, state) -> bool:
+    def _batches_itself(self, inputs, state) -> Optional[str]:
+        """The layout in which the body batches by itself for this signature, or None."""
         if not self.batch_direct or self._vmappable is False or not batching.fast_batching_enabled():
-            return False
+            return None
         args = [*inputs, *(state or [])]
-        signature = (state is not None,) + tuple((tuple(a.shape), a.dtype) for a in args)
-        known = self._direct.get(signature)
-        if known is None:
-            known = self._direct[signature] = self._trial(len(inputs), state is not None, args)
-        return known
+        signature = (state is not None,) + tuple((a.shape, a.dtype) for a in args)
+        if signature not in self._direct:
+            self._direct[signature] = self._trial(len(inputs), state is not None, args)
+        return self._direct[signature]
 
-    def _trial(self, n_in: int, has_state: bool, like: list[torch.Tensor]) -> bool:
-        if not like or any(a.dim() == 0 or a.shape[0] < 2 for a in like) or not all(a.is_floating_point() for a in like):
-            return False
+    def _trial(self, n_in: int, has_state: bool, like: list[torch.Tensor]) -> Optional[str]:
+        if not like or any(a.dim() == 0 or a.shape[0] < 1 for a in like) or not all(a.is_floating_point() for a in like):
+            return None
         gen = torch.Generator(device=like[0].device).manual_seed(12345)
         trial = [torch.randn(a.shape, generator=gen, dtype=a.dtype, device=a.device) for a in like]
 
@@ -307,29 +316,46 @@ class StepFn:
         try:
             want = vmap(element, [t.clone() for t in trial])
         except Exception:
-            return False  # the body does not vmap: the usual path finds out and falls back to elements
+            return None  # the body does not vmap: the usual path finds out and falls back to elements
         self._vmappable = True
-        try:
-            got = self._call_whole(trial[:n_in], trial[n_in:] if has_state else None)
-        except Exception:
-            return False
-        if got is None or len(got) != len(want):
-            return False
-        return all(g.shape == w.shape and torch.allclose(g, w, rtol=1e-5, atol=1e-6, equal_nan=True)
-                   for g, w in zip(got, want))
+        shapes = [w.shape for w in want]
+        layouts = ("plain", "aligned") if len({a.dim() for a in like}) > 1 else ("plain",)
+        for layout in layouts:
+            try:
+                got = self._call_whole(trial[:n_in], trial[n_in:] if has_state else None, layout, shapes)
+            except Exception:
+                continue
+            if got is not None and all(torch.allclose(g, w, rtol=1e-5, atol=1e-6, equal_nan=True)
+                                       for g, w in zip(got, want)):
+                return layout
+        return None
 
-    def _call_whole(self, inputs, state) -> list[torch.Tensor] | None:
-        """The body called once on the batch; None if it modified an input in place."""
+    def _call_whole(self, inputs, state, layout: str, shapes) -> list[torch.Tensor] | None:
+        """The body called once on the batch in `layout`; None if it modified an input in place
+        or its outputs do not have `shapes`."""
         watched = list(inputs) + list(state or [])
         before = _versions(watched)
+        if layout == "aligned":
+            rank = max(a.dim() for a in watched)
+            inputs, state = _aligned(inputs, rank), (None if state is None else _aligned(state, rank))
         out = self._normalise(self.body(list(inputs), None if state is None else list(state)))
         if before is not None and _versions(watched) != before:
             return None
+        if len(out) != len(shapes):
+            return None
+        for i, (o, shape) in enumerate(zip(out, shapes)):
+            if o.shape != shape:
+                if layout == "aligned" and o.dim() > len(shape) and o.shape[0] == shape[0] and \
+                        o.shape[len(o.shape) - len(shape) + 1:] == shape[1:] and \
+                        all(d == 1 for d in o.shape[1: len(o.shape) - len(shape) + 1]):
+                    out[i] = o.reshape(shape)
+                else:
+                    return None
         return out
 
-    def _try_direct(self, inputs, state) -> list[torch.Tensor] | None:
+    def _try_direct(self, inputs, state, layout: str, shapes) -> list[torch.Tensor] | None:
         try:
-            return self._call_whole(inputs, state)
+            return self._call_whole(inputs, state, layout, shapes)
         except Exception:
             return None  # vmap or the element loop reports the body's error precisely
 
@@ -339,6 +365,11 @@ class StepFn:
             for b in range(inputs[0].shape[0])
         ]
         return [torch.stack([r[i] for r in rows]) for i in range(len(rows[0]))]
+
+
+def _aligned(tensors: list[torch.Tensor], rank: int) -> list[torch.Tensor]:
+    """Each (batch, *elem) tensor as (batch, 1, ..., 1, *elem) of `rank` dims."""
+    return [t if t.dim() == rank else t.reshape(t.shape[:1] + (1,) * (rank - t.dim()) + t.shape[1:]) for t in tensors]
 
 
 def _versions(tensors: list[torch.Tensor]) -> list[int] | None:
