@@ -2,19 +2,24 @@
 
 Task files carry Python (`global`, fn bodies, oracles) and candidate programs
 are model output, so verification runs in worker processes, never in the
-caller. Each worker imports torch and the simulator once, keeps every task it
-was sent (and the verifier's cached inputs and oracles) across candidates,
-and verifies one program at a time: no file is written and no interpreter is
-started per candidate.
+caller. Each worker imports torch and the simulator once and holds a
+`WarmVerifier` (benchmark/warm.py): every task it was sent, and the verifier's
+cached fns, inputs and oracle outputs, are kept across candidates. It
+verifies one program at a time: no file is written and no interpreter is
+started per candidate. A task's candidates go to a worker that already holds
+the task when one is free (so each task is set up in few workers), and each
+worker has up to `queue_depth` jobs queued, so it never waits on a round trip
+to the caller. A verdict comes back as the Verdict's fields and nothing else.
 
     with VerifierPool(workers=2, timeout_s=10.0) as pool:
         v = pool.verify("norm/G_0_8_01", impl)                 # a benchmark key
         vs = pool.verify_many([(key, impl), (task, impl2)])    # a Task also works
         v = pool.verify(key, impl, timeout_s=30, seeds=(0,))    # per-call limit and verify() options
 
-A verification that exceeds `timeout_s` (counted from when a ready worker
-receives it) is killed with its worker, which is replaced; the verdict is
-`timeout`. A worker that dies (segfault, `os._exit`, out of memory) gives the
+A verification that exceeds `timeout_s` (counted from when its worker starts
+it: when it is sent to an idle worker, or when the worker's previous verdict
+arrives) is killed with its worker, which is replaced; the verdict is
+`timeout`, and the jobs queued behind it go to the other workers. A worker that dies (segfault, `os._exit`, out of memory) gives the
 verdict `runtime` and is replaced; the caller never sees the crash. For both,
 `affine_ok` is still filled in, by parsing the program in the caller (the
 parser never runs program text). A broken task (its own code fails) raises
@@ -46,7 +51,8 @@ from stepforge.benchmark.verifier import Verdict
 from stepforge.errors import StepforgeError
 
 TaskRef = Union[str, Task]
-_PRELOAD = ["torch", "stepforge.simulator", "stepforge.benchmark.verifier"]
+_PRELOAD = ["torch", "stepforge.simulator", "stepforge.benchmark.verifier", "stepforge.benchmark.warm"]
+_LOOK_AHEAD = 64  # pending jobs scanned for one whose task a free worker already holds
 
 
 # ---------------------------------------------------------------------------
@@ -60,12 +66,12 @@ def _worker_main(conn, torch_threads: int) -> None:  # pragma: no cover - runs i
         torch.set_num_threads(max(1, torch_threads))
         from stepforge.benchmark.schema import TaskFileError as _TFE
         from stepforge.benchmark.schema import task_from_dict
-        from stepforge.benchmark.verifier import verify
+        from stepforge.benchmark.warm import WarmVerifier
     except BaseException:
         conn.send(("fatal", traceback.format_exc()))
         return
+    warm = WarmVerifier(tasks={})
     conn.send(("ready", os.getpid()))
-    tasks: dict[str, Any] = {}
     while True:
         try:
             msg = conn.recv()
@@ -76,9 +82,8 @@ def _worker_main(conn, torch_threads: int) -> None:  # pragma: no cover - runs i
         _, job_id, key, payload, impl, kwargs = msg
         try:
             if payload is not None:
-                tasks[key] = task_from_dict(payload, source=f"task {key}")
-            verdict = verify(tasks[key], impl, **kwargs)
-            reply = ("verdict", job_id, verdict.model_dump())
+                warm.add(key, task_from_dict(payload, source=f"task {key}"))
+            reply = ("verdict", job_id, warm.verify_dict(key, impl, **kwargs))
         except _TFE as exc:
             reply = ("task_error", job_id, (exc.path, exc.errors))
         except Exception as exc:
@@ -125,11 +130,16 @@ class _Worker:
     process: Any
     conn: Any
     ready: bool = False
-    job: Optional[int] = None
-    deadline: float = 0.0
+    jobs: deque = field(default_factory=deque)  # job indices sent, in the order the worker runs them
+    deadline: float = 0.0  # of jobs[0], which runs from when the one before it finished
     limit: float = 0.0
     started: float = field(default_factory=time.monotonic)
     known: set = field(default_factory=set)  # task keys this worker holds
+
+    @property
+    def job(self) -> Optional[int]:
+        """The job the worker is running now (None when idle)."""
+        return self.jobs[0] if self.jobs else None
 
 
 class PoolError(StepforgeError):
@@ -150,8 +160,10 @@ class VerifierPool:
 
     `tasks`: the tasks known by key (default: `load_benchmark(root)`). Jobs
     may also pass a Task object, known or not. `verify_kwargs` are passed to
-    every `verify` call (seeds, bindings, engine, check_affine, max_elements);
-    per-call keyword arguments override them.
+    every `verify` call (seeds, bindings, engine, check_affine, max_elements,
+    cache); per-call keyword arguments override them. `queue_depth`: jobs
+    sent to a worker ahead of its verdicts (2: the next job is already there
+    when one finishes, so no worker waits for a round trip).
     """
 
     def __init__(
@@ -165,6 +177,7 @@ class VerifierPool:
         torch_threads: int = 1,
         startup_timeout_s: float = 120.0,
         verify_kwargs: Optional[dict] = None,
+        queue_depth: int = 2,
     ):
         if workers < 1:
             raise ValueError("workers must be >= 1")
@@ -179,6 +192,8 @@ class VerifierPool:
         self._workers: list[_Worker] = []
         self._closed = False
         self._failed_starts = 0
+        self._pending: Optional[deque] = None
+        self.depth = max(1, int(queue_depth))
         self.restarts = 0
         for _ in range(self.n_workers):
             self._workers.append(self._start_worker())
@@ -272,8 +287,11 @@ class VerifierPool:
         """
         limit = self.timeout_s if timeout_s is None else float(timeout_s)
         resolved = []
+        keys_of: dict[int, tuple[str, Task]] = {}  # one fingerprint per Task object in this call
         for task, impl in jobs:
-            key, task_obj = self._task_key(task)
+            if id(task) not in keys_of or keys_of[id(task)][1] is not task:
+                keys_of[id(task)] = self._task_key(task)
+            key, task_obj = keys_of[id(task)]
             if impl is None:
                 if not task_obj.impl:
                     raise ValueError(f"task {task_obj.key} has no reference impl; pass the program to verify")
@@ -285,31 +303,49 @@ class VerifierPool:
                 raise PoolError("the pool is closed")
             results: list[Optional[Verdict]] = [None] * len(resolved)
             self._task_errors: list[TaskFileError] = []
-            pending = deque(range(len(resolved)))
-            while pending or any(w.job is not None for w in self._workers):
+            self._pending = deque(range(len(resolved)))
+            while self._pending or any(w.jobs for w in self._workers):
                 for w in self._workers:
-                    if pending and w.ready and w.job is None:
-                        self._dispatch(w, pending.popleft(), resolved, call_kwargs, limit)
+                    while self._pending and w.ready and len(w.jobs) < self.depth:
+                        self._dispatch(w, self._next_job_for(w, resolved), resolved, call_kwargs, limit)
                 self._poll(self._next_timeout(), results, resolved)
             if self._task_errors:
                 raise self._task_errors[0]
             return [r for r in results]  # every slot is filled by now
 
+    def _next_job_for(self, w: _Worker, resolved) -> int:
+        """The first pending job whose task `w` already holds (within a look-ahead), else the first."""
+        for i, idx in enumerate(self._pending):
+            if i >= _LOOK_AHEAD:
+                break
+            if resolved[idx][0] in w.known:
+                del self._pending[i]
+                return idx
+        return self._pending.popleft()
+
     def _dispatch(self, w: _Worker, idx: int, resolved, kwargs, limit: float) -> None:
         key, task, impl = resolved[idx]
         payload = None if key in w.known else task.model_dump(mode="python", by_alias=True)
-        w.job = idx
+        if not w.jobs:
+            w.deadline = time.monotonic() + limit
+        w.jobs.append(idx)
         w.limit = limit
-        w.deadline = time.monotonic() + limit
         try:
             w.conn.send(("job", idx, key, payload, impl, kwargs))
             w.known.add(key)
         except (OSError, EOFError, BrokenPipeError):
             pass  # the worker died; _poll sees it and answers the job
 
+    def _requeue(self, w: _Worker) -> None:
+        """Put the jobs a lost worker had queued behind its current one back in front of the queue."""
+        queued = list(w.jobs)[1:]
+        w.jobs.clear()
+        if self._pending is not None:
+            self._pending.extendleft(reversed(queued))
+
     def _next_timeout(self) -> float:
         now = time.monotonic()
-        deadlines = [w.deadline for w in self._workers if w.job is not None]
+        deadlines = [w.deadline for w in self._workers if w.jobs]
         deadlines += [w.started + self._startup_timeout_s for w in self._workers if not w.ready]
         return max(0.0, min(deadlines) - now) if deadlines else 0.05
 
@@ -328,11 +364,12 @@ class VerifierPool:
             self._service(w, results, jobs)
         now = time.monotonic()
         for w in list(self._workers):
-            if w.job is not None and now > w.deadline and results is not None:
-                idx = w.job
+            if w.jobs and now > w.deadline and results is not None:
+                idx = w.jobs[0]
                 results[idx] = self._failure(jobs[idx], "timeout",
                                              f"verification exceeded the time limit of {w.limit:g} s; "
                                              f"the worker was stopped")
+                self._requeue(w)
                 self._replace(w)
             elif not w.ready and now > w.started + self._startup_timeout_s:
                 self._kill(w)
@@ -351,10 +388,11 @@ class VerifierPool:
         if not w.process.is_alive():
             w.process.join(timeout=1)
             code = w.process.exitcode
-            if w.job is not None and results is not None:
-                idx = w.job
+            if w.jobs and results is not None:
+                idx = w.jobs[0]
                 results[idx] = self._failure(jobs[idx], "runtime",
                                              f"the verification crashed its worker process (exit code {code})")
+            self._requeue(w)
             if not w.ready:
                 self._failed_starts += 1
                 if self._failed_starts >= 3:
@@ -372,7 +410,8 @@ class VerifierPool:
         idx = msg[1]
         if w.job != idx or results is None:
             return
-        w.job = None
+        w.jobs.popleft()
+        w.deadline = time.monotonic() + w.limit  # the next queued job starts now
         if kind == "verdict":
             results[idx] = Verdict.model_validate(msg[2])
         elif kind == "task_error":

@@ -57,17 +57,18 @@ import math
 import re
 import threading
 import time
-from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 
 from stepforge import simulator as sim
+from stepforge.benchmark.cache import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, BoundedLRU, tensor_bytes
 from stepforge.benchmark.schema import MultihotGen, Task, TaskFileError, resolve_task
 from stepforge.benchmark.verdict import STAGES, Stage, Verdict
 from stepforge.simulator.fns import build_namespace, namespace_binding
+from stepforge.simulator import interpreter
 from stepforge.simulator.shapes import DEFAULT_SIZES, format_shape
 
 EPS32 = float(torch.finfo(torch.float32).eps)
@@ -78,46 +79,65 @@ DEFAULT_MAX_ELEMENTS = 2**27
 
 
 # ---------------------------------------------------------------------------
-# per-task preparation (cached per process: the pool's workers keep it warm)
+# per-task preparation, cached per process (the pool's workers keep it warm)
+#
+# Everything a candidate cannot influence is computed once and kept in one
+# entry per task (keyed by the task's content fingerprint, so an edited task
+# file is a new key): the types and compiled oracles (`_Prepared`); per size
+# binding, the namespace `global` built and the fns (`_BindingData`); per
+# (binding, seed), the inputs, parameters, float64 oracle outputs and
+# tolerances (`_SeedData`). The entries live in a BoundedLRU (benchmark/cache.py):
+# at most `_MAX_TASKS` tasks and `_MAX_BYTES` bytes of tensors.
+
+
+@dataclass
+class _SeedData:
+    inputs: dict[str, sim.Stream]
+    input_data: dict  # inputs and parameters by name: what fns and oracles read
+    refs: list[list[torch.Tensor]]  # float64, per output, per field
+    dev32: list[list[float]]
+    allowed: list[list[torch.Tensor]]  # the elementwise tolerance of each field
+    ref_inf: list[list[torch.Tensor]]  # where each field's oracle is infinite
+    setup_s: float
+
+
+@dataclass
+class _BindingData:
+    binding: dict[str, int]
+    ns: dict  # the globals of the fns; its `input_data` holds the seed being run
+    fns: dict[str, sim.StepFn]
+    seeds: dict[tuple[int, int], _SeedData] = field(default_factory=dict)  # (seed, max_elements) ->
+
+    def load(self, seed: _SeedData) -> None:
+        """Point the fns' `input_data` at this seed's inputs and parameters."""
+        data = self.ns["input_data"]
+        data.clear()
+        data.update(seed.input_data)
 
 
 @dataclass
 class _Prepared:
     task: Task
+    key: str  # the task's fingerprint
     input_types: dict[str, sim.StreamType]
     output_types: list[sim.StreamType]
-    static_fns: dict[str, sim.StepFn]
-    static_binding: dict[str, int]
     oracles: list[list[tuple[Any, Any]]]  # per output, per field: (compiled body, compiled last expression)
+    bindings: dict[tuple, _BindingData] = field(default_factory=dict)  # sorted partial binding items ->
 
 
-@dataclass
-class _RunData:
-    binding: dict[str, int]
-    inputs: dict[str, sim.Stream]
-    fns: dict[str, sim.StepFn]
-    refs: list[list[torch.Tensor]]  # float64, per output, per field
-    dev32: list[list[float]]
-    setup_s: float
-
-
-_PREPARED: "OrderedDict[str, _Prepared]" = OrderedDict()
-_RUNS: "OrderedDict[tuple, _RunData]" = OrderedDict()
-_MAX_PREPARED = 64
-_MAX_RUNS = 256
+_MAX_TASKS = DEFAULT_MAX_ENTRIES
+_MAX_BYTES = DEFAULT_MAX_BYTES
+_CACHE: BoundedLRU[_Prepared] = BoundedLRU(_MAX_TASKS, _MAX_BYTES)
 
 
 def clear_caches() -> None:
     """Forget prepared tasks and cached inputs/oracles (tests; memory)."""
-    _PREPARED.clear()
-    _RUNS.clear()
+    _CACHE.clear()
 
 
-def _lru_put(cache: OrderedDict, key, value, limit: int) -> None:
-    cache[key] = value
-    cache.move_to_end(key)
-    while len(cache) > limit:
-        cache.popitem(last=False)
+def cache_stats() -> dict[str, int]:
+    """The verifier cache's entries, bytes, hits, misses and evictions (this process)."""
+    return _CACHE.stats()
 
 
 def _task_error(task: Task, key: str, message: str) -> TaskFileError:
@@ -182,21 +202,30 @@ def _stream_type(task: Task, decl, where: str) -> sim.StreamType:
         raise _task_error(task, where, _one_line(exc)) from None
 
 
-def _prepare(task: Task) -> _Prepared:
+def _prepare(task: Task, cache: BoundedLRU[_Prepared]) -> _Prepared:
     key = task.fingerprint()
-    if key in _PREPARED:
-        _PREPARED.move_to_end(key)
-        return _PREPARED[key]
+    return cache.get(key, lambda: _new_prepared(task, key))
+
+
+def _new_prepared(task: Task, key: str) -> _Prepared:
     input_types = {d.name: _stream_type(task, d, f"inputs[{i}]") for i, d in enumerate(task.inputs)}
     output_types = [_stream_type(task, d, f"outputs[{i}]") for i, d in enumerate(task.outputs)]
-    ns = _namespace(task, DEFAULT_SIZES, {})
-    static_binding = namespace_binding(ns)
-    fns = _build_fns(task, ns)
-    oracles = [[_compile_block(code, f"<oracle {o.name}[{j}]>") for j, code in enumerate(o.transforms())]
-               for o in task.outputs]
-    prepared = _Prepared(task, input_types, output_types, fns, static_binding, oracles)
-    _lru_put(_PREPARED, key, prepared, _MAX_PREPARED)
+    prepared = _Prepared(task, key, input_types, output_types, oracles=[])
+    _binding_data(prepared, {})  # `global` and the fns at the default sizes: the static check's
+    prepared.oracles = [[_compile_block(code, f"<oracle {o.name}[{j}]>") for j, code in enumerate(o.transforms())]
+                        for o in task.outputs]
     return prepared
+
+
+def _binding_data(prepared: _Prepared, partial: Mapping[str, int]) -> _BindingData:
+    """The namespace and fns of one partial binding, built once per task."""
+    key = tuple(sorted((str(k), int(v)) for k, v in partial.items()))
+    data = prepared.bindings.get(key)
+    if data is None:
+        ns, binding = _resolve_binding(prepared.task, partial)
+        data = _BindingData(binding, ns, _build_fns(prepared.task, ns))
+        prepared.bindings[key] = data
+    return data
 
 
 # ---------------------------------------------------------------------------
@@ -266,15 +295,17 @@ def _resolve_binding(task: Task, partial: Mapping[str, int]) -> tuple[dict, dict
     return ns, full
 
 
-def _run_data(task: Task, prepared: _Prepared, partial: Mapping[str, int], seed: int, max_elements: int) -> _RunData:
-    key = (task.fingerprint(), tuple(sorted((str(k), int(v)) for k, v in partial.items())), int(seed), max_elements)
-    if key in _RUNS:
-        _RUNS.move_to_end(key)
-        return _RUNS[key]
+def _seed_data(prepared: _Prepared, bd: _BindingData, seed: int, max_elements: int,
+               cache: BoundedLRU[_Prepared]) -> _SeedData:
+    """Inputs, parameters, oracle outputs and tolerances of one (binding, seed), computed once."""
+    key = (int(seed), int(max_elements))
+    if key in bd.seeds:
+        return bd.seeds[key]
+    task = prepared.task
+    binding = bd.binding
     t0 = time.perf_counter()
-    ns, binding = _resolve_binding(task, partial)
-    input_data: dict = ns["input_data"]
     gen = torch.Generator().manual_seed(int(seed))
+    input_data: dict = {}
     inputs = {}
     for i, d in enumerate(task.inputs):
         stype = prepared.input_types[d.name]
@@ -284,12 +315,22 @@ def _run_data(task: Task, prepared: _Prepared, partial: Mapping[str, int], seed:
     for i, d in enumerate(task.parameters):
         stype = _stream_type(task, d, f"parameters[{i}]")
         input_data[d.name] = _generate(task, d, stype, binding, gen, f"parameters[{i}]", max_elements)
-    fns = _build_fns(task, ns)
+    bd.ns["input_data"].clear()
+    bd.ns["input_data"].update(input_data)
     refs = _reference(task, prepared, binding, input_data)
-    dev32 = _float32_deviation(task, prepared, ns, input_data, refs)
-    run = _RunData(binding, inputs, fns, refs, dev32, time.perf_counter() - t0)
-    _lru_put(_RUNS, key, run, _MAX_RUNS)
-    return run
+    dev32 = _float32_deviation(task, prepared, bd.ns, input_data, refs)
+    allowed, ref_inf = [], []
+    for fields, devs in zip(refs, dev32):
+        allowed.append([])
+        ref_inf.append([])
+        for ref, dev in zip(fields, devs):
+            rtol, atol = tolerance_for(binding, ref, dev, task.tolerance)
+            allowed[-1].append(atol + rtol * ref.abs())
+            ref_inf[-1].append(torch.isinf(ref))
+    seed_data = _SeedData(inputs, input_data, refs, dev32, allowed, ref_inf, time.perf_counter() - t0)
+    bd.seeds[key] = seed_data
+    cache.grew(prepared.key, tensor_bytes([*input_data.values(), *refs, *allowed, *ref_inf]))
+    return seed_data
 
 
 def _as_fields(value) -> list[torch.Tensor]:
@@ -375,15 +416,12 @@ def _unravel(flat: int, shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 def _compare_field(name: str, stype: sim.StreamType, field: int, got: torch.Tensor, ref: torch.Tensor,
-                   binding: Mapping[str, int], dev32: float, override) -> Optional[_Mismatch]:
+                   allowed: torch.Tensor, ref_inf: torch.Tensor) -> Optional[_Mismatch]:
+    """None if `got` is within `allowed` of `ref` everywhere (infinities matched exactly)."""
     label = name if len(stype.fields()) == 1 else f"{name} field {field}"
     got64 = got.detach().to("cpu", torch.float64)
-    rtol, atol = tolerance_for(binding, ref, dev32, override)
-    allowed = atol + rtol * ref.abs()
     err = (got64 - ref).abs()
-    ok = err <= allowed
-    both_inf = torch.isinf(ref) & (got64 == ref)
-    ok = ok | both_inf
+    ok = (err <= allowed) | (ref_inf & (got64 == ref))
     if bool(ok.all()):
         return None
     bad = ~ok
@@ -400,18 +438,19 @@ def _compare_field(name: str, stype: sim.StreamType, field: int, got: torch.Tens
                      f"got {g:.7g}, expected {r:.7g} (|error| {e:.2g} > tolerance {tol:.2g})")
 
 
-def _check_values(prepared: _Prepared, outs: list[sim.Stream], run: _RunData) -> Optional[tuple[str, str]]:
+def _check_values(prepared: _Prepared, outs: list[sim.Stream], binding: Mapping[str, int],
+                  run: _SeedData) -> Optional[tuple[str, str]]:
     """None if every field matches; else (stage, message)."""
     task = prepared.task
     for i, (decl, stype, stream) in enumerate(zip(task.outputs, prepared.output_types, outs)):
         fields = stream.field_tensors()
-        expected = stype.tensor_shapes(run.binding)
+        expected = [tuple(t.shape) for t in run.refs[i]]  # the oracle's shapes are checked against the type
         got_shapes = [tuple(t.shape) for t in fields]
         if got_shapes != expected:
             return "shape", (f"{decl.name}: the program produced tensors of shape {_fmt_shapes(got_shapes)}, "
                              f"its type needs {_fmt_shapes(expected)}")
         for j, (got, ref) in enumerate(zip(fields, run.refs[i])):
-            mismatch = _compare_field(decl.name, stype, j, got, ref, run.binding, run.dev32[i][j], task.tolerance)
+            mismatch = _compare_field(decl.name, stype, j, got, ref, run.allowed[i][j], run.ref_inf[i][j])
             if mismatch is not None:
                 return "value", mismatch.message
     return None
@@ -438,16 +477,30 @@ def _fmt_binding(binding: Mapping[str, int]) -> str:
     return " ".join(f"{k}={v}" for k, v in binding.items())
 
 
-def _static_check(prepared: _Prepared, program) -> Optional[tuple[str, str]]:
-    """Types, arity, dtype, shape of the returned streams: None or (stage, message)."""
+def _static_check(prepared: _Prepared, program) -> tuple[Optional[tuple[str, str]], Any]:
+    """Types, arity, dtype, shape of the returned streams at the default sizes.
+
+    (None, the typed program) when they are right, else ((stage, message), None).
+    """
+    problem, typed = _static_types(prepared, program)
+    if problem is None:
+        problem = _output_types_problem(prepared, typed.outputs)
+    return problem, (typed if problem is None else None)
+
+
+def _static_types(prepared: _Prepared, program) -> tuple[Optional[tuple[str, str]], Any]:
+    defaults = _binding_data(prepared, {})
     try:
-        out_types = sim.typecheck(program, prepared.input_types, prepared.static_fns, prepared.static_binding)
+        return None, interpreter.typecheck_program(program, prepared.input_types, defaults.fns, defaults.binding)
     except sim.StepTypeError as exc:
-        return "type", exc.message
+        return ("type", exc.message), None
     except sim.SimulatorError as exc:
-        return "type", exc.message
+        return ("type", exc.message), None
     except Exception as exc:  # the type checker itself failed on this program: still the program's verdict
-        return "type", f"the type checker failed on this program: {type(exc).__name__}: {_one_line(exc)}"
+        return ("type", f"the type checker failed on this program: {type(exc).__name__}: {_one_line(exc)}"), None
+
+
+def _output_types_problem(prepared: _Prepared, out_types: list[sim.StreamType]) -> Optional[tuple[str, str]]:
     expected = prepared.output_types
     names = [o.name for o in prepared.task.outputs]
     if len(out_types) != len(expected):
@@ -462,6 +515,15 @@ def _static_check(prepared: _Prepared, program) -> Optional[tuple[str, str]]:
     return None
 
 
+def _typed_for(program, prepared: _Prepared, bd: _BindingData, partial: Mapping[str, int], static_typed,
+               max_elements: int):
+    """The program type-checked and resource-checked for one binding (the static check's at the defaults)."""
+    if not partial and static_typed is not None:
+        interpreter.check_resources(static_typed, bd.binding, max_elements)
+        return static_typed
+    return interpreter.prepare_run(program, prepared.input_types, bd.fns, bd.binding, max_elements)
+
+
 def verify(
     task: Union[Task, str, Path],
     impl_text: Optional[str] = None,
@@ -471,6 +533,7 @@ def verify(
     engine: str = "vectorised",
     check_affine: bool = True,
     max_elements: int = DEFAULT_MAX_ELEMENTS,
+    cache: bool = True,
 ) -> Verdict:
     """Verify `impl_text` (default: the task's reference `impl`) against `task`.
 
@@ -478,18 +541,22 @@ def verify(
     `bindings`: partial size bindings over the defaults (`[{"D": 8}]`); None
     runs the defaults and every binding the task declares. Raises
     TaskFileError when the task itself is broken (see the module docstring).
+    `cache=False` computes the task's inputs, oracles and fns afresh for this
+    call (they are still computed once within it) instead of using and
+    filling the process-wide cache; verdicts are the same either way.
     """
     if not isinstance(task, Task):
         task = resolve_task(task)
     with _VERIFY_LOCK:  # the caches and torch's default dtype (set while an oracle runs) are process-wide
-        return _verify(task, impl_text, seeds, bindings, engine, check_affine, max_elements)
+        store = _CACHE if cache else BoundedLRU(1, _MAX_BYTES)
+        return _verify(task, impl_text, seeds, bindings, engine, check_affine, max_elements, store)
 
 
 _VERIFY_LOCK = threading.RLock()
 
 
 def _verify(task: Task, impl_text: Optional[str], seeds: Sequence[int], bindings, engine: str,
-            check_affine: bool, max_elements: int) -> Verdict:
+            check_affine: bool, max_elements: int, cache: BoundedLRU[_Prepared]) -> Verdict:
     seeds = tuple(int(s) for s in seeds)
     if not seeds:
         raise ValueError("verify needs at least one seed")
@@ -517,8 +584,8 @@ def _verify(task: Task, impl_text: Optional[str], seeds: Sequence[int], bindings
     affine_msg = ""
     if violations:
         affine_msg = violations[0].message + (f" (and {len(violations) - 1} more stream(s))" if len(violations) > 1 else "")
-    prepared = _prepare(task)
-    static = _static_check(prepared, program)
+    prepared = _prepare(task, cache)
+    static, static_typed = _static_check(prepared, program)
     timings["parse"] = time.perf_counter() - t0
     if static is not None:
         stage, msg = static
@@ -529,26 +596,31 @@ def _verify(task: Task, impl_text: Optional[str], seeds: Sequence[int], bindings
                         functional_ok=False)
         return done(passed=False, stage=stage, message=msg, affine_ok=affine_ok, functional_ok=False)
 
-    # -- functional stage, per (binding, seed)
+    # -- functional stage, per (binding, seed); each binding type-checked once
     runs = 0
     failure: Optional[dict] = None
     for partial in resolve_bindings(task, bindings):
+        bd = _binding_data(prepared, partial)
+        typed = None
         for seed in seeds:
             t0 = time.perf_counter()
             try:
-                run = _run_data(task, prepared, partial, seed, max_elements)
+                run = _seed_data(prepared, bd, seed, max_elements, cache)
             except sim.ResourceError as exc:
                 timings["setup"] += time.perf_counter() - t0
                 failure = dict(stage="resource", message=exc.message, binding={**DEFAULT_SIZES, **partial},
                                seed=int(seed))
                 break
             timings["setup"] += time.perf_counter() - t0
-            where = {"binding": dict(run.binding), "seed": int(seed)}
+            where = {"binding": dict(bd.binding), "seed": int(seed)}
             t0 = time.perf_counter()
             try:
+                if typed is None:
+                    typed = _typed_for(program, prepared, bd, partial, static_typed, max_elements)
                 inputs = {n: sim.Stream(s.type, [t.clone() for t in s.data] if isinstance(s.data, list) else s.data.clone())
                           for n, s in run.inputs.items()}
-                outs = sim.run_program(program, inputs, run.fns, run.binding, engine=engine, max_elements=max_elements)
+                bd.load(run)
+                outs = interpreter.run_typed(typed, inputs, bd.binding, engine=engine)
             except sim.ResourceError as exc:
                 failure = dict(stage="resource", message=exc.message, **where)
             except MemoryError:
@@ -563,7 +635,7 @@ def _verify(task: Task, impl_text: Optional[str], seeds: Sequence[int], bindings
             if failure is not None:
                 break
             t0 = time.perf_counter()
-            problem = _check_values(prepared, outs, run)
+            problem = _check_values(prepared, outs, bd.binding, run)
             timings["check"] += time.perf_counter() - t0
             if problem is not None:
                 failure = dict(stage=problem[0], message=problem[1], **where)
@@ -594,6 +666,7 @@ __all__ = [
     "STAGES",
     "Stage",
     "Verdict",
+    "cache_stats",
     "clear_caches",
     "resolve_bindings",
     "tolerance_for",

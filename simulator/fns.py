@@ -2,8 +2,8 @@
 
 Bodies come from task files (not from model output) and are written for one
 element. `StepFn.map`/`StepFn.fold` evaluate them over a batch of elements with
-`torch.func.vmap`; a body that cannot be vmapped (it branches on a value, calls
-`.item()`, ...) falls back to element-by-element evaluation, and that choice is
+vmap (`batching.vmap`: `torch.func.vmap` without its per-call overhead); a
+body that cannot be vmapped (it branches on a value, calls `.item()`, ...) falls back to element-by-element evaluation, and that choice is
 cached per fn. `StepFn.call` evaluates one element (the naive interpreter).
 """
 
@@ -12,10 +12,12 @@ from __future__ import annotations
 import ast
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 
+from stepforge.simulator import batching
+from stepforge.simulator.batching import vmap
 from stepforge.simulator.errors import StepRuntimeError
 from stepforge.simulator.shapes import SizeSymbol, shape_values
 from stepforge.simulator.types import ElemType, LeafType, parse_dtype
@@ -106,7 +108,9 @@ class StepFn:
     body: Callable
     init: list[float] | None = None
     source: str = ""
+    batch_direct: bool = False  # may call the body on whole batches where a trial shows it batches (task-file fns)
     _vmappable: bool | None = field(default=None, repr=False)
+    _direct: dict = field(default_factory=dict, repr=False)  # batch signature -> the body batches by itself
 
     @property
     def is_fold(self) -> bool:
@@ -171,7 +175,8 @@ class StepFn:
         n_out = len(self.output_type.fields())
         if len(out) != n_out:
             raise StepRuntimeError(f"fn {self.func_name} returned {len(out)} fields, its output_dtype has {n_out}")
-        return [torch.as_tensor(t).to(torch.float32) for t in out]
+        return [t if isinstance(t, torch.Tensor) and t.dtype == torch.float32 else torch.as_tensor(t).to(torch.float32)
+                for t in out]
 
     # -- many elements ------------------------------------------------------
     def map(self, inputs: list[torch.Tensor], binding: Mapping[str, int]) -> list[torch.Tensor]:
@@ -188,9 +193,10 @@ class StepFn:
         """A whole fold: inputs are (batch, steps, ...), folded over axis 1 from `state` (batch, ...).
 
         Returns the final states (batch, ...), or with `keep_all` the state after every step
-        (batch, steps, ...). One vmap runs the step loop for all batch rows at once, so the
-        per-call cost of vmap is paid once per fold, not once per step; every step's body
-        call is the same batched call `fold` makes. Returns None where that is not possible
+        (batch, steps, ...). A body that batches by itself (see `_batches_itself`) runs the
+        step loop on whole batches; any other, one vmap runs the step loop for all batch rows
+        at once, so the per-call cost of vmap is paid once per fold, not once per step. Every
+        step's body call is the same batched call `fold` makes. Returns None where that is not possible
         (the body does not vmap, or an empty batch or fold): the caller then folds step by
         step with `fold`, which also reports a faulty body precisely.
         """
@@ -200,17 +206,21 @@ class StepFn:
         shapes = self.out_shapes(binding)
         n_in = len(inputs)
 
-        def run(*args):
-            xs, st = args[:n_in], list(args[n_in:])
+        def step_loop(xs, st, axis: int, prefix: tuple, layout: Optional[str] = None):
+            columns = [x.unbind(axis) for x in xs]  # every step's slice at once
+            want = [torch.Size(prefix + s) for s in shapes]
             history = []
             for t in range(steps):
-                st = self._normalise(self.body([x[t] for x in xs], list(st)))
-                if any(tuple(o.shape) != s for o, s in zip(st, shapes)):
+                if layout is None:  # under vmap
+                    st = self._normalise(self.body([c[t] for c in columns], list(st)))
+                else:
+                    st = self._call_whole([c[t] for c in columns], st, layout, want)
+                if st is None or [o.shape for o in st] != want:
                     raise StepRuntimeError("wrong output shape")  # reported precisely by the step-by-step path
                 if keep_all:
                     history.append(st)
             if keep_all:
-                return tuple(torch.stack([h[i] for h in history]) for i in range(len(shapes)))
+                return tuple(torch.stack([h[i] for h in history], axis) for i in range(len(shapes)))
             return tuple(st)
 
         # Bodies cannot know the step, and value-dependent ones do not vmap, so an in-place
@@ -218,11 +228,16 @@ class StepFn:
         watched = list(inputs) + list(state)
         before = _versions(watched)
         try:
-            out = torch.func.vmap(run)(*inputs, *state)
+            layout = self._batches_itself([x[:, 0] for x in inputs], state)
+            if layout is not None:
+                # the body on whole batches, step by step: cheaper than any vmap
+                out = step_loop(inputs, state, 1, (batch,), layout)
+            else:
+                out = vmap(lambda *args: step_loop(args[:n_in], args[n_in:], 0, ()), [*inputs, *state])
+                self._vmappable = True
         except Exception:
             return None
         self._check_not_mutated(watched, before)
-        self._vmappable = True
         out = list(out)
         self._check_shapes(out, (batch, steps) if keep_all else (batch,), shapes)
         return out
@@ -233,7 +248,10 @@ class StepFn:
         if batch == 0:
             return [torch.zeros((0,) + s, dtype=torch.float32, device=inputs[0].device) for s in out_shapes]
         result = None
-        if self._vmappable is not False:
+        layout = self._batches_itself(inputs, state)
+        if layout is not None:
+            result = self._try_direct(inputs, state, layout, [(batch,) + s for s in out_shapes])
+        if result is None and self._vmappable is not False:
             result = self._try_vmap(inputs, state)
         if result is None:
             result = self._loop(inputs, state)
@@ -253,7 +271,7 @@ class StepFn:
         watched = list(inputs) + list(state or [])
         before = _versions(watched)
         try:
-            out = torch.func.vmap(element)(*inputs, *(state or []))
+            out = vmap(element, [*inputs, *(state or [])])
         except Exception:
             if self._vmappable is None:
                 self._vmappable = False
@@ -263,12 +281,95 @@ class StepFn:
         self._vmappable = True
         return list(out)
 
+    # -- bodies that batch by themselves ---------------------------------------
+    # Most task-file bodies are elementwise or address only trailing axes (`x[..., 0]`,
+    # `x @ W`, `.sum(-1)`), so called on a whole batch they compute what vmap computes, for a
+    # fraction of its cost. Two layouts are tried: "plain" (each tensor batched on dim 0) and
+    # "aligned" (lower-rank elements get size-1 axes after the batch axis, so that a scalar
+    # field times a Buffer field broadcasts as it does for one element; size-1 axes are taken
+    # off the outputs again). Whether a body batches, and in which layout, is decided per batch
+    # signature (shapes and dtypes of the inputs and state) by a trial on random inputs of that
+    # signature: vmap and the plain call must agree (same shapes, values within float32
+    # rounding). A body that reduces or indexes over the batch axis (`x.mean()`, `x[:h]`)
+    # disagrees on random data and keeps vmap. Only fns with `batch_direct` (bodies from task
+    # files, see `make_fn`) are tried.
+
+    def _batches_itself(self, inputs, state) -> Optional[str]:
+        """The layout in which the body batches by itself for this signature, or None."""
+        if not self.batch_direct or self._vmappable is False or not batching.fast_batching_enabled():
+            return None
+        args = [*inputs, *(state or [])]
+        signature = (state is not None,) + tuple((a.shape, a.dtype) for a in args)
+        if signature not in self._direct:
+            self._direct[signature] = self._trial(len(inputs), state is not None, args)
+        return self._direct[signature]
+
+    def _trial(self, n_in: int, has_state: bool, like: list[torch.Tensor]) -> Optional[str]:
+        if not like or any(a.dim() == 0 or a.shape[0] < 1 for a in like) or not all(a.is_floating_point() for a in like):
+            return None
+        gen = torch.Generator(device=like[0].device).manual_seed(12345)
+        trial = [torch.randn(a.shape, generator=gen, dtype=a.dtype, device=a.device) for a in like]
+
+        def element(*args):
+            return tuple(self._normalise(self.body(list(args[:n_in]), list(args[n_in:]) if has_state else None)))
+
+        try:
+            want = vmap(element, [t.clone() for t in trial])
+        except Exception:
+            return None  # the body does not vmap: the usual path finds out and falls back to elements
+        self._vmappable = True
+        shapes = [w.shape for w in want]
+        layouts = ("plain", "aligned") if len({a.dim() for a in like}) > 1 else ("plain",)
+        for layout in layouts:
+            try:
+                got = self._call_whole(trial[:n_in], trial[n_in:] if has_state else None, layout, shapes)
+            except Exception:
+                continue
+            if got is not None and all(torch.allclose(g, w, rtol=1e-5, atol=1e-6, equal_nan=True)
+                                       for g, w in zip(got, want)):
+                return layout
+        return None
+
+    def _call_whole(self, inputs, state, layout: str, shapes) -> list[torch.Tensor] | None:
+        """The body called once on the batch in `layout`; None if it modified an input in place
+        or its outputs do not have `shapes`."""
+        watched = list(inputs) + list(state or [])
+        before = _versions(watched)
+        if layout == "aligned":
+            rank = max(a.dim() for a in watched)
+            inputs, state = _aligned(inputs, rank), (None if state is None else _aligned(state, rank))
+        out = self._normalise(self.body(list(inputs), None if state is None else list(state)))
+        if before is not None and _versions(watched) != before:
+            return None
+        if len(out) != len(shapes):
+            return None
+        for i, (o, shape) in enumerate(zip(out, shapes)):
+            if o.shape != shape:
+                if layout == "aligned" and o.dim() > len(shape) and o.shape[0] == shape[0] and \
+                        o.shape[len(o.shape) - len(shape) + 1:] == shape[1:] and \
+                        all(d == 1 for d in o.shape[1: len(o.shape) - len(shape) + 1]):
+                    out[i] = o.reshape(shape)
+                else:
+                    return None
+        return out
+
+    def _try_direct(self, inputs, state, layout: str, shapes) -> list[torch.Tensor] | None:
+        try:
+            return self._call_whole(inputs, state, layout, shapes)
+        except Exception:
+            return None  # vmap or the element loop reports the body's error precisely
+
     def _loop(self, inputs, state) -> list[torch.Tensor]:
         rows = [
             self.call([x[b] for x in inputs], None if state is None else [s[b] for s in state])
             for b in range(inputs[0].shape[0])
         ]
         return [torch.stack([r[i] for r in rows]) for i in range(len(rows[0]))]
+
+
+def _aligned(tensors: list[torch.Tensor], rank: int) -> list[torch.Tensor]:
+    """Each (batch, *elem) tensor as (batch, 1, ..., 1, *elem) of `rank` dims."""
+    return [t if t.dim() == rank else t.reshape(t.shape[:1] + (1,) * (rank - t.dim()) + t.shape[1:]) for t in tensors]
 
 
 def _versions(tensors: list[torch.Tensor]) -> list[int] | None:
@@ -303,6 +404,7 @@ def make_fn(
         body=local["_step_fn"],
         init=None if init is None else parse_init(init, len(output_type.fields()), func_name),
         source=apply,
+        batch_direct=True,
     )
 
 

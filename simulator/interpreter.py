@@ -216,14 +216,43 @@ def run_program(
     """Run `program` on `inputs`; returns the returned streams as tensors."""
     binding = dict(binding)
     typed = typecheck_program(program, {n: s.type for n, s in inputs.items()}, fns, binding)
+    _check_inputs(inputs, binding)
+    check_resources(typed, binding, max_elements)
+    return _engine(engine).run(typed, inputs, binding)
+
+
+def prepare_run(
+    program: Program,
+    input_types: Mapping[str, StreamType],
+    fns: Mapping[str, StepFn],
+    binding: Mapping[str, int],
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+) -> TypedProgram:
+    """The type check and resource check of `run_program`, without tensors.
+
+    The result depends only on its arguments, so a caller running one program
+    on many inputs of the same types and binding (the verifier's seeds) does
+    this once and calls `run_typed` for each.
+    """
+    typed = typecheck_program(program, input_types, fns, dict(binding))
+    check_resources(typed, binding, max_elements)
+    return typed
+
+
+def run_typed(typed: TypedProgram, inputs: Mapping[str, Stream], binding: Mapping[str, int],
+              engine: str = "vectorised") -> list[Stream]:
+    """Run a program `prepare_run` checked on inputs of the types it was checked with."""
+    binding = dict(binding)  # the engine binds route sizes in it
+    _check_inputs(inputs, binding)
+    return _engine(engine).run(typed, inputs, binding)
+
+
+def _check_inputs(inputs: Mapping[str, Stream], binding: Mapping[str, int]) -> None:
     for name, stream in inputs.items():
         expected = _tensor_shapes(stream.type, binding, None)
         got = [tuple(t.shape) for t in stream.field_tensors()]
         if got != expected:
             raise StepRuntimeError(f"input {name}: tensor shape {got} does not match its type {stream.type} ({expected})")
-    check_resources(typed, binding, max_elements)
-    eng = _engine(engine)
-    return eng.run(typed, inputs, binding)
 
 
 def _engine(name: str):

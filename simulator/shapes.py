@@ -71,6 +71,17 @@ class Dim:
 
     def evaluate(self, binding: Mapping[str, int]) -> int:
         """The dim's integer value under `binding`; ValueError if unbound or fractional."""
+        if self.coeff.denominator == 1:
+            try:  # a whole coefficient and positive powers (almost every dim): integers only
+                value = self.coeff.numerator
+                for name, power in self.powers:
+                    if power < 0:
+                        break
+                    value *= int(binding[name]) ** power
+                else:
+                    return value
+            except KeyError:
+                pass  # reported below
         value = self.coeff
         for name, power in self.powers:
             if name not in binding:

@@ -109,3 +109,16 @@ def test_unknown_key_and_closed_pool():
         assert small.verify(BASE).passed  # a Task object needs no registry
     with pytest.raises(PoolError):
         small.verify(BASE)
+
+
+def test_a_free_worker_takes_a_job_of_a_task_it_already_holds():
+    from collections import deque
+
+    from stepforge.benchmark.pool import _Worker
+
+    pool = VerifierPool.__new__(VerifierPool)  # only the routing rule, no processes
+    pool._pending = deque([0, 1, 2])
+    resolved = [("a", None, ""), ("b", None, ""), ("c", None, "")]
+    holder = _Worker(process=None, conn=None, known={"b"})
+    assert pool._next_job_for(holder, resolved) == 1 and list(pool._pending) == [0, 2]
+    assert pool._next_job_for(_Worker(process=None, conn=None), resolved) == 0 and list(pool._pending) == [2]

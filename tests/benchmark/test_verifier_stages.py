@@ -9,6 +9,7 @@ import pytest
 from stepforge import simulator as sim
 from stepforge.benchmark.schema import TaskFileError, load_benchmark
 from stepforge.benchmark.verifier import Verdict, verify
+from stepforge.simulator import interpreter
 
 TASKS = load_benchmark()
 
@@ -224,8 +225,9 @@ def test_oversized_program_is_a_resource_verdict_before_allocating():
 
 
 def test_static_stages_run_once_per_program(monkeypatch):
+    """Parsed and affine-checked once, type-checked once per size binding (not per seed)."""
     calls = {"parse": 0, "typecheck": 0, "affine": 0}
-    real = {"parse": sim.parse_program, "typecheck": sim.typecheck, "affine": sim.check_affine}
+    real = {"parse": sim.parse_program, "typecheck": interpreter.typecheck_program, "affine": sim.check_affine}
 
     def counting(name):
         def wrapper(*args, **kwargs):
@@ -234,11 +236,14 @@ def test_static_stages_run_once_per_program(monkeypatch):
         return wrapper
 
     monkeypatch.setattr(sim, "parse_program", counting("parse"))
-    monkeypatch.setattr(sim, "typecheck", counting("typecheck"))
+    monkeypatch.setattr(interpreter, "typecheck_program", counting("typecheck"))
     monkeypatch.setattr(sim, "check_affine", counting("affine"))
-    verdict = verify(TASKS["bmm/bmm_1"], seeds=(0, 1, 2, 3))
-    assert verdict.passed and verdict.runs == 12
-    assert calls == {"parse": 1, "typecheck": 1, "affine": 1}
+    task = TASKS["bmm/bmm_1"]
+    n_bindings = 1 + len(task.bindings)
+    for _ in range(2):  # the second time with every input and oracle cached
+        verdict = verify(task, seeds=(0, 1, 2, 3))
+        assert verdict.passed and verdict.runs == 4 * n_bindings
+    assert calls == {"parse": 2, "typecheck": 2 * n_bindings, "affine": 2}
 
 
 def test_verdict_fields_and_timings():

@@ -8,6 +8,7 @@ the tensor (b1, b0).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -23,6 +24,7 @@ from stepforge.simulator import (
     parse_dims,
     parse_dtype,
 )
+from stepforge.simulator import fns as fns_module
 from stepforge.simulator.shapes import Dim
 
 ENGINES = ["vectorised", "naive"]
@@ -560,18 +562,26 @@ def test_vmap_failing_after_success_falls_back_to_elements():
 
 
 def test_vectorised_fold_uses_one_vmap_per_fold(monkeypatch):
-    from stepforge.simulator import StepFn
+    from stepforge.simulator import StepFn, batching
 
-    calls = []
-    real_fold = StepFn.fold
+    calls, vmaps = [], []
+    real_fold, real_vmap = StepFn.fold, batching.vmap
     monkeypatch.setattr(StepFn, "fold", lambda self, *a, **k: calls.append(self.func_name) or real_fold(self, *a, **k))
+    monkeypatch.setattr(fns_module, "vmap", lambda f, args: vmaps.append(len(args)) or real_vmap(f, args))
     x = t([[1, 2, 3], [4, 5, 6]])
     src = lambda: {"E0": stream("fp32", ["K", "M"], x.clone())}
-    (acc,) = ex("y = step.Accum(fn=digits, b=1).apply(E0)\nreturn y", src(), "vectorised")
-    (scan,) = ex("y = step.Scan(fn=online, b=1).apply(E0)\nreturn y", src(), "vectorised")
+    no_direct = {name: dataclasses.replace(f, batch_direct=False) for name, f in fns_for(B).items()}
+    (acc,) = run("y = step.Accum(fn=digits, b=1).apply(E0)\nreturn y", src(), no_direct, dict(B), "vectorised")
+    (scan,) = run("y = step.Scan(fn=online, b=1).apply(E0)\nreturn y", src(), no_direct, dict(B), "vectorised")
     assert torch.equal(acc.data, t([123, 456]))
     assert torch.equal(scan.data[0], t([[1, 2, 3], [4, 5, 6]]))
-    assert calls == []  # no step-by-step fold
+    assert calls == [] and len(vmaps) == 2  # no step-by-step fold: one vmap each
+    # a body that batches by itself: after one trial (a vmap on random inputs), no vmap at all
+    fns = fns_for(B)
+    for _ in range(2):
+        (acc,) = run("y = step.Accum(fn=digits, b=1).apply(E0)\nreturn y", src(), fns, dict(B), "vectorised")
+        assert torch.equal(acc.data, t([123, 456]))
+    assert calls == [] and len(vmaps) == 3
     # a body that branches on its value cannot vmap: the fold goes step by step, element by element
     (br,) = ex("y = step.Scan(fn=branch_fold, b=1).apply(E0)\nreturn y",
                {"E0": stream("fp32", ["K", "M"], t([[1, 3, 2], [5, 0, 4]]))}, "vectorised")

@@ -1,0 +1,172 @@
+"""Verified candidates per second: the in-process verifier against the pytest harness.
+
+    python scripts/bench_verify.py [--repeats 4] [--workers 2] [--harness-repeats 1] [--only SUBSTRING]
+
+Candidates are the benchmark's reference solutions, each verified as a
+candidate is: every size binding the task declares (and the defaults) with
+seeds 0, 1, 2, at the default sizes. One core (torch.set_num_threads(1)).
+
+Modes, one column each (`MODES`; a new mode is one more `Mode` there):
+
+    verify    `verifier.verify` in this process, warm (after one pass over
+              every task, as a long-lived worker is)
+    pytest    the conventional harness: the candidate exported to a pytest
+              file (`benchmark/export.py`) and `pytest.main` run on it, in this
+              same warm process (so it shares the verifier's warm caches: the
+              difference is the harness itself)
+
+Then a VerifierPool of --workers workers on the same candidates (warm). The
+figures are wall-clock candidates per second; the machine's load average is
+printed with them, since other processes take CPU from a run. The last two
+lines are
+
+    pool of <W> workers: <X>/s, <S>x one process
+    verify throughput <X>/s, pytest harness <Y>/s, ratio <R>x
+
+Timings are for reading, not for tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+Job = tuple[str, object, str]  # (key, Task, program)
+Runner = Callable[[Job], bool]  # verifies one candidate, True if it passed
+
+
+@dataclass
+class Mode:
+    """One way of verifying candidates: `setup(jobs, seeds)` returns the runner (and may warm up)."""
+
+    name: str
+    label: str
+    setup: Callable[[list[Job], tuple[int, ...]], Runner]
+    repeats_arg: str = "repeats"  # which command-line count says how many passes to time
+
+
+def _verify_mode(jobs: list[Job], seeds: tuple[int, ...]) -> Runner:
+    from stepforge.benchmark.verifier import verify
+
+    def run(job: Job) -> bool:
+        return verify(job[1], job[2], seeds=seeds).passed
+
+    for job in jobs:  # warm: every task's inputs and oracles computed once, as in a long-lived worker
+        run(job)
+    return run
+
+
+def _pytest_mode(jobs: list[Job], seeds: tuple[int, ...]) -> Runner:
+    import pytest
+
+    from stepforge.benchmark.export import write_export
+
+    folder = Path(tempfile.mkdtemp(prefix="stepforge-bench-"))
+    counter = iter(range(10**9))
+
+    def run(job: Job) -> bool:
+        key, task, program = job
+        path = write_export(task, program, folder / f"test_candidate_{next(counter)}.py", seeds=seeds)
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            code = pytest.main([str(path), "-q", "-p", "no:cacheprovider",
+                                "--rootdir", str(folder)])
+        path.unlink()
+        return code == 0
+
+    run(jobs[0])  # warm: pytest's plugins imported once
+    return run
+
+
+MODES: list[Mode] = [
+    Mode("verify", "verify", _verify_mode),
+    Mode("pytest", "pytest harness", _pytest_mode, repeats_arg="harness_repeats"),
+]
+
+
+def time_mode(mode: Mode, jobs: list[Job], seeds: tuple[int, ...], repeats: int) -> tuple[float, int, int]:
+    """(candidates per second, candidates, passed) over `repeats` passes of `jobs`."""
+    runner = mode.setup(jobs, seeds)
+    passed = 0
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        for job in jobs:
+            passed += runner(job)
+    elapsed = time.perf_counter() - t0
+    n = repeats * len(jobs)
+    return n / elapsed, n, passed
+
+
+def time_pool(jobs: list[Job], seeds: tuple[int, ...], workers: int, repeats: int) -> tuple[float, int]:
+    """(candidates per second, passed) through a warm VerifierPool."""
+    from stepforge.benchmark.pool import VerifierPool
+
+    tasks = {key: task for key, task, _ in jobs}
+    batch = [(key, program) for key, _, program in jobs]
+    with VerifierPool(workers=workers, tasks=tasks, verify_kwargs={"seeds": seeds}) as pool:
+        pool.wait_ready()
+        pool.verify_many(batch, timeout_s=120.0)  # warm every worker
+        pool.verify_many(batch, timeout_s=120.0)
+        t0 = time.perf_counter()
+        verdicts = pool.verify_many(batch * repeats, timeout_s=120.0)
+        elapsed = time.perf_counter() - t0
+    return len(verdicts) / elapsed, sum(v.passed for v in verdicts)
+
+
+def _load() -> str:
+    try:
+        return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg()) + f" on {os.cpu_count()} CPUs"
+    except OSError:
+        return "load average unknown"
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=4, help="timed passes over the candidates (in process, pool)")
+    parser.add_argument("--harness-repeats", type=int, default=1, help="timed passes for the pytest harness")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--only", default=None, help="only tasks whose key contains this")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+    from stepforge.benchmark.schema import load_benchmark
+    from stepforge.benchmark.verifier import DEFAULT_SEEDS
+
+    jobs = [(key, task, task.impl) for key, task in load_benchmark().items()
+            if task.impl and (args.only is None or args.only in key)]
+    if not jobs:
+        print("no reference solutions to verify")
+        return 1
+    seeds = tuple(DEFAULT_SEEDS)
+    print(f"{len(jobs)} candidates (reference solutions), every binding x seeds {seeds}; torch "
+          f"{torch.__version__}, {torch.get_num_threads()} thread; {_load()}")
+
+    rates: dict[str, float] = {}
+    print(f"{'mode':16s} {'candidates/s':>13s} {'candidates':>11s} {'passed':>7s}")
+    for mode in MODES:
+        rate, n, passed = time_mode(mode, jobs, seeds, max(1, getattr(args, mode.repeats_arg)))
+        rates[mode.name] = rate
+        print(f"{mode.label:16s} {rate:13.1f} {n:11d} {passed:7d}")
+        sys.stdout.flush()
+
+    pool_rate, _ = time_pool(jobs, seeds, args.workers, max(1, args.repeats))
+    print(f"({_load()})")
+    verify_rate, harness_rate = rates["verify"], rates["pytest"]
+    print(f"pool of {args.workers} workers: {pool_rate:.1f}/s, {pool_rate / verify_rate:.2f}x one process")
+    print(f"verify throughput {verify_rate:.1f}/s, pytest harness {harness_rate:.1f}/s, "
+          f"ratio {verify_rate / harness_rate:.1f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
