@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Union
 
-from stepforge.simulator.errors import ResourceError, StepRuntimeError, StepTypeError
+from stepforge.simulator.errors import ResourceError, StepRuntimeError, StepTypeError, format_int
 from stepforge.simulator.fns import StepFn
 from stepforge.simulator.ops import FnListType, StreamList, TypeContext, infer, resolve_params
 from stepforge.simulator.program import Apply, Comprehension, FnList, OpCall, Program, Return
@@ -71,7 +71,7 @@ def typecheck_program(
     for st in program.statements:
         ts = TypedStatement(st)
         if isinstance(st, Apply):
-            arg_type = _arg_type(st.arg, env, st.line, st.call.label())
+            arg_type = _arg_type(st.arg, env, st.line, st.call.brief())
             op = _typed_op(st.call, arg_type, ctx)
             ts.ops.append(op)
             _bind_targets(st, op.out_type, env)
@@ -84,12 +84,12 @@ def typecheck_program(
             items = _comprehension_items(st, env, fns)
             results = []
             for local_env, fn_vars in items:
-                arg_type = _arg_type(st.arg, local_env, st.line, st.call.label())
+                arg_type = _arg_type(st.arg, local_env, st.line, st.call.brief())
                 item_ctx = TypeContext(fns, ctx.binding, fn_vars, ctx.dyn_bounds, ctx._counter)
                 op = _typed_op(st.call, arg_type, item_ctx)
                 ctx._counter = item_ctx._counter
                 if not isinstance(op.out_type, StreamType):
-                    raise StepTypeError(f"{st.call.label()}: in a list comprehension an operator must produce one stream", st.line)
+                    raise StepTypeError(f"{st.call.brief()}: in a list comprehension an operator must produce one stream", st.line)
                 ts.ops.append(op)
                 results.append(op.out_type)
             env[st.target] = StreamList(tuple(results))
@@ -128,7 +128,7 @@ def _bind_targets(st: Apply, out, env):
     if st.unpack:
         outs = out if isinstance(out, list) else [out]
         if len(outs) != len(st.targets):
-            raise StepTypeError(f"{st.call.label()}: produces {len(outs)} stream(s), unpacked into {len(st.targets)} names", st.line)
+            raise StepTypeError(f"{st.call.brief()}: produces {len(outs)} stream(s), unpacked into {len(st.targets)} names", st.line)
         env.update(zip(st.targets, outs))
     else:
         env[st.targets[0]] = StreamList(tuple(out)) if isinstance(out, list) else out
@@ -142,16 +142,16 @@ def _comprehension_items(st: Comprehension, env, fns):
         if isinstance(it, tuple):
             for name in it:
                 if name not in fns:
-                    raise StepTypeError(f"{st.call.label()}: {name} is not a fn of this task (its fns: {', '.join(sorted(fns))})", st.line)
+                    raise StepTypeError(f"{st.call.brief()}: {name} is not a fn of this task (its fns: {', '.join(sorted(fns))})", st.line)
             lists.append(FnListType(it))
         else:
-            value = _lookup(it, env, st.line, st.call.label())
+            value = _lookup(it, env, st.line, st.call.brief())
             if not isinstance(value, (StreamList, FnListType)):
-                raise StepTypeError(f"{st.call.label()}: {it} is not a list of streams or fns", st.line)
+                raise StepTypeError(f"{st.call.brief()}: {it} is not a list of streams or fns", st.line)
             lists.append(value)
     lengths = {len(v.items) if isinstance(v, StreamList) else len(v.fns) for v in lists}
     if len(lengths) != 1:
-        raise StepTypeError(f"{st.call.label()}: the lists zipped together have different lengths {sorted(lengths)}", st.line)
+        raise StepTypeError(f"{st.call.brief()}: the lists zipped together have different lengths {sorted(lengths)}", st.line)
     items = []
     for i in range(lengths.pop()):
         local = dict(env)
@@ -186,15 +186,15 @@ def check_resources(typed: TypedProgram, binding: Mapping[str, int], max_element
                     total += n
                 if total > max_elements:
                     raise ResourceError(
-                        f"{op.call.label()} would make a stream {out} of {total:,} elements "
-                        f"(limit {max_elements:,})", op.call.line)
+                        f"{op.call.brief()} would make a stream {out} of {format_int(total, grouped=True)} "
+                        f"elements (limit {format_int(max_elements, grouped=True)})", op.call.line)
 
 
 def _tensor_shapes(stype: StreamType, binding, call: OpCall | None):
     try:
         return stype.tensor_shapes(binding)
     except ValueError as exc:
-        where = call.label() if call else "an input"
+        where = call.brief() if call else "an input"
         raise StepRuntimeError(f"{where}: shape {format_shape(stype.shape)}: {exc}", call.line if call else None) from None
 
 
@@ -283,7 +283,7 @@ class Engine(ABC):
             return self.execute(op, arg, binding)
         except StepRuntimeError as exc:
             if exc.line is None:
-                raise StepRuntimeError(f"{op.call.label()}: {exc.message}", op.call.line) from None
+                raise StepRuntimeError(f"{op.call.brief()}: {exc.message}", op.call.line) from None
             raise
 
 
