@@ -9,18 +9,20 @@ operator computes, which is what the differential tests compare.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Union
+from typing import Any, Iterable, Mapping, Union
 
 from stepforge.simulator.errors import ResourceError, StepRuntimeError, StepTypeError, format_int
 from stepforge.simulator.fns import StepFn
 from stepforge.simulator.ops import FnListType, StreamList, TypeContext, infer, resolve_params
-from stepforge.simulator.program import Apply, Comprehension, FnList, OpCall, Program, Return
+from stepforge.simulator.program import Apply, Comprehension, FnList, OpCall, Program, Return, arg_names
 from stepforge.simulator.shapes import format_shape, shape_values
 from stepforge.simulator.values import Stream, StreamType
 
 DEFAULT_MAX_ELEMENTS = 2**27
+LIVE_FACTOR = 2  # the streams alive at once may hold this many times the per-stream limit
 
 
 @dataclass
@@ -169,25 +171,99 @@ def _comprehension_items(st: Comprehension, env, fns):
 # ---------------------------------------------------------------------------
 
 
-def check_resources(typed: TypedProgram, binding: Mapping[str, int], max_elements: int) -> None:
-    """Raise ResourceError if any stream of the program would exceed `max_elements`."""
+def _reads(st) -> set[str]:
+    """The environment names a statement reads (a comprehension's loop variables are its own)."""
+    if isinstance(st, Apply):
+        return set(arg_names(st.arg))
+    if isinstance(st, Comprehension):
+        return {it for it in st.iterables if isinstance(it, str)} | (set(arg_names(st.arg)) - set(st.loop_vars))
+    if isinstance(st, Return):
+        return set(st.names)
+    return set()
+
+
+def _defines(st) -> tuple[str, ...]:
+    if isinstance(st, Apply):
+        return st.targets
+    if isinstance(st, (FnList, Comprehension)):
+        return (st.target,)
+    return ()
+
+
+def liveness(program: Program, inputs: Iterable[str]) -> tuple[set[str], list[set[str]]]:
+    """What to drop when: (inputs no statement reads, per statement the names dead after it).
+
+    A value is dead after its last read before the name is re-assigned; a
+    value that is never read (a dead stream) is dead right after the
+    statement that made it.
+    """
+    live: set[str] = set()
+    drops: list[set[str]] = []
+    for st in reversed(program.statements):
+        reads, defs = _reads(st), set(_defines(st))
+        drops.append((reads | defs) - live)
+        live = (live - defs) | reads
+    drops.reverse()
+    return set(inputs) - live, drops
+
+
+def _elements(stype, bounds, call: OpCall | None) -> int:
+    if isinstance(stype, StreamList):
+        return sum(_elements(item, bounds, call) for item in stype.items)
+    if not isinstance(stype, StreamType):
+        return 0  # a list of fn names
+    return sum(math.prod(shape) for shape in _tensor_shapes(stype, bounds, call))
+
+
+def check_resources(typed: TypedProgram, binding: Mapping[str, int], max_elements: int,
+                    max_live_elements: int | None = None, inputs: Mapping[str, StreamType] | None = None) -> None:
+    """Raise ResourceError if a stream would exceed `max_elements`, or the live streams together `max_live_elements`.
+
+    Dynamic route sizes count at their upper bounds, so this sees every size
+    before anything is allocated. The live streams at a statement are those
+    that `liveness` keeps (the engines drop the others) plus what it makes.
+    """
     bounds = dict(binding)
     for name, bound in typed.dyn_bounds.items():
         bounds[name] = _evaluate(bound, bounds, None, "a route size")
+    limit = format_int(max_elements, grouped=True)
     for ts in typed.statements:
         for op in ts.ops:
             outs = op.out_type if isinstance(op.out_type, list) else [op.out_type]
             for out in outs:
-                total = 0
-                for shape in _tensor_shapes(out, bounds, op.call):
-                    n = 1
-                    for d in shape:
-                        n *= d
-                    total += n
+                total = _elements(out, bounds, op.call)
                 if total > max_elements:
                     raise ResourceError(
                         f"{op.call.brief()} would make a stream {out} of {format_int(total, grouped=True)} "
-                        f"elements (limit {format_int(max_elements, grouped=True)})", op.call.line)
+                        f"elements (limit {limit})", op.call.line)
+    if max_live_elements is None:
+        return
+    unread, drops = liveness(typed.program, inputs or {})
+    held = {name: _elements(t, bounds, None) for name, t in (inputs or {}).items() if name not in unread}
+    for ts, drop in zip(typed.statements, drops):
+        made = _made(ts, bounds)
+        total = sum(held.values()) + sum(made.values())
+        if total > max_live_elements:
+            raise ResourceError(
+                f"the streams alive at this statement would hold {format_int(total, grouped=True)} elements together "
+                f"(limit {format_int(max_live_elements, grouped=True)}); a stream's memory is freed after its last use",
+                ts.stmt.line)
+        held.update(made)
+        for name in drop:
+            held.pop(name, None)
+
+
+def _made(ts: TypedStatement, bounds) -> dict[str, int]:
+    """The elements of each value a statement binds (a comprehension's whole list, both halves of a Copy)."""
+    st = ts.stmt
+    if isinstance(st, Apply):
+        op = ts.ops[0]
+        outs = op.out_type if isinstance(op.out_type, list) else [op.out_type]
+        sizes = [_elements(o, bounds, op.call) for o in outs]
+        return dict(zip(st.targets, sizes)) if st.unpack else {st.targets[0]: sum(sizes)}
+    if isinstance(st, Comprehension):
+        return {st.target: sum(_elements(op.out_type, bounds, op.call) for op in ts.ops)}
+    return {}
 
 
 def _tensor_shapes(stype: StreamType, binding, call: OpCall | None):
@@ -212,8 +288,13 @@ def run_program(
     binding: Mapping[str, int],
     engine: str = "vectorised",
     max_elements: int = DEFAULT_MAX_ELEMENTS,
+    max_live_elements: int | None = None,
 ) -> list[Stream]:
-    """Run `program` on `inputs`; returns the returned streams as tensors."""
+    """Run `program` on `inputs`; returns the returned streams as tensors.
+
+    `max_elements` bounds each stream, `max_live_elements` (default
+    LIVE_FACTOR * max_elements) all the streams alive at once.
+    """
     binding = dict(binding)
     typed = typecheck_program(program, {n: s.type for n, s in inputs.items()}, fns, binding)
     for name, stream in inputs.items():
@@ -221,7 +302,8 @@ def run_program(
         got = [tuple(t.shape) for t in stream.field_tensors()]
         if got != expected:
             raise StepRuntimeError(f"input {name}: tensor shape {got} does not match its type {stream.type} ({expected})")
-    check_resources(typed, binding, max_elements)
+    live_limit = LIVE_FACTOR * max_elements if max_live_elements is None else max_live_elements
+    check_resources(typed, binding, max_elements, live_limit, {n: s.type for n, s in inputs.items()})
     eng = _engine(engine)
     return eng.run(typed, inputs, binding)
 
@@ -254,8 +336,9 @@ class Engine(ABC):
         """One operator application on engine values."""
 
     def run(self, typed: TypedProgram, inputs: Mapping[str, Stream], binding: dict) -> list[Stream]:
-        env: dict[str, Any] = {name: self.load(s, binding) for name, s in inputs.items()}
-        for ts in typed.statements:
+        unread, drops = liveness(typed.program, inputs)
+        env: dict[str, Any] = {name: self.load(s, binding) for name, s in inputs.items() if name not in unread}
+        for ts, drop in zip(typed.statements, drops):
             st = ts.stmt
             if isinstance(st, Apply):
                 out = self._execute(ts.ops[0], _gather(st.arg, env), binding)
@@ -276,6 +359,8 @@ class Engine(ABC):
                 env[st.target] = results
             elif isinstance(st, Return):
                 return [self.unload(env[n], t, binding) for n, t in zip(st.names, typed.outputs)]
+            for name in drop:  # a value is freed after its last use
+                env.pop(name, None)
         raise AssertionError("a parsed program ends with return")
 
     def _execute(self, op: TypedOp, arg, binding):

@@ -350,10 +350,11 @@ class AffineViolation:
                 f"each stream may be consumed once: Copy it")
 
 
-def _arg_names(arg: Arg) -> list[str]:
+def arg_names(arg: Arg) -> list[str]:
+    """The stream names an .apply argument reads, in order."""
     if isinstance(arg, str):
         return [arg]
-    return [n for item in arg for n in _arg_names(item)]
+    return [n for item in arg for n in arg_names(item)]
 
 
 def check_affine(program: Program) -> list[AffineViolation]:
@@ -380,7 +381,7 @@ def check_affine(program: Program) -> list[AffineViolation]:
 
     for st in program.statements:
         if isinstance(st, Apply):
-            for n in _arg_names(st.arg):
+            for n in arg_names(st.arg):
                 use(n, st.line)
             for t in st.targets:
                 define(t, st.line)
@@ -391,7 +392,7 @@ def check_affine(program: Program) -> list[AffineViolation]:
             for it in st.iterables:
                 if isinstance(it, str):
                     use(it, st.line)
-            inner_uses = _arg_names(st.arg)
+            inner_uses = arg_names(st.arg)
             fn_vars = set(st.loop_vars) - set(inner_uses)
             for v in st.loop_vars:
                 if v not in fn_vars and inner_uses.count(v) > 1:
