@@ -74,8 +74,9 @@ def _worker_main(conn, torch_threads: int) -> None:  # pragma: no cover - runs i
             return
         _, job_id, key, payload, impl, kwargs = msg
         try:
-            if payload is not None:
-                tasks[key] = task_from_dict(payload, source=f"task {key}")
+            if payload is not None:  # the task as a mapping, and the file it came from (its errors name it)
+                data, source = payload
+                tasks[key] = task_from_dict(data, source=source)
             verdict = verify(tasks[key], impl, **kwargs)
             reply = ("verdict", job_id, verdict.model_dump())
         except _TFE as exc:
@@ -296,7 +297,7 @@ class VerifierPool:
 
     def _dispatch(self, w: _Worker, idx: int, resolved, kwargs, limit: float) -> None:
         key, task, impl = resolved[idx]
-        payload = None if key in w.known else task.model_dump(mode="python", by_alias=True)
+        payload = None if key in w.known else (task.model_dump(mode="python", by_alias=True), task.source)
         w.job = idx
         w.limit = limit
         w.deadline = time.monotonic() + limit
