@@ -45,6 +45,7 @@ from stepforge.benchmark.schema import Task, TaskFileError, load_benchmark
 from stepforge.benchmark.verifier import Verdict
 
 TaskRef = Union[str, Task]
+DEFAULT_TIMEOUT_S = 10.0  # per verification
 _PRELOAD = ["torch", "stepforge.simulator", "stepforge.benchmark.verifier"]
 
 
@@ -157,7 +158,7 @@ class VerifierPool:
     def __init__(
         self,
         workers: int = 2,
-        timeout_s: float = 10.0,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
         *,
         tasks: Optional[dict[str, Task]] = None,
         root: Optional[Union[str, Path]] = None,
@@ -395,4 +396,4 @@ class VerifierPool:
                        functional_ok=False)
 
 
-__all__ = ["PoolError", "VerifierPool"]
+__all__ = ["DEFAULT_TIMEOUT_S", "PoolError", "VerifierPool"]
