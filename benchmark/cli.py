@@ -1,13 +1,18 @@
 """`stepforge tasks`, `stepforge verify`, `stepforge export`.
 
 Exit codes of `verify`: 0 passed, 1 not passed, 2 a bad task file, an unknown
-task or a bad argument (one error line on stderr). Heavy imports (torch, the
+task or a bad argument (one error line on stderr). `verify` runs in the
+verifier's process pool (benchmark/pool.py), never in this process: a
+verification past `--timeout` seconds (default: the pool's per-call limit) is
+stopped with its worker and gets the verdict stage `timeout`, whether the
+program, an oracle or the task's `global` is slow. Heavy imports (torch, the
 simulator) happen inside the commands.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -72,6 +77,30 @@ def _parse_binding(text: Optional[str]) -> Optional[list[dict[str, int]]]:
     return out
 
 
+def _check_timeout(timeout: Optional[float]) -> float:
+    if timeout is None:
+        from stepforge.benchmark.pool import DEFAULT_TIMEOUT_S
+
+        return DEFAULT_TIMEOUT_S
+    if not 0 < timeout < float("inf"):
+        fail(f"--timeout must be a positive number of seconds, got {timeout:g}")
+    return timeout
+
+
+def _verify_in_pool(jobs: list, timeout: float, workers: int = 1, **kwargs) -> list:
+    """Verdicts of `(task, program)` jobs, each in a pool worker under `timeout` seconds."""
+    from stepforge.benchmark.pool import PoolError, VerifierPool
+    from stepforge.benchmark.schema import TaskFileError
+
+    try:
+        with VerifierPool(workers=max(1, min(workers, len(jobs))), timeout_s=timeout, tasks={}) as pool:
+            return pool.verify_many(jobs, **kwargs)
+    except TaskFileError as exc:
+        fail(_task_error_line(exc))
+    except PoolError as exc:
+        fail(f"the verifier workers failed: {str(exc).splitlines()[0]}")
+
+
 def _program(task, impl: Optional[Path]) -> str:
     """The program text from `--impl` (a file, or - for stdin), else the task's reference impl."""
     if impl is not None:
@@ -129,27 +158,27 @@ def register(app: typer.Typer) -> None:
         engine: str = typer.Option("vectorised", help="vectorised or naive"),
         no_affine: bool = typer.Option(False, "--no-affine", help="score function only; report the affine rule separately"),
         root: Optional[Path] = typer.Option(None, help="benchmark folder (default: the packaged tasks)"),
+        timeout: Optional[float] = typer.Option(
+            None, "--timeout", metavar="SECONDS",
+            help="time limit per verification (default: the process pool's, DEFAULT_TIMEOUT_S in benchmark/pool.py); "
+                 "past it the verdict is `timeout`"),
     ) -> None:
         """Verify a program against a task (exit 0 passed, 1 not passed, 2 bad task/arguments)."""
         seed_list = _parse_seeds(seeds)
         bindings = _parse_binding(binding)
+        limit = _check_timeout(timeout)
         if engine not in ("vectorised", "naive"):
             fail(f"--engine must be vectorised or naive, got {engine!r}")
+        options = dict(seeds=seed_list, bindings=bindings, engine=engine, check_affine=not no_affine)
         if all_tasks:
             if task is not None or impl is not None:
                 fail("--all verifies the reference solutions; give no task and no --impl with it")
-            raise typer.Exit(_verify_all(root, seed_list, bindings, engine, not no_affine, as_json))
+            raise typer.Exit(_verify_all(root, limit, as_json, options))
         if task is None:
             fail("give a task key or file (see `stepforge tasks`), or --all")
-        from stepforge.benchmark.schema import TaskFileError
-        from stepforge.benchmark.verifier import verify
-
         t = _load_task(task, root)
         program = _program(t, impl)
-        try:
-            verdict = verify(t, program, seeds=seed_list, bindings=bindings, engine=engine, check_affine=not no_affine)
-        except TaskFileError as exc:
-            fail(_task_error_line(exc))
+        verdict = _verify_in_pool([(t, program)], limit, **options)[0]
         if as_json:
             typer.echo(verdict.model_dump_json(indent=2))
         else:
@@ -179,22 +208,17 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"wrote {path} (run: pytest {path})")
 
 
-def _verify_all(root, seeds, bindings, engine, check_affine, as_json) -> int:
+def _verify_all(root, timeout: float, as_json: bool, options: dict) -> int:
     from stepforge.benchmark.schema import TaskFileError, load_benchmark
-    from stepforge.benchmark.verifier import verify
 
     try:
         tasks = load_benchmark(root)
     except TaskFileError as exc:
         fail(_task_error_line(exc))
-    verdicts = {}
-    for key, t in tasks.items():
-        if not t.impl:
-            continue
-        try:
-            verdicts[key] = verify(t, t.impl, seeds=seeds, bindings=bindings, engine=engine, check_affine=check_affine)
-        except TaskFileError as exc:
-            fail(_task_error_line(exc))
+    with_impl = [t for t in tasks.values() if t.impl]
+    results = _verify_in_pool([(t, t.impl) for t in with_impl], timeout, workers=min(2, os.cpu_count() or 1),
+                              **options) if with_impl else []
+    verdicts = {t.key: v for t, v in zip(with_impl, results)}
     n_pass = sum(v.passed for v in verdicts.values())
     if as_json:
         typer.echo(json.dumps({k: v.model_dump() for k, v in verdicts.items()}, indent=2))

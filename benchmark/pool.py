@@ -51,6 +51,7 @@ from stepforge.benchmark.verifier import Verdict
 from stepforge.errors import StepforgeError
 
 TaskRef = Union[str, Task]
+DEFAULT_TIMEOUT_S = 10.0  # per verification
 _PRELOAD = ["torch", "stepforge.simulator", "stepforge.benchmark.verifier", "stepforge.benchmark.warm"]
 _LOOK_AHEAD = 64  # pending jobs scanned for one whose task a free worker already holds
 
@@ -81,8 +82,9 @@ def _worker_main(conn, torch_threads: int) -> None:  # pragma: no cover - runs i
             return
         _, job_id, key, payload, impl, kwargs = msg
         try:
-            if payload is not None:
-                warm.add(key, task_from_dict(payload, source=f"task {key}"))
+            if payload is not None:  # the task as a mapping, and the file it came from (its errors name it)
+                data, source = payload
+                warm.add(key, task_from_dict(data, source=source))
             reply = ("verdict", job_id, warm.verify_dict(key, impl, **kwargs))
         except _TFE as exc:
             reply = ("task_error", job_id, (exc.path, exc.errors))
@@ -169,7 +171,7 @@ class VerifierPool:
     def __init__(
         self,
         workers: int = 2,
-        timeout_s: float = 10.0,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
         *,
         tasks: Optional[dict[str, Task]] = None,
         root: Optional[Union[str, Path]] = None,
@@ -325,7 +327,7 @@ class VerifierPool:
 
     def _dispatch(self, w: _Worker, idx: int, resolved, kwargs, limit: float) -> None:
         key, task, impl = resolved[idx]
-        payload = None if key in w.known else task.model_dump(mode="python", by_alias=True)
+        payload = None if key in w.known else (task.model_dump(mode="python", by_alias=True), task.source)
         if not w.jobs:
             w.deadline = time.monotonic() + limit
         w.jobs.append(idx)
@@ -434,4 +436,4 @@ class VerifierPool:
                        functional_ok=False)
 
 
-__all__ = ["PoolError", "VerifierPool"]
+__all__ = ["DEFAULT_TIMEOUT_S", "PoolError", "VerifierPool"]

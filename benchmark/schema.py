@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import keyword
 import math
 import re
 import textwrap
@@ -36,7 +37,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Iterable, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from stepforge.config_io import StrictModel
 from stepforge.errors import StepforgeError
@@ -47,7 +48,8 @@ TASKS_ROOT = Path(__file__).resolve().parent / "tasks"
 GROUP_ORDER = ("attention", "bmm", "gemm", "norm", "rope", "moe-index", "moe-expert", "moe-end-to-end")
 
 DATA_GENS = ("torch.rand", "torch.randn", "torch.ones", "binary")
-INIT_WORDS = ("-inf", "inf")
+INIT_WORDS = ("-inf",)
+INIT_NUMBERS = (0, 1, -1, -math.inf)
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z_0-9]*$")
 _DIM_TEXT = re.compile(r"^\s*([A-Za-z_][A-Za-z_0-9]*|\d+)(\s*[*/]\s*([A-Za-z_][A-Za-z_0-9]*|\d+))*\s*$")
 
@@ -164,11 +166,60 @@ def _check_dims(value: Any) -> list[Union[int, str]]:
 
 
 def _check_init_value(v: Any) -> bool:
+    """One of 0, 1, -1 (an int or a float equal to it) or -inf (the word, or YAML's `-.inf`)."""
     if isinstance(v, bool):
         return False
     if isinstance(v, (int, float)):
-        return not math.isnan(v)
+        return v in INIT_NUMBERS
     return isinstance(v, str) and v.strip() in INIT_WORDS
+
+
+def _check_identifier(v: Any, example: str) -> str:
+    """A name programs and code blocks can use: an identifier, not a keyword, not `__dunder`."""
+    if not isinstance(v, str) or not _IDENT.match(v) or keyword.iskeyword(v) or v.startswith("__"):
+        raise ValueError(f"expected a Python identifier (not a keyword, not starting with __) such as {example}, "
+                         f"got {_show(v)}")
+    return v
+
+
+def _declared_symbols(code: Optional[str]) -> Optional[set[str]]:
+    """The size symbols `global` sets with `ctx[X] = ...`; None if it changes ctx in a way a reader cannot follow."""
+    import ast
+
+    names: set[str] = set()
+    if not code:
+        return names
+    for node in ast.walk(ast.parse(code)):
+        targets = node.targets if isinstance(node, ast.Assign) else \
+            [node.target] if isinstance(node, (ast.AugAssign, ast.AnnAssign, ast.For)) else []
+        for t in targets:
+            for sub in ast.walk(t):
+                if isinstance(sub, ast.Subscript) and isinstance(sub.value, ast.Name) and sub.value.id == "ctx":
+                    key = sub.slice
+                    if isinstance(key, ast.Name):
+                        names.add(key.id)
+                    elif isinstance(key, ast.Constant) and isinstance(key.value, str):
+                        names.add(key.value)
+                    else:
+                        return None
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "ctx" \
+                and node.attr not in ("get", "items", "keys", "values"):
+            return None  # ctx.update(...), ctx.setdefault(...): set at run time only
+        if isinstance(node, ast.Name) and node.id == "ctx" and not isinstance(getattr(node, "ctx", None), ast.Load):
+            return None  # ctx rebound
+    return names
+
+
+def _stream_symbols(dtype, dims) -> list[str]:
+    """The size symbols an element type and (optionally) dims name, in order."""
+    from stepforge.simulator import parse_dims, parse_dtype
+
+    elem = parse_dtype(dtype)
+    shape = tuple(parse_dims(dims)) if dims is not None else ()
+    found: list[str] = []
+    for dim in shape + tuple(d for f in elem.fields() for d in f.elem_dims()):
+        found.extend(s for s in dim.symbols if s not in found)
+    return found
 
 
 # ---------------------------------------------------------------------------
@@ -204,9 +255,7 @@ class _NamedStream(_Strict):
     @field_validator("name", mode="before")
     @classmethod
     def _name(cls, v):
-        if not isinstance(v, str) or not _IDENT.match(v):
-            raise ValueError(f"expected a Python identifier such as {cls._example_name}, got {_show(v)}")
-        return v
+        return _check_identifier(v, cls._example_name)
 
     @field_validator("dtype", mode="before")
     @classmethod
@@ -224,6 +273,22 @@ class StreamDecl(_NamedStream):
 
     dtype: Union[str, list[str]] = "fp32"
     data_gen: Union[str, MultihotGen]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _min_max_on_the_input(cls, data):
+        """The published form: `min` and `max` on a Multihot input itself stand for `data_gen: {min, max}`."""
+        if not isinstance(data, dict) or not ({"min", "max"} & set(data)):
+            return data
+        if "data_gen" in data:
+            raise ValueError("min: give the ones per position either as data_gen: {min, max} or as min and max "
+                             "on the input, not both")
+        missing = [k for k in ("min", "max") if k not in data]
+        if missing:
+            raise ValueError(f"{missing[0]}: required key missing (min and max on a Multihot input come together)")
+        data = dict(data)
+        data["data_gen"] = {"min": data.pop("min"), "max": data.pop("max")}
+        return data
 
     @field_validator("data_gen", mode="before")
     @classmethod
@@ -277,9 +342,7 @@ class FnDecl(_Strict):
     @field_validator("name", "func_name", mode="before")
     @classmethod
     def _ident(cls, v):
-        if not isinstance(v, str) or not _IDENT.match(v):
-            raise ValueError(f"expected a Python identifier, got {_show(v)}")
-        return v
+        return _check_identifier(v, "fn_add")
 
     @field_validator("input_dtype", "output_dtype", mode="before")
     @classmethod
@@ -378,6 +441,7 @@ class Task(_Strict):
     bindings: list[dict[str, int]] = Field(default_factory=list)
     tolerance: Optional[Tolerance] = None
     impl: Optional[str] = None
+    _source: Optional[str] = PrivateAttr(default=None)  # the file (or label) it was loaded from
 
     @field_validator("test_name", mode="before")
     @classmethod
@@ -469,7 +533,48 @@ class Task(_Strict):
             raise ValueError(_PROBLEM_SEP.join(problems))
         return self
 
+    @model_validator(mode="after")
+    def _symbols_defined(self):
+        """Every size symbol of a dims list or a dtype has a value: a default (M N K D) or `ctx[X] = ...` in global."""
+        from stepforge.simulator.shapes import DEFAULT_SIZES
+
+        declared = _declared_symbols(self.global_code)
+        if declared is None:  # global sets ctx in a way only running it shows; the verifier checks then
+            return self
+        defined = set(DEFAULT_SIZES) | declared
+        places = [(f"{kind}[{i}]", key, d)
+                  for kind, items in (("inputs", self.inputs), ("parameters", self.parameters), ("outputs", self.outputs))
+                  for i, d in enumerate(items) for key in ("dtype", "dims")]
+        places += [(f"fns[{i}]", key, f) for i, f in enumerate(self.fns) for key in ("input_dtype", "output_dtype")]
+        problems = []
+        for where, key, decl in places:
+            value = getattr(decl, key)
+            symbols = _stream_symbols(value, None) if "dtype" in key else _stream_symbols("fp32", value)
+            for sym in symbols:
+                if sym not in defined:
+                    problems.append(f"{where}.{key}: size symbol {sym} is not defined; expected one of "
+                                    f"{', '.join(sorted(defined))} (M, N, K, D have defaults; global sets others "
+                                    f"with ctx[{sym}] = ...)")
+        if problems:
+            raise ValueError(_PROBLEM_SEP.join(problems))
+        return self
+
     # -- conveniences -------------------------------------------------------
+    @property
+    def source(self) -> str:
+        """Where the task came from, for errors: its file, else `task <key>`."""
+        return self._source or f"task {self.key}"
+
+    def __eq__(self, other: object) -> bool:  # where a task was loaded from is not part of it
+        return isinstance(other, Task) and self.__dict__ == other.__dict__
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, like every pydantic model
+
+    def with_source(self, source: Optional[str]) -> "Task":
+        """This task, naming `source` in its errors (kept by copies)."""
+        self._source = source
+        return self
+
     @property
     def key(self) -> str:
         """`<group>/<test_name>` (just `test_name` for a task without a group)."""
@@ -693,7 +798,7 @@ def task_from_dict(data: Any, source: str = "<task>") -> Task:
         raise TaskFileError(source, [("", f"expected a mapping of task keys (test_name, inputs, fns, outputs, ...) "
                                           f"at the top level, got {type(data).__name__}")])
     try:
-        return Task.model_validate(data)
+        return Task.model_validate(data).with_source(source)
     except ValidationError as exc:
         raise TaskFileError(source, _error_list(exc)) from None
 

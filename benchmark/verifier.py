@@ -42,7 +42,7 @@ dropped 1e-5 epsilon in a norm (about 1.5e-5 relative) is still caught, while
 correct float32 programs stay well inside it at L = 512 (where a sequential
 sum's typical relative error is about 0.3 * eps32 * sqrt(L)). A task's
 `tolerance: {rtol, atol}` replaces the two numbers (absolute values).
-Infinite oracle values must be matched exactly; NaN never matches.
+An oracle must be finite: one that returns NaN or inf is a broken task.
 
 Task-side failures (its `global`, data generation or oracle raise, an oracle
 of the wrong shape, a binding that `global` contradicts) are not the
@@ -67,8 +67,8 @@ from stepforge import simulator as sim
 from stepforge.benchmark.cache import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, BoundedLRU, tensor_bytes
 from stepforge.benchmark.schema import MultihotGen, Task, TaskFileError, resolve_task
 from stepforge.benchmark.verdict import STAGES, Stage, Verdict
-from stepforge.simulator.fns import build_namespace, namespace_binding
 from stepforge.simulator import interpreter
+from stepforge.simulator.fns import build_namespace, namespace_binding
 from stepforge.simulator.shapes import DEFAULT_SIZES, format_shape
 
 EPS32 = float(torch.finfo(torch.float32).eps)
@@ -141,7 +141,7 @@ def cache_stats() -> dict[str, int]:
 
 
 def _task_error(task: Task, key: str, message: str) -> TaskFileError:
-    return TaskFileError(f"task {task.key}", [(key, message)])
+    return TaskFileError(task.source, [(key, message)])
 
 
 def _one_line(exc: BaseException) -> str:
@@ -266,11 +266,12 @@ def _generate(task: Task, decl, stype: sim.StreamType, binding: Mapping[str, int
 
 
 def _eval_oracle(task: Task, prepared: _Prepared, ns: dict, dtype: torch.dtype) -> list[list[torch.Tensor]]:
+    """Every output's oracle blocks, in order, in one namespace: a later block may use what an earlier one defined."""
     refs = []
-    for i, (out, blocks) in enumerate(zip(task.outputs, prepared.oracles)):
+    scope = dict(ns)
+    for i, (_out, blocks) in enumerate(zip(task.outputs, prepared.oracles)):
         fields = []
         for j, (body, expr) in enumerate(blocks):
-            scope = dict(ns)
             try:
                 with _default_dtype(dtype):
                     exec(body, scope)  # task-file code, run in a worker
@@ -348,6 +349,13 @@ def _reference(task: Task, prepared: _Prepared, binding: dict[str, int], input_d
         if got != expected:
             raise _task_error(task, f"outputs[{i}].data_transform",
                               f"the oracle of {out.name} has shape {_fmt_shapes(got)}, its dtype and dims need {_fmt_shapes(expected)}")
+        for j, ref in enumerate(fields):
+            bad = ~torch.isfinite(ref)
+            if bool(bad.any()):
+                at = _unravel(int(bad.reshape(-1).nonzero()[0]), tuple(ref.shape))
+                raise _task_error(task, f"outputs[{i}].data_transform[{j}]",
+                                  f"the oracle of {out.name} returned {int(bad.sum())} NaN or infinite value(s) "
+                                  f"(the first {float(ref[at]):g} at index {at}); expected finite values")
     return refs
 
 

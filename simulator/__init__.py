@@ -13,7 +13,10 @@ Public API::
     check_affine(program)        -> list[AffineViolation]
     typecheck(program, inputs, fns) -> list[StreamType]   the returned streams' types
     run_program(program, inputs, fns, binding, engine="vectorised"|"naive",
-                max_elements=2**27) -> list[Stream]
+                max_elements=2**27, max_live_elements=None) -> list[Stream]
+                                    each stream is freed after its last use; the streams
+                                    alive at once may hold max_live_elements (default
+                                    2 * max_elements), checked before allocation
 
 Every error derives from `SimulatorError` and has a one-line `.message` fit to
 show a model; `ProgramSyntaxError`, `StepTypeError`, `ResourceError` and

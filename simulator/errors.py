@@ -2,7 +2,27 @@
 
 from __future__ import annotations
 
+import math
+
 from stepforge.errors import StepforgeError
+
+MAX_EXACT_DIGITS = 15
+
+
+def format_int(value: int, grouped: bool = False) -> str:
+    """An integer for a message: exact up to 15 digits, else `about 1.23e+4000`.
+
+    Never converts a huge integer to decimal (slow, and past Python's digit
+    limit it raises), so a message stays short whatever a program multiplies.
+    """
+    value = int(value)
+    if abs(value) < 10**MAX_EXACT_DIGITS:
+        return f"{value:,}" if grouped else str(value)
+    exponent = math.log10(abs(value))
+    whole = int(exponent)
+    sign = "-" if value < 0 else ""
+    return f"about {sign}{10 ** (exponent - whole):.3g}e+{whole}"
+
 
 
 class SimulatorError(StepforgeError):

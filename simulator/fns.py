@@ -22,7 +22,7 @@ from stepforge.simulator.errors import StepRuntimeError
 from stepforge.simulator.shapes import SizeSymbol, shape_values
 from stepforge.simulator.types import ElemType, LeafType, parse_dtype
 
-INIT_VALUES = {"0": 0.0, "1": 1.0, "-1": -1.0, "-inf": -math.inf, "inf": math.inf}
+INIT_VALUES = {"0": 0.0, "1": 1.0, "-1": -1.0, "-inf": -math.inf}
 
 
 class Ctx(dict):
@@ -416,13 +416,13 @@ def parse_init(init, n_fields: int, func_name: str = "fn") -> list[float]:
     out = []
     for v in values:
         key = str(v).strip().replace("float('-inf')", "-inf").replace("float(\"-inf\")", "-inf")
-        if key in INIT_VALUES:
-            out.append(INIT_VALUES[key])
-        else:
-            try:
-                out.append(float(key))
-            except ValueError:
-                raise ValueError(f"fn {func_name}: init value {v!r} is not one of 0, 1, -1, -inf") from None
+        try:
+            value = INIT_VALUES[key] if key in INIT_VALUES else float(key)
+        except ValueError:
+            value = None
+        if isinstance(v, bool) or value not in INIT_VALUES.values():
+            raise ValueError(f"fn {func_name}: init value {str(v)[:40]!r} is not one of 0, 1, -1, -inf")
+        out.append(value)
     return out
 
 

@@ -9,18 +9,20 @@ operator computes, which is what the differential tests compare.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Union
+from typing import Any, Iterable, Mapping, Union
 
-from stepforge.simulator.errors import ResourceError, StepRuntimeError, StepTypeError
+from stepforge.simulator.errors import ResourceError, StepRuntimeError, StepTypeError, format_int
 from stepforge.simulator.fns import StepFn
 from stepforge.simulator.ops import FnListType, StreamList, TypeContext, infer, resolve_params
-from stepforge.simulator.program import Apply, Comprehension, FnList, OpCall, Program, Return
+from stepforge.simulator.program import Apply, Comprehension, FnList, OpCall, Program, Return, arg_names
 from stepforge.simulator.shapes import format_shape
 from stepforge.simulator.values import Stream, StreamType
 
 DEFAULT_MAX_ELEMENTS = 2**27
+LIVE_FACTOR = 2  # the streams alive at once may hold this many times the per-stream limit
 
 
 @dataclass
@@ -71,7 +73,7 @@ def typecheck_program(
     for st in program.statements:
         ts = TypedStatement(st)
         if isinstance(st, Apply):
-            arg_type = _arg_type(st.arg, env, st.line, st.call.label())
+            arg_type = _arg_type(st.arg, env, st.line, st.call.brief())
             op = _typed_op(st.call, arg_type, ctx)
             ts.ops.append(op)
             _bind_targets(st, op.out_type, env)
@@ -84,12 +86,12 @@ def typecheck_program(
             items = _comprehension_items(st, env, fns)
             results = []
             for local_env, fn_vars in items:
-                arg_type = _arg_type(st.arg, local_env, st.line, st.call.label())
+                arg_type = _arg_type(st.arg, local_env, st.line, st.call.brief())
                 item_ctx = TypeContext(fns, ctx.binding, fn_vars, ctx.dyn_bounds, ctx._counter)
                 op = _typed_op(st.call, arg_type, item_ctx)
                 ctx._counter = item_ctx._counter
                 if not isinstance(op.out_type, StreamType):
-                    raise StepTypeError(f"{st.call.label()}: in a list comprehension an operator must produce one stream", st.line)
+                    raise StepTypeError(f"{st.call.brief()}: in a list comprehension an operator must produce one stream", st.line)
                 ts.ops.append(op)
                 results.append(op.out_type)
             env[st.target] = StreamList(tuple(results))
@@ -128,7 +130,7 @@ def _bind_targets(st: Apply, out, env):
     if st.unpack:
         outs = out if isinstance(out, list) else [out]
         if len(outs) != len(st.targets):
-            raise StepTypeError(f"{st.call.label()}: produces {len(outs)} stream(s), unpacked into {len(st.targets)} names", st.line)
+            raise StepTypeError(f"{st.call.brief()}: produces {len(outs)} stream(s), unpacked into {len(st.targets)} names", st.line)
         env.update(zip(st.targets, outs))
     else:
         env[st.targets[0]] = StreamList(tuple(out)) if isinstance(out, list) else out
@@ -142,16 +144,16 @@ def _comprehension_items(st: Comprehension, env, fns):
         if isinstance(it, tuple):
             for name in it:
                 if name not in fns:
-                    raise StepTypeError(f"{st.call.label()}: {name} is not a fn of this task (its fns: {', '.join(sorted(fns))})", st.line)
+                    raise StepTypeError(f"{st.call.brief()}: {name} is not a fn of this task (its fns: {', '.join(sorted(fns))})", st.line)
             lists.append(FnListType(it))
         else:
-            value = _lookup(it, env, st.line, st.call.label())
+            value = _lookup(it, env, st.line, st.call.brief())
             if not isinstance(value, (StreamList, FnListType)):
-                raise StepTypeError(f"{st.call.label()}: {it} is not a list of streams or fns", st.line)
+                raise StepTypeError(f"{st.call.brief()}: {it} is not a list of streams or fns", st.line)
             lists.append(value)
     lengths = {len(v.items) if isinstance(v, StreamList) else len(v.fns) for v in lists}
     if len(lengths) != 1:
-        raise StepTypeError(f"{st.call.label()}: the lists zipped together have different lengths {sorted(lengths)}", st.line)
+        raise StepTypeError(f"{st.call.brief()}: the lists zipped together have different lengths {sorted(lengths)}", st.line)
     items = []
     for i in range(lengths.pop()):
         local = dict(env)
@@ -169,32 +171,106 @@ def _comprehension_items(st: Comprehension, env, fns):
 # ---------------------------------------------------------------------------
 
 
-def check_resources(typed: TypedProgram, binding: Mapping[str, int], max_elements: int) -> None:
-    """Raise ResourceError if any stream of the program would exceed `max_elements`."""
+def _reads(st) -> set[str]:
+    """The environment names a statement reads (a comprehension's loop variables are its own)."""
+    if isinstance(st, Apply):
+        return set(arg_names(st.arg))
+    if isinstance(st, Comprehension):
+        return {it for it in st.iterables if isinstance(it, str)} | (set(arg_names(st.arg)) - set(st.loop_vars))
+    if isinstance(st, Return):
+        return set(st.names)
+    return set()
+
+
+def _defines(st) -> tuple[str, ...]:
+    if isinstance(st, Apply):
+        return st.targets
+    if isinstance(st, (FnList, Comprehension)):
+        return (st.target,)
+    return ()
+
+
+def liveness(program: Program, inputs: Iterable[str]) -> tuple[set[str], list[set[str]]]:
+    """What to drop when: (inputs no statement reads, per statement the names dead after it).
+
+    A value is dead after its last read before the name is re-assigned; a
+    value that is never read (a dead stream) is dead right after the
+    statement that made it.
+    """
+    live: set[str] = set()
+    drops: list[set[str]] = []
+    for st in reversed(program.statements):
+        reads, defs = _reads(st), set(_defines(st))
+        drops.append((reads | defs) - live)
+        live = (live - defs) | reads
+    drops.reverse()
+    return set(inputs) - live, drops
+
+
+def _elements(stype, bounds, call: OpCall | None) -> int:
+    if isinstance(stype, StreamList):
+        return sum(_elements(item, bounds, call) for item in stype.items)
+    if not isinstance(stype, StreamType):
+        return 0  # a list of fn names
+    return sum(math.prod(shape) for shape in _tensor_shapes(stype, bounds, call))
+
+
+def check_resources(typed: TypedProgram, binding: Mapping[str, int], max_elements: int,
+                    max_live_elements: int | None = None, inputs: Mapping[str, StreamType] | None = None) -> None:
+    """Raise ResourceError if a stream would exceed `max_elements`, or the live streams together `max_live_elements`.
+
+    Dynamic route sizes count at their upper bounds, so this sees every size
+    before anything is allocated. The live streams at a statement are those
+    that `liveness` keeps (the engines drop the others) plus what it makes.
+    """
     bounds = dict(binding)
     for name, bound in typed.dyn_bounds.items():
         bounds[name] = _evaluate(bound, bounds, None, "a route size")
+    limit = format_int(max_elements, grouped=True)
     for ts in typed.statements:
         for op in ts.ops:
             outs = op.out_type if isinstance(op.out_type, list) else [op.out_type]
             for out in outs:
-                total = 0
-                for shape in _tensor_shapes(out, bounds, op.call):
-                    n = 1
-                    for d in shape:
-                        n *= d
-                    total += n
+                total = _elements(out, bounds, op.call)
                 if total > max_elements:
                     raise ResourceError(
-                        f"{op.call.label()} would make a stream {out} of {total:,} elements "
-                        f"(limit {max_elements:,})", op.call.line)
+                        f"{op.call.brief()} would make a stream {out} of {format_int(total, grouped=True)} "
+                        f"elements (limit {limit})", op.call.line)
+    if max_live_elements is None:
+        return
+    unread, drops = liveness(typed.program, inputs or {})
+    held = {name: _elements(t, bounds, None) for name, t in (inputs or {}).items() if name not in unread}
+    for ts, drop in zip(typed.statements, drops):
+        made = _made(ts, bounds)
+        total = sum(held.values()) + sum(made.values())
+        if total > max_live_elements:
+            raise ResourceError(
+                f"the streams alive at this statement would hold {format_int(total, grouped=True)} elements together "
+                f"(limit {format_int(max_live_elements, grouped=True)}); a stream's memory is freed after its last use",
+                ts.stmt.line)
+        held.update(made)
+        for name in drop:
+            held.pop(name, None)
+
+
+def _made(ts: TypedStatement, bounds) -> dict[str, int]:
+    """The elements of each value a statement binds (a comprehension's whole list, both halves of a Copy)."""
+    st = ts.stmt
+    if isinstance(st, Apply):
+        op = ts.ops[0]
+        outs = op.out_type if isinstance(op.out_type, list) else [op.out_type]
+        sizes = [_elements(o, bounds, op.call) for o in outs]
+        return dict(zip(st.targets, sizes)) if st.unpack else {st.targets[0]: sum(sizes)}
+    if isinstance(st, Comprehension):
+        return {st.target: sum(_elements(op.out_type, bounds, op.call) for op in ts.ops)}
+    return {}
 
 
 def _tensor_shapes(stype: StreamType, binding, call: OpCall | None):
     try:
         return stype.tensor_shapes(binding)
     except ValueError as exc:
-        where = call.label() if call else "an input"
+        where = call.brief() if call else "an input"
         raise StepRuntimeError(f"{where}: shape {format_shape(stype.shape)}: {exc}", call.line if call else None) from None
 
 
@@ -212,13 +288,23 @@ def run_program(
     binding: Mapping[str, int],
     engine: str = "vectorised",
     max_elements: int = DEFAULT_MAX_ELEMENTS,
+    max_live_elements: int | None = None,
 ) -> list[Stream]:
-    """Run `program` on `inputs`; returns the returned streams as tensors."""
+    """Run `program` on `inputs`; returns the returned streams as tensors.
+
+    `max_elements` bounds each stream, `max_live_elements` (default
+    LIVE_FACTOR * max_elements) all the streams alive at once.
+    """
     binding = dict(binding)
-    typed = typecheck_program(program, {n: s.type for n, s in inputs.items()}, fns, binding)
+    input_types = {n: s.type for n, s in inputs.items()}
+    typed = typecheck_program(program, input_types, fns, binding)
     _check_inputs(inputs, binding)
-    check_resources(typed, binding, max_elements)
+    check_resources(typed, binding, max_elements, _live_limit(max_elements, max_live_elements), input_types)
     return _engine(engine).run(typed, inputs, binding)
+
+
+def _live_limit(max_elements: int, max_live_elements: int | None) -> int:
+    return LIVE_FACTOR * max_elements if max_live_elements is None else max_live_elements
 
 
 def prepare_run(
@@ -227,6 +313,7 @@ def prepare_run(
     fns: Mapping[str, StepFn],
     binding: Mapping[str, int],
     max_elements: int = DEFAULT_MAX_ELEMENTS,
+    max_live_elements: int | None = None,
 ) -> TypedProgram:
     """The type check and resource check of `run_program`, without tensors.
 
@@ -235,7 +322,7 @@ def prepare_run(
     this once and calls `run_typed` for each.
     """
     typed = typecheck_program(program, input_types, fns, dict(binding))
-    check_resources(typed, binding, max_elements)
+    check_resources(typed, binding, max_elements, _live_limit(max_elements, max_live_elements), dict(input_types))
     return typed
 
 
@@ -283,8 +370,9 @@ class Engine(ABC):
         """One operator application on engine values."""
 
     def run(self, typed: TypedProgram, inputs: Mapping[str, Stream], binding: dict) -> list[Stream]:
-        env: dict[str, Any] = {name: self.load(s, binding) for name, s in inputs.items()}
-        for ts in typed.statements:
+        unread, drops = liveness(typed.program, inputs)
+        env: dict[str, Any] = {name: self.load(s, binding) for name, s in inputs.items() if name not in unread}
+        for ts, drop in zip(typed.statements, drops):
             st = ts.stmt
             if isinstance(st, Apply):
                 out = self._execute(ts.ops[0], _gather(st.arg, env), binding)
@@ -305,6 +393,8 @@ class Engine(ABC):
                 env[st.target] = results
             elif isinstance(st, Return):
                 return [self.unload(env[n], t, binding) for n, t in zip(st.names, typed.outputs)]
+            for name in drop:  # a value is freed after its last use
+                env.pop(name, None)
         raise AssertionError("a parsed program ends with return")
 
     def _execute(self, op: TypedOp, arg, binding):
@@ -312,7 +402,7 @@ class Engine(ABC):
             return self.execute(op, arg, binding)
         except StepRuntimeError as exc:
             if exc.line is None:
-                raise StepRuntimeError(f"{op.call.label()}: {exc.message}", op.call.line) from None
+                raise StepRuntimeError(f"{op.call.brief()}: {exc.message}", op.call.line) from None
             raise
 
 

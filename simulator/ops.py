@@ -74,7 +74,7 @@ class TypeContext:
 
 
 def _err(call: OpCall, what: str) -> StepTypeError:
-    return StepTypeError(f"{call.label()}: {what}", call.line)
+    return StepTypeError(f"{call.brief()}: {what}", call.line)
 
 
 def resolve_params(call: OpCall, ctx: TypeContext) -> dict[str, Any]:

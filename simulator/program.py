@@ -19,7 +19,7 @@ import ast
 from dataclasses import dataclass, field
 from typing import Union
 
-from stepforge.simulator.errors import ProgramSyntaxError
+from stepforge.simulator.errors import ProgramSyntaxError, format_int
 
 OPS = (
     "Map", "Zip", "Accum", "Scan", "Copy", "Bufferize", "Streamify", "Promote",
@@ -28,6 +28,10 @@ OPS = (
 MAX_PROGRAM_CHARS = 20_000
 MAX_STATEMENTS = 300
 MAX_ARG_DEPTH = 8
+# Past any element budget (a size this large is a `resource` error anyway), and
+# small enough that every message can print it.
+MAX_INT_LITERAL = 2**31
+MAX_LABEL_CHARS = 80
 
 
 @dataclass(frozen=True)
@@ -57,7 +61,13 @@ class OpCall:
         return dict(self.kwargs)
 
     def label(self) -> str:
+        """The call as program text, exactly (`Accum(fn=f, b=1)`)."""
         return f"{self.op}({format_kwargs(self.kwargs)})"
+
+    def brief(self) -> str:
+        """The call for a message: its label, cut to MAX_LABEL_CHARS."""
+        text = self.label()
+        return text if len(text) <= MAX_LABEL_CHARS else text[: MAX_LABEL_CHARS - 4] + "...)"
 
 
 def format_kw_value(value: KwValue) -> str:
@@ -234,16 +244,28 @@ def _apply(node: ast.AST) -> tuple[OpCall, Arg]:
     for kw in inner.keywords:
         if kw.arg is None:
             raise _fail(inner, "`**` arguments are not allowed")
+        if any(kw.arg == k for k, _ in kwargs):  # ast.parse accepts this; only Python's compiler rejects it
+            raise _fail(inner, f"step.{op}: keyword argument {kw.arg} is given more than once")
         kwargs.append((kw.arg, _kw_value(kw.value)))
     return OpCall(op, tuple(kwargs), node.lineno), _arg(node.args[0], 0)
 
 
+def _int_literal(node: ast.AST) -> int | None:
+    """The value of an integer literal (`3`, `0x10`, `-1`), bounded by MAX_INT_LITERAL; None if not one."""
+    negative = isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub)
+    const = node.operand if negative else node
+    if not (isinstance(const, ast.Constant) and isinstance(const.value, int) and not isinstance(const.value, bool)):
+        return None
+    if const.value > MAX_INT_LITERAL:
+        raise _fail(node, f"the integer literal {format_int(const.value)} is too large; "
+                          f"integer literals are limited to {MAX_INT_LITERAL:,} (2**31)")
+    return -const.value if negative else const.value
+
+
 def _kw_value(node: ast.AST) -> KwValue:
-    if isinstance(node, ast.Constant) and isinstance(node.value, int) and not isinstance(node.value, bool):
-        return node.value
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub) and isinstance(node.operand, ast.Constant) \
-            and isinstance(node.operand.value, int):
-        return -node.operand.value
+    value = _int_literal(node)
+    if value is not None:
+        return value
     if isinstance(node, ast.Name):
         if node.id.startswith("__"):
             raise _fail(node, f"the name {node.id!r} is not allowed")
@@ -328,10 +350,11 @@ class AffineViolation:
                 f"each stream may be consumed once: Copy it")
 
 
-def _arg_names(arg: Arg) -> list[str]:
+def arg_names(arg: Arg) -> list[str]:
+    """The stream names an .apply argument reads, in order."""
     if isinstance(arg, str):
         return [arg]
-    return [n for item in arg for n in _arg_names(item)]
+    return [n for item in arg for n in arg_names(item)]
 
 
 def check_affine(program: Program) -> list[AffineViolation]:
@@ -358,7 +381,7 @@ def check_affine(program: Program) -> list[AffineViolation]:
 
     for st in program.statements:
         if isinstance(st, Apply):
-            for n in _arg_names(st.arg):
+            for n in arg_names(st.arg):
                 use(n, st.line)
             for t in st.targets:
                 define(t, st.line)
@@ -369,7 +392,7 @@ def check_affine(program: Program) -> list[AffineViolation]:
             for it in st.iterables:
                 if isinstance(it, str):
                     use(it, st.line)
-            inner_uses = _arg_names(st.arg)
+            inner_uses = arg_names(st.arg)
             fn_vars = set(st.loop_vars) - set(inner_uses)
             for v in st.loop_vars:
                 if v not in fn_vars and inner_uses.count(v) > 1:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Mapping
 
+from stepforge.simulator.errors import format_int
+
 DEFAULT_SIZES: dict[str, int] = {"M": 5, "N": 7, "K": 9, "D": 16}
 
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z_0-9]*$")
@@ -96,8 +98,9 @@ class Dim:
         den = [n if p == -1 else f"{n}**{-p}" for n, p in self.powers if p < 0]
         head = "*".join(num)
         if self.coeff.numerator != 1 or not head:
-            head = f"{self.coeff.numerator}*{head}" if head else str(self.coeff.numerator)
-        tail = den + ([str(self.coeff.denominator)] if self.coeff.denominator != 1 else [])
+            numerator = format_int(self.coeff.numerator)
+            head = f"{numerator}*{head}" if head else numerator
+        tail = den + ([format_int(self.coeff.denominator)] if self.coeff.denominator != 1 else [])
         return head + "".join(f"/{t}" for t in tail)
 
     __repr__ = __str__
@@ -107,7 +110,7 @@ Shape = tuple[Dim, ...]
 
 
 def _fmt_binding(dim: Dim, binding: Mapping[str, int]) -> str:
-    return ", ".join(f"{n}={binding[n]}" for n in dim.symbols if n in binding)
+    return ", ".join(f"{n}={format_int(binding[n])}" for n in dim.symbols if n in binding)
 
 
 def as_dim(value: "Dim | int | str") -> Dim:
@@ -150,8 +153,16 @@ def parse_dims(dims: list | tuple) -> Shape:
     return tuple(as_dim(d) for d in dims)
 
 
+MAX_SHOWN_DIMS = 12
+
+
 def format_shape(shape: Shape) -> str:
-    return "[" + ", ".join(str(d) for d in shape) + "]"
+    """`[D, N, M]`; a shape of more than MAX_SHOWN_DIMS dims shows its first and last few."""
+    dims = [str(d) for d in shape]
+    if len(dims) > MAX_SHOWN_DIMS:
+        half = MAX_SHOWN_DIMS // 2
+        dims = dims[:half] + [f"... {len(dims) - 2 * half} more ..."] + dims[-half:]
+    return "[" + ", ".join(dims) + "]"
 
 
 def shape_values(shape: Shape, binding: Mapping[str, int]) -> tuple[int, ...]:

@@ -127,3 +127,64 @@ def test_export_writes_a_standalone_pytest_file_that_passes_or_fails(app, tmp_pa
     # good: 3 bindings + affine pass; wrong: 3 bindings fail (fn_rotate is not a fold), affine passes
     assert "3 failed" in summary and "5 passed" in summary, proc.stdout[-2000:]
     assert "test_wrong.py::test_program_matches_the_oracle" in proc.stdout
+
+
+# -- the time limit: verify runs in the process pool ------------------------------------------
+
+def _norm_file(tmp_path, **changes):
+    data = yaml.safe_load(TASKS["norm/G_0_8_01"].to_yaml())
+    for key, value in changes.items():
+        if key == "oracle":
+            data["outputs"][0]["data_transform"] = value
+        else:
+            data[key] = value
+    path = tmp_path / "G_0_8_01.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+SLOW_PROGRAM = "R = step.Repeat(n=100000).apply(E0)\n" + "".join(
+    f"A{i} = step.Map(fn=fn_square).apply(R)\n" for i in range(250)) + "return E0\n"
+
+
+@pytest.mark.parametrize("hostile", ["oracle", "global", "oracle_sleeps", "program"])
+def test_verify_stops_at_the_time_limit_with_stage_timeout(app, tmp_path, hostile):
+    impl = tmp_path / "slow.step"
+    impl.write_text(SLOW_PROGRAM)
+    args = {
+        "oracle": [str(_norm_file(tmp_path, oracle="while True:\n    pass\ninput_data['E0']\n"))],
+        "global": [str(_norm_file(tmp_path, **{"global": "n = 0\nwhile n >= 0:\n    n += 1\n"}))],
+        "oracle_sleeps": [str(_norm_file(tmp_path, oracle="import time\ntime.sleep(3600)\ninput_data['E0']\n"))],
+        "program": ["norm/G_0_8_01", "--impl", str(impl)],
+    }[hostile]
+    result = runner.invoke(app, ["verify", *args, "--timeout", "1.5", "--json", "--seeds", "1"])
+    assert result.exit_code == 1, result.output
+    verdict = json.loads(result.stdout)
+    assert verdict["stage"] == "timeout" and not verdict["passed"]
+    assert "time limit of 1.5 s" in verdict["message"]
+
+
+def test_verify_cli_in_a_subprocess_returns_timeout_for_an_endless_oracle(tmp_path):
+    """End to end: the real command, with a guard so that a hang fails the test instead of stalling it."""
+    task = _norm_file(tmp_path, oracle="while True:\n    pass\ninput_data['E0']\n")
+    proc = subprocess.run([sys.executable, "-m", "stepforge.cli", "verify", str(task), "--timeout", "1"],
+                          capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 1, proc.stderr
+    assert "FAIL timeout" in proc.stdout and "time limit of 1 s" in proc.stdout
+
+
+def test_verify_under_the_default_limit_passes_and_a_broken_oracle_names_the_file(app, tmp_path):
+    result = runner.invoke(app, ["verify", "norm/G_0_8_01", "--seeds", "1"])
+    assert result.exit_code == 0 and "PASS" in result.stdout
+    broken = _norm_file(tmp_path, oracle="raise ValueError('no oracle')\ninput_data['E0']\n")
+    result = runner.invoke(app, ["verify", str(broken), "--seeds", "1"])
+    assert result.exit_code == 2
+    line = result.stderr.strip()
+    assert line.startswith(f"error: {broken}: outputs[0].data_transform[0]: raised ValueError: no oracle")
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "inf", "nan", "soon"])
+def test_bad_timeout_exits_2(app, value):
+    result = runner.invoke(app, ["verify", "norm/G_0_8_01", "--timeout", value])
+    assert result.exit_code == 2
+    assert "--timeout" in result.stderr or "timeout" in result.output

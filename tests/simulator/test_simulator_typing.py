@@ -235,12 +235,12 @@ def test_huge_repeat_is_rejected_before_allocation(engine, monkeypatch):
     monkeypatch.setattr(torch, "full", lambda *a, **k: allocations.append("full") or real_full(*a, **k))
     monkeypatch.setattr(torch, "zeros", lambda *a, **k: allocations.append("zeros") or real_zeros(*a, **k))
     monkeypatch.setattr(torch, "empty", lambda *a, **k: allocations.append("empty") or real_empty(*a, **k))
-    text = "y = step.Map(fn=f_s).apply(E0)\nz = step.Repeat(n=1099511627776).apply(y)\nw = step.Accum(fn=sum_s, b=1).apply(z)\nreturn w"
+    text = "y = step.Map(fn=f_s).apply(E0)\nz = step.Repeat(n=1048576*1048576).apply(y)\nw = step.Accum(fn=sum_s, b=1).apply(z)\nreturn w"
     with pytest.raises(ResourceError) as err:
         run_program(parse_program(text), inputs, fns(), B, engine=engine)
     e = err.value
     assert e.line == 2 and e.stage == "resource" and "\n" not in e.message
-    assert "Repeat(n=1099511627776)" in e.message
+    assert "Repeat(n=1048576*1048576)" in e.message
     assert f"{2 ** 40 * 8:,} elements" in e.message and f"limit {2 ** 27:,}" in e.message
     assert calls == [] and allocations == []
 
