@@ -154,9 +154,12 @@ class ClientGone(Exception):
 
 
 def create_app(backend: ModelBackend, model_name: str, max_batch: int = 64, limits: ServerLimits = DEFAULT_LIMITS,
-               close_backend: bool = False):
+               close_backend: bool = False, close_timeout_s: float = 5.0):
     """The FastAPI app serving `backend` under the name `model_name`.
-    With `close_backend`, the app closes the backend when it shuts down."""
+
+    On shutdown the batcher fails what is left and waits at most
+    `close_timeout_s` for the batch in progress; then, with `close_backend`,
+    the backend is closed (unless that batch is still running)."""
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI
@@ -170,7 +173,7 @@ def create_app(backend: ModelBackend, model_name: str, max_batch: int = 64, limi
     @asynccontextmanager
     async def lifespan(_app):
         yield
-        stopped = await asyncio.to_thread(batcher.close, 5.0)
+        stopped = await asyncio.to_thread(batcher.close, close_timeout_s)
         if close_backend and stopped and not app.state.backend_closed:
             app.state.backend_closed = True
             backend.close()
@@ -283,11 +286,13 @@ def run_server(backend: ModelBackend, model_name: str, host: str = "127.0.0.1", 
     """Serve until interrupted (SIGINT/SIGTERM), then close the backend.
 
     On a signal, requests still running get `shutdown_timeout_s` seconds to
-    finish before they are cancelled and their queued work dropped.
+    finish before they are cancelled and their queued work dropped; the batch
+    in progress then gets as long again before the process exits regardless.
     """
     import uvicorn
 
-    app = create_app(backend, model_name, max_batch=max_batch, limits=limits, close_backend=True)
+    app = create_app(backend, model_name, max_batch=max_batch, limits=limits, close_backend=True,
+                     close_timeout_s=shutdown_timeout_s)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=shutdown_timeout_s)
     try:
         uvicorn.Server(config).run()
