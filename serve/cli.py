@@ -137,14 +137,23 @@ def serve(
     replicas: int = typer.Option(0, "--replicas", help="0: model in this process; N: a pool of N Ray actors."),
     ray_address: Optional[str] = typer.Option(None, "--ray-address", help="Ray cluster (default $RAY_ADDRESS, else local)."),
     config_file: Optional[Path] = CONFIG_OPT,
+    max_n: int = typer.Option(64, "--max-n", help="Largest n (samples per prompt) a request may ask for."),
+    max_completion_tokens: int = typer.Option(4096, "--max-completion-tokens", help="Largest max_tokens a request may ask for."),
+    max_prompts: int = typer.Option(64, "--max-prompts", help="Most prompts in one /v1/completions request."),
+    max_body_bytes: int = typer.Option(1024**2, "--max-body-bytes", help="Largest request body; bigger ones get 413 unread."),
+    max_batch: int = typer.Option(
+        64, "--max-batch", min=1, help="Most units (samples) per backend batch; smaller is fairer, bigger is faster."),
+    shutdown_timeout: int = typer.Option(5, "--shutdown-timeout", min=0, help="Seconds running requests get to finish on SIGTERM/SIGINT."),
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)."""
     _offline_quiet()
 
     def run() -> None:
         from .base import make_backend
+        from .openai_schema import ServerLimits
         from .server import run_server
 
+        limits = ServerLimits(max_n=max_n, max_tokens=max_completion_tokens, max_prompts=max_prompts, max_body_bytes=max_body_bytes)
         config = _backend_config(
             config_file,
             {"kind": backend.value if backend else None, "model": model, "served_model_name": served_model_name,
@@ -159,7 +168,8 @@ def serve(
         else:
             instance = make_backend(config)
         typer.echo(f"serving {config.name} at http://{host}:{port}/v1", err=True)
-        run_server(instance, config.name, host=host, port=port)
+        run_server(instance, config.name, host=host, port=port, limits=limits, max_batch=max_batch,
+                   shutdown_timeout_s=shutdown_timeout)
 
     _run_guarded(run)
 

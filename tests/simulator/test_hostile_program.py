@@ -105,8 +105,8 @@ import textwrap  # noqa: E402
 import weakref  # noqa: E402
 
 import torch  # noqa: E402
-
 from program_gen import fn_table, run, stream  # noqa: E402
+
 from stepforge.simulator import ResourceError  # noqa: E402
 from stepforge.simulator.interpreter import liveness  # noqa: E402
 from stepforge.simulator.naive import NaiveEngine  # noqa: E402
