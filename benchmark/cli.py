@@ -70,8 +70,10 @@ def _parse_binding(text: Optional[str]) -> Optional[list[dict[str, int]]]:
             if not item.strip():
                 continue
             name, _, value = item.partition("=")
-            if not name.strip().isidentifier() or not value.strip().isdigit() or int(value) < 1:
-                fail(f"--binding: expected SYM=positive int pairs such as D=8,N=3, got {item.strip()!r}")
+            value = value.strip()
+            digits = value.isascii() and value.isdigit() and len(value) <= 10
+            if not name.strip().isidentifier() or not digits or not 0 < int(value) <= 2**31:
+                fail(f"--binding: expected SYM=positive int pairs such as D=8,N=3, got {item.strip()[:40]!r}")
             b[name.strip()] = int(value)
         out.append(b)
     return out

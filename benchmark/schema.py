@@ -49,6 +49,7 @@ GROUP_ORDER = ("attention", "bmm", "gemm", "norm", "rope", "moe-index", "moe-exp
 
 DATA_GENS = ("torch.rand", "torch.randn", "torch.ones", "binary")
 INIT_WORDS = ("-inf",)
+MAX_INT = 2**31  # integers in a task file, as in a program (simulator.program.MAX_INT_LITERAL)
 INIT_NUMBERS = (0, 1, -1, -math.inf)
 _IDENT = re.compile(r"^[A-Za-z_][A-Za-z_0-9]*$")
 _DIM_TEXT = re.compile(r"^\s*([A-Za-z_][A-Za-z_0-9]*|\d+)(\s*[*/]\s*([A-Za-z_][A-Za-z_0-9]*|\d+))*\s*$")
@@ -128,6 +129,10 @@ def _has_return(code: str) -> bool:
 
 
 def _show(value: Any) -> str:
+    if isinstance(value, int) and not isinstance(value, bool):
+        from stepforge.simulator.errors import format_int
+
+        return format_int(value)
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
@@ -156,8 +161,10 @@ def _check_dims(value: Any) -> list[Union[int, str]]:
     if not isinstance(value, list) or not value:
         raise ValueError(f"expected a non-empty list of dims, innermost first, e.g. [K, N, M], got {_show(value)}")
     for i, d in enumerate(value):
-        if isinstance(d, bool) or not (isinstance(d, int) and d > 0 or isinstance(d, str) and _DIM_TEXT.match(d)):
-            raise ValueError(f"item {i}: expected a positive integer, a size symbol or a product such as K*N, got {_show(d)}")
+        size = isinstance(d, int) and 0 < d <= MAX_INT
+        if isinstance(d, bool) or not (size or isinstance(d, str) and _DIM_TEXT.match(d)):
+            raise ValueError(f"item {i}: expected a positive integer up to 2**31, a size symbol or a product such as K*N, "
+                             f"got {_show(d)}")
     try:
         parse_dims(value)
     except ValueError as exc:
@@ -233,8 +240,8 @@ class _Strict(StrictModel):
 class MultihotGen(_Strict):
     """`data_gen: {min: a, max: b}`: each position gets between a and b ones at random routes."""
 
-    min: int = Field(ge=0)
-    max: int = Field(ge=0)
+    min: int = Field(ge=0, le=2**31)
+    max: int = Field(ge=0, le=2**31)
 
     @model_validator(mode="after")
     def _order(self):
@@ -299,8 +306,9 @@ class StreamDecl(_NamedStream):
             if unknown or missing:
                 raise ValueError(f"expected {{min: a, max: b}} for a Multihot input, got {_show(v)}")
             for k in ("min", "max"):
-                if isinstance(v[k], bool) or not isinstance(v[k], int) or v[k] < 0:
-                    raise ValueError(f"{k}: expected a non-negative integer (a number of ones), got {_show(v[k])}")
+                if isinstance(v[k], bool) or not isinstance(v[k], int) or not 0 <= v[k] <= MAX_INT:
+                    raise ValueError(f"{k}: expected a non-negative integer up to 2**31 (a number of ones), "
+                                     f"got {_show(v[k])}")
             if v["min"] > v["max"]:
                 raise ValueError(f"expected min <= max, got min={v['min']}, max={v['max']}")
             return MultihotGen(min=v["min"], max=v["max"])
@@ -511,8 +519,8 @@ class Task(_Strict):
             for k, n in b.items():
                 if not isinstance(k, str) or not _IDENT.match(k) or k.endswith("_value"):
                     raise ValueError(f"item {i}: expected size symbols such as M or D as keys, got {_show(k)}")
-                if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-                    raise ValueError(f"item {i}: {k}: expected a positive integer, got {_show(n)}")
+                if isinstance(n, bool) or not isinstance(n, int) or not 0 < n <= MAX_INT:
+                    raise ValueError(f"item {i}: {k}: expected a positive integer up to 2**31, got {_show(n)}")
         return v
 
     @model_validator(mode="after")

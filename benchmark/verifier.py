@@ -14,7 +14,8 @@
 The static stages (parse to shape) run once per program; the value stage once
 per (binding, seed): by default the default sizes and each binding the task
 declares, with seeds 0, 1, 2. Failures while running are `resource` (a tensor
-would exceed `max_elements`; checked before allocating) or `runtime`.
+would exceed `max_elements`, or the streams alive at once twice that;
+checked before allocating) or `runtime`.
 `timeout` is given by the worker pool (benchmark/pool.py), which runs this
 module in worker processes with a time limit.
 
@@ -68,6 +69,7 @@ from stepforge.benchmark.cache import DEFAULT_MAX_BYTES, DEFAULT_MAX_ENTRIES, Bo
 from stepforge.benchmark.schema import MultihotGen, Task, TaskFileError, resolve_task
 from stepforge.benchmark.verdict import STAGES, Stage, Verdict
 from stepforge.simulator import interpreter
+from stepforge.simulator.errors import format_int
 from stepforge.simulator.fns import build_namespace, namespace_binding
 from stepforge.simulator.shapes import DEFAULT_SIZES, format_shape
 
@@ -240,7 +242,8 @@ def _generate(task: Task, decl, stype: sim.StreamType, binding: Mapping[str, int
         raise _task_error(task, where, f"cannot size {format_shape(stype.shape)}: {_one_line(exc)}") from None
     total = sum(math.prod(s) for s in shapes)
     if total > max_elements:
-        raise sim.ResourceError(f"{decl.name} would have {total:,} elements for this binding (limit {max_elements:,})")
+        raise sim.ResourceError(f"{decl.name} would have {format_int(total, grouped=True)} elements for this binding "
+                                f"(limit {format_int(max_elements, grouped=True)})")
     tensors = []
     for shape, _field in zip(shapes, stype.fields()):
         spec = decl.data_gen

@@ -188,3 +188,9 @@ def test_bad_timeout_exits_2(app, value):
     result = runner.invoke(app, ["verify", "norm/G_0_8_01", "--timeout", value])
     assert result.exit_code == 2
     assert "--timeout" in result.stderr or "timeout" in result.output
+
+
+@pytest.mark.parametrize("binding", ["D=" + "9" * 5000, "D=²", "D=2147483649", "D=0"])
+def test_hostile_binding_values_exit_2_in_one_short_line(app, binding):
+    result = runner.invoke(app, ["verify", "norm/G_0_8_01", "--binding", binding])
+    assert result.exit_code == 2 and "--binding" in result.stderr and len(result.stderr) < 200

@@ -98,10 +98,10 @@ def test_a_later_oracle_block_uses_a_name_an_earlier_block_defined(tmp_path):
 
 def test_oracle_blocks_share_functions_and_run_in_order(tmp_path):
     data = _raw("moe-index/G_0_3_03")
-    data["outputs"][0]["data_transform"] = [
+    data["outputs"][0]["data_transform"] = [(
         "def gate(x):\n    return softmax(x @ input_data['Wg'])\n"
         "affinity = gate(input_data['E0'])\n"
-        "torch.nn.functional.one_hot(affinity.argmax(dim=-1), E_value).to(affinity.dtype)\n"]
+        "torch.nn.functional.one_hot(affinity.argmax(dim=-1), E_value).to(affinity.dtype)\n")]
     data["outputs"][1]["data_transform"] = ["gate(input_data['E0'])\n"]
     assert verify(load_task(_write(tmp_path, data, "G_0_3_03")), seeds=(0,)).passed
 
@@ -213,3 +213,33 @@ def test_an_oracle_returning_nan_or_inf_is_a_broken_task(tmp_path, oracle, what)
     assert err.path == str(path) and err.key == "outputs[0].data_transform[0]"
     assert "NaN or infinite" in err.expected and "expected finite values" in err.expected
     assert what in err.expected
+
+
+HUGE = int("f" * 2000, 16)  # what YAML's 0xfff... reads to: past Python's decimal digit limit
+
+
+@pytest.mark.parametrize("change,key", [
+    (lambda d: d["inputs"][0].update(dims=["D", HUGE]), "inputs[0].dims"),
+    (lambda d: d["outputs"][0].update(dims=[2**31 + 1, "N"]), "outputs[0].dims"),
+    (lambda d: d.update(bindings=[{"D": HUGE}]), "bindings"),
+])
+def test_huge_integers_in_a_task_file_are_rejected_in_one_short_line(tmp_path, change, key):
+    data = _raw(NORM)
+    change(data)
+    from stepforge.benchmark.schema import task_from_dict
+
+    with pytest.raises(TaskFileError) as info:
+        task_from_dict(data, "huge.yaml")
+    message = _hit(info.value, key)
+    assert "2**31" in message and len(info.value.message) < 300
+
+
+def test_huge_multihot_counts_are_rejected(tmp_path):
+    data = _published_multihot(_raw("moe-expert/G_0_6_05"))
+    index = next(i for i, d in enumerate(data["inputs"]) if "min" in d)
+    data["inputs"][index]["max"] = HUGE
+    from stepforge.benchmark.schema import task_from_dict
+
+    with pytest.raises(TaskFileError) as info:
+        task_from_dict(data, "huge.yaml")
+    assert len(info.value.message) < 300 and f"inputs[{index}].data_gen.max" in info.value.message
