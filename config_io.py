@@ -347,7 +347,10 @@ def validation_problems(exc: ValidationError, model: Optional[type[BaseModel]] =
                     msg = "expected " + msg.removeprefix("Input should be ")
                 if "input" in err:
                     msg += f", got {short_repr(err['input'])}"
-        for part in (msg.split(_PROBLEM_SEP) if kind == "value_error" else [msg]):
+        parts = msg.split(_PROBLEM_SEP) if kind == "value_error" else [msg]
+        if len(parts) > 1 and not all(_LOCATED.match(p) for p in parts):
+            parts = [msg]  # " | " inside one message, not a list of located problems
+        for part in parts:
             k, m = key, part
             located = _LOCATED.match(part) if kind == "value_error" else None
             if located:  # a check over several keys names the key path it is about

@@ -46,3 +46,34 @@ class ServerThread:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+_MINIMAL_TASK = """\
+test_name: {name}
+inputs:
+  - {{name: E0, dtype: fp32, dims: [D, N], data_gen: torch.rand}}
+fns:
+  - name: add
+    func_name: fn_add
+    input_dtype: fp32
+    output_dtype: fp32
+    init: 0
+    apply: |
+      return [state[0] + input[0]]
+outputs:
+  - name: S0
+    dtype: fp32
+    dims: [N]
+    data_transform: |
+      input_data['E0'].sum(dim=-1)
+impl: |
+  S0 = step.Accum(fn=fn_add, b=1).apply(E0)
+  return S0
+"""
+
+
+def make_task(name: str):
+    """A small valid task named `name` (row sums), for tests whose proposers never read the task."""
+    from stepforge.benchmark.schema import Task
+
+    return Task.from_yaml(_MINIMAL_TASK.format(name=name))

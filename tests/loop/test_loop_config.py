@@ -158,7 +158,7 @@ def test_knowledge_option_reaches_the_llm_proposer(monkeypatch):
     from stepforge.benchmark.schema import load_benchmark
 
     task = load_benchmark()["bmm/bmm_0"]
-    request = ProposalRequest(task_key="bmm/bmm_0", task_ir=task.to_yaml(include_impl=False, include_meta=False))
+    request = ProposalRequest(task_key="bmm/bmm_0", task=task)
     systems = {}
     for variant in ("full", "none"):
         cfg = load_config(None, base + [f"proposer.knowledge={variant}"])
