@@ -151,9 +151,10 @@ def read_yaml_file(path: str | Path, what: str = "config file") -> Any:
     return read_yaml_text(read_text_file(path, what), str(path))
 
 
-def read_mapping(path: str | Path, what: str = "settings", allow_empty: bool = True) -> dict:
-    """A YAML file whose top level is a mapping of `what`; an empty file is `{}` unless `allow_empty` is false."""
-    data = read_yaml_file(path)
+def read_mapping(path: str | Path, what: str = "settings", allow_empty: bool = True,
+                 noun: str = "config file") -> dict:
+    """A YAML file (a `noun`) whose top level is a mapping of `what`; empty is `{}` unless `allow_empty` is false."""
+    data = read_yaml_file(path, noun)
     if data is None:
         if allow_empty:
             return {}
