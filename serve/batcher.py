@@ -30,7 +30,7 @@ from .errors import BackendUnavailableError, GenerationError
 
 @dataclass
 class _Unit:
-    job: "_Job"
+    job: _Job
     index: int  # the request's position in its submission
     first: int  # the first sample slot it fills
     request: GenerationRequest

@@ -134,6 +134,14 @@ def _print_result(result, as_json: bool) -> None:
     typer.echo(f"--- usage: {usage['prompt_tokens']} prompt + {usage['completion_tokens']} completion tokens ---")
 
 
+def _default_max_batch(config, replicas: int) -> int:
+    """Units per backend call: one round of the hf engine's internal batches
+    (so a small request waits behind at most one round), else 64."""
+    if config.kind == "hf":
+        return config.batch_size * max(replicas, 1)
+    return 64
+
+
 def serve(
     backend: Optional[BackendChoice] = BACKEND_OPT,
     model: Optional[str] = MODEL_OPT,
@@ -155,7 +163,10 @@ def serve(
     max_completion_tokens: int = typer.Option(4096, "--max-completion-tokens", help="Largest max_tokens a request may ask for."),
     max_prompts: int = typer.Option(64, "--max-prompts", help="Most prompts in one /v1/completions request."),
     max_body_bytes: int = typer.Option(1024**2, "--max-body-bytes", help="Largest request body; bigger ones get 413 unread."),
-    max_batch: int = typer.Option(64, "--max-batch", min=1, help="Most units (samples) per backend batch; smaller is fairer, bigger is faster."),
+    max_batch: Optional[int] = typer.Option(
+        None, "--max-batch", min=1,
+        help="Most units (samples) per backend call: smaller is fairer, bigger is faster "
+             "(default: hf batch_size x replicas, else 64)."),
     shutdown_timeout: int = typer.Option(5, "--shutdown-timeout", min=0, help="Seconds running requests get to finish on SIGTERM/SIGINT."),
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)."""
@@ -181,7 +192,8 @@ def serve(
         else:
             instance = make_backend(config)
         typer.echo(f"serving {config.name} at http://{host}:{port}/v1", err=True)
-        run_server(instance, config.name, host=host, port=port, limits=limits, max_batch=max_batch,
+        run_server(instance, config.name, host=host, port=port, limits=limits,
+                   max_batch=max_batch or _default_max_batch(config, replicas),
                    shutdown_timeout_s=shutdown_timeout)
 
     _run_guarded(run)

@@ -13,7 +13,14 @@ from __future__ import annotations
 
 from typing import Annotated, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+)
 
 from .base import GenerationRequest, SamplingParams
 
@@ -90,11 +97,12 @@ class _SamplingBody(_Strict):
             raise ValueError(f"must be at most {limit} on this server")
         return value
 
-    @model_validator(mode="after")
-    def _no_stream(self):
-        if self.stream:
+    @field_validator("stream")
+    @classmethod
+    def _no_stream(cls, value: bool) -> bool:
+        if value:
             raise ValueError("stream=true is not supported by this server")
-        return self
+        return value
 
     def sampling(self, max_tokens: int) -> SamplingParams:
         """Our sampling settings for this body."""

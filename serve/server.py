@@ -20,7 +20,8 @@ import time
 import uuid
 from typing import Any
 
-from fastapi import Request  # at module level: FastAPI resolves the handlers' annotations here
+# at module level: FastAPI resolves the handlers' `request: Request` annotations here
+from fastapi import Request
 from pydantic import ValidationError
 
 from .base import GenerationRequest, GenerationResult, ModelBackend
@@ -95,17 +96,21 @@ def usage(results: list[GenerationResult]) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-async def _send_error(send, status: int, message: str, code: str | None = None) -> None:
+async def _send_error(send, status: int, message: str, code: str | None = None, close: bool = False) -> None:
     raw = json.dumps(error_body(message, code=code)).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode()), (b"connection", b"close")]
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]
+    if close:
+        headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": raw})
 
 
 class BodyLimitMiddleware:
     """ASGI middleware reading each request body up to `max_bytes` before the
-    app sees it: a larger Content-Length is refused unread, and a streamed
-    (chunked) body is refused as soon as its running count passes the limit."""
+    app sees it. A larger Content-Length is refused unread and the connection
+    closed; a streamed (chunked) body is refused as soon as its running count
+    passes the limit, and the server discards the rest as it arrives (closing
+    on a client still sending would reset the connection and lose the 413)."""
 
     def __init__(self, app, max_bytes: int):
         self.app = app
@@ -119,10 +124,10 @@ class BodyLimitMiddleware:
         length = dict(scope.get("headers", ())).get(b"content-length")
         if length is not None:
             if not length.isdigit():
-                await _send_error(send, 400, "invalid Content-Length header")
+                await _send_error(send, 400, "invalid Content-Length header", close=True)
                 return
             if int(length) > self.max_bytes:
-                await _send_error(send, 413, too_big, "request_too_large")
+                await _send_error(send, 413, too_big, "request_too_large", close=True)
                 return
         chunks, size = [], 0
         while True:
@@ -163,7 +168,6 @@ def create_app(backend: ModelBackend, model_name: str, max_batch: int = 64, limi
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI
-    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -189,10 +193,6 @@ def create_app(backend: ModelBackend, model_name: str, max_batch: int = 64, limi
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError):
         return reply(exc)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(_request: Request, exc: RequestValidationError):
-        return reply(ApiError(400, "; ".join(f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg')}" for e in exc.errors()) or "invalid request"))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, exc: StarletteHTTPException):

@@ -6,10 +6,19 @@ import threading
 import time
 
 import pytest
-
-from stepforge.serve.base import Completion, GenerationRequest, GenerationResult, ModelBackend, SamplingParams
+from stepforge.serve.base import (
+    Completion,
+    GenerationRequest,
+    GenerationResult,
+    ModelBackend,
+    SamplingParams,
+)
 from stepforge.serve.batcher import RequestBatcher
-from stepforge.serve.errors import BackendUnavailableError, GenerationError, PromptTooLongError
+from stepforge.serve.errors import (
+    BackendUnavailableError,
+    GenerationError,
+    PromptTooLongError,
+)
 
 
 class EchoBackend(ModelBackend):

@@ -21,7 +21,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from serve_fixtures import STEPFORGE, ServerThread, free_port, tiny_model_dir  # noqa: F401
-
 from stepforge.serve.base import Completion, GenerationResult, ModelBackend
 from stepforge.serve.errors import GenerationError
 from stepforge.serve.openai_schema import MAX_STOP_CHARS, MAX_STOP_STRINGS, ServerLimits
@@ -133,7 +132,7 @@ HOSTILE = [
     ("/v1/completions", b'{"prompt": "x", "top_p": Infinity}', 400, "top_p"),
     ("/v1/completions", obj(prompt="x", top_p=0), 400, "top_p"),
     ("/v1/completions", obj(prompt="x", stream="false"), 400, "stream"),
-    ("/v1/completions", obj(prompt="x", stream=True), 400, None),
+    ("/v1/completions", obj(prompt="x", stream=True), 400, "stream"),
     ("/v1/completions", obj(prompt="x", model=5), 400, "model"),
     ("/v1/completions", obj(prompt="x", model="other"), 404, None),
     # prompts and messages
@@ -175,6 +174,8 @@ def test_boundary_values_are_accepted(echo):
     r = httpx.post(f"{srv.base_url}/chat/completions", json={"messages": CHAT, "seed": -(2**63), "stop": "é\U0001f600"}, timeout=10)
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["message"]["content"] == "ih"
+    r = post_raw(srv.port, "/v1/completions", b'{"prompt": "a\\ud83d\\ude00", "max_tokens": 1}')  # an escaped surrogate pair
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == "\U0001f600a"
 
 
 def test_unexpected_failures_and_unknown_routes_get_envelopes(echo):
@@ -214,15 +215,21 @@ def raw_request(port: int, path: str, headers: dict[str, str], body: bytes = b""
 
 
 def read_response(sock: socket.socket) -> tuple[int, dict]:
-    """Status and JSON body of the one response on `sock` (read until close)."""
+    """Status and JSON body of the next response on `sock`, which it then closes."""
     data = b""
-    while chunk := sock.recv(65536):
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk and len(data) < 65536, f"no complete response head: {data!r}"
         data += chunk
-        if len(data) > 1024**2:
-            break
-    sock.close()
     head, _, body = data.partition(b"\r\n\r\n")
-    return int(head.split()[1]), json.loads(body)
+    lines = head.decode("latin-1").split("\r\n")
+    length = int(next(v for k, _, v in (line.partition(": ") for line in lines[1:]) if k.lower() == "content-length"))
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed inside the response body"
+        body += chunk
+    sock.close()
+    return int(lines[0].split()[1]), json.loads(body[:length])
 
 
 def test_a_huge_content_length_is_refused_unread(echo):
@@ -242,7 +249,7 @@ def test_a_streamed_body_is_cut_off_at_the_limit(echo):
     chunk = b"a" * 8192
     for _ in range(LIMITS.max_body_bytes // len(chunk) + 1):  # one chunk past the limit, then stop sending
         sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-    status, body = read_response(sock)
+    status, body = read_response(sock)  # answered mid-body; the rest need never be sent
     assert status == 413 and body["error"]["code"] == "request_too_large"
     assert len(backend.started) == before
 
@@ -295,7 +302,7 @@ def release_until_started(backend: StepBackend, prompt: str) -> int:
         assert released < BIG_N, f"{prompt} never got a batch"
         backend.steps.release()
         released += 1
-        wait_for(lambda: len(backend.started) > released or any(prompt in b for b in list(backend.started)), "the next batch")
+        wait_for(lambda n=released: len(backend.started) > n or any(prompt in b for b in list(backend.started)), "the next batch")
     return released
 
 
@@ -340,7 +347,7 @@ def test_work_of_an_abandoned_request_is_cancelled(stepped):
     assert backend.started == [["BIG"] * MAX_BATCH, ["SMALL"]]  # nothing of the big request ran after it left
 
 
-def test_sigterm_during_generation_stops_the_server_promptly(tiny_model_dir):
+def test_sigterm_during_generation_stops_the_server_promptly(tiny_model_dir):  # noqa: F811 - the fixture
     """A real `stepforge serve` on the tiny model, busy with a request of
     n * max_tokens far beyond what it can finish, exits soon after SIGTERM."""
     port = free_port()
