@@ -10,7 +10,8 @@ one decode repeated). The worker fills each `backend.generate` call with up
 to `max_batch` units taken round-robin from the waiting submissions, so a
 small submission is served in the next batch however big the others are.
 
-Cancelling a future (its client left) drops its queued units; `close` fails
+At most `max_queued` units wait at once; a submission that would exceed it
+is refused. Cancelling a future (its client left) drops its queued units; `close` fails
 every unfinished future and stops the worker after the batch in progress.
 If a merged batch fails, each submission's units are retried alone, so one
 bad request only fails its own caller.
@@ -79,11 +80,13 @@ def _settle(future: Future, result=None, error: BaseException | None = None) -> 
 class RequestBatcher:
     """Single-threaded, round-robin front of a backend."""
 
-    def __init__(self, backend: ModelBackend, max_batch: int = 64, max_wait_s: float = 0.005):
+    def __init__(self, backend: ModelBackend, max_batch: int = 64, max_wait_s: float = 0.005,
+                 max_queued: int | None = None):
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self.backend = backend
         self.max_batch = max_batch
+        self.max_queued = max_queued
         self.max_wait_s = max_wait_s
         self.batches_run = 0
         self.units_run = 0
@@ -96,11 +99,15 @@ class RequestBatcher:
 
     def submit(self, requests: list[GenerationRequest]) -> Future:
         """Queue requests; the future resolves to their results, in order.
-        Cancelling the future drops the units not yet started."""
+        Cancelling the future drops the units not yet started. Raises
+        BackendUnavailableError when closing, or when the units would take
+        the queue past `max_queued`."""
         job = _Job(list(requests))
         with self._cond:
             if self._closing:
                 raise BackendUnavailableError("the server is shutting down")
+            if self.max_queued is not None and self.queued_units() + len(job.pending) > self.max_queued:
+                raise BackendUnavailableError(f"the server is busy ({self.queued_units()} units queued); retry later")
             if not job.pending:
                 job.future.set_result([])
                 return job.future

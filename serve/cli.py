@@ -163,6 +163,8 @@ def serve(
     max_completion_tokens: int = typer.Option(4096, "--max-completion-tokens", help="Largest max_tokens a request may ask for."),
     max_prompts: int = typer.Option(64, "--max-prompts", help="Most prompts in one /v1/completions request."),
     max_body_bytes: int = typer.Option(1024**2, "--max-body-bytes", help="Largest request body; bigger ones get 413 unread."),
+    body_timeout: float = typer.Option(30.0, "--body-timeout", help="Seconds a client may take to send its request body (else 408)."),
+    max_queued_units: int = typer.Option(16384, "--max-queued-units", help="Most samples waiting over all requests; more get 503."),
     max_batch: Optional[int] = typer.Option(
         None, "--max-batch", min=1,
         help="Most units (samples) per backend call: smaller is fairer, bigger is faster "
@@ -177,7 +179,8 @@ def serve(
         from .openai_schema import ServerLimits
         from .server import run_server
 
-        limits = ServerLimits(max_n=max_n, max_tokens=max_completion_tokens, max_prompts=max_prompts, max_body_bytes=max_body_bytes)
+        limits = ServerLimits(max_n=max_n, max_tokens=max_completion_tokens, max_prompts=max_prompts,
+                              max_body_bytes=max_body_bytes, body_timeout_s=body_timeout, max_queued_units=max_queued_units)
         config = _backend_config(
             config_file,
             {"kind": backend.value if backend else None, "model": model, "served_model_name": served_model_name,

@@ -32,7 +32,8 @@ DEFAULT_CHAT_MAX_TOKENS = 512
 
 
 class ServerLimits(BaseModel):
-    """Per-request bounds a server enforces (set by `stepforge serve` flags)."""
+    """Bounds a server enforces (set by `stepforge serve` flags): per request,
+    and on the units (samples) queued over all requests."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -40,6 +41,8 @@ class ServerLimits(BaseModel):
     max_tokens: int = Field(default=4096, ge=1)
     max_prompts: int = Field(default=64, ge=1)
     max_body_bytes: int = Field(default=1024**2, ge=1024)
+    body_timeout_s: float = Field(default=30.0, gt=0)
+    max_queued_units: int = Field(default=16384, ge=1)
 
 
 DEFAULT_LIMITS = ServerLimits()

@@ -5,7 +5,8 @@ plus GET /health and POST /tokenize (as vLLM serves them). Concurrent HTTP
 requests are scheduled round-robin onto the backend by a `RequestBatcher`.
 
 Hostile input is stopped at the edge: bodies over `max_body_bytes` are refused
-before they are read whole (413), every field is validated strictly against
+before they are read whole (413), bodies slower than `body_timeout_s` get 408,
+work past `max_queued_units` gets 503, every field is validated strictly against
 `ServerLimits` (400), and every failure, unexpected ones included, answers
 with OpenAI's body: {"error": {"message", "type", "param", "code"}}. Work of a
 client that disconnects is cancelled, and SIGTERM stops the server within
@@ -112,9 +113,10 @@ class BodyLimitMiddleware:
     passes the limit, and the server discards the rest as it arrives (closing
     on a client still sending would reset the connection and lose the 413)."""
 
-    def __init__(self, app, max_bytes: int):
+    def __init__(self, app, max_bytes: int, timeout_s: float):
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -129,20 +131,16 @@ class BodyLimitMiddleware:
             if int(length) > self.max_bytes:
                 await _send_error(send, 413, too_big, "request_too_large", close=True)
                 return
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_bytes:
-                await _send_error(send, 413, too_big, "request_too_large")
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body, replayed = b"".join(chunks), False
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                body = await self._read(receive)
+        except TimeoutError:
+            await _send_error(send, 408, f"the request body did not arrive within {self.timeout_s:g} s", "request_timeout", close=True)
+            return
+        if body is None:
+            await _send_error(send, 413, too_big, "request_too_large")
+            return
+        replayed = False
 
         async def replay():
             nonlocal replayed
@@ -152,6 +150,21 @@ class BodyLimitMiddleware:
             return await receive()  # later messages: http.disconnect
 
         await self.app(scope, replay, send)
+
+    async def _read(self, receive) -> bytes | None:
+        """The whole body, or None once it passes `max_bytes` (or the client left)."""
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
 
 
 class ClientGone(Exception):
@@ -171,7 +184,7 @@ def create_app(backend: ModelBackend, model_name: str, max_batch: int = 64, limi
     from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    batcher = RequestBatcher(backend, max_batch=max_batch)
+    batcher = RequestBatcher(backend, max_batch=max_batch, max_queued=limits.max_queued_units)
     created = int(time.time())
 
     @asynccontextmanager
@@ -185,7 +198,7 @@ def create_app(backend: ModelBackend, model_name: str, max_batch: int = 64, limi
     app = FastAPI(title="stepforge serve", lifespan=lifespan)
     app.state.batcher = batcher
     app.state.backend_closed = False
-    app.add_middleware(BodyLimitMiddleware, max_bytes=limits.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=limits.max_body_bytes, timeout_s=limits.body_timeout_s)
 
     def reply(exc: ApiError) -> JSONResponse:
         return JSONResponse(status_code=exc.status, content=error_body(exc.message, exc.type, exc.code, exc.param))

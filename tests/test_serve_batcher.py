@@ -177,3 +177,17 @@ def test_a_backend_returning_too_few_results_fails_its_caller():
     with pytest.raises(GenerationError, match="returned 1 results for 2"):
         batcher.submit(reqs("a", "b")).result(5)
     batcher.close()
+
+
+def test_submissions_past_the_queue_bound_are_refused():
+    gate = threading.Event()
+    batcher = RequestBatcher(SampleBackend(gate), max_batch=1, max_wait_s=0.01, max_queued=4)
+    first = batcher.submit([sampled("a", 1)])
+    wait_taken(batcher)  # running, so no longer queued
+    queued = batcher.submit([sampled("b", 3, temperature=1.0)])
+    with pytest.raises(BackendUnavailableError, match="busy"):
+        batcher.submit([sampled("c", 2, temperature=1.0)])  # 3 + 2 > 4
+    last = batcher.submit([sampled("d", 1)])  # 3 + 1 fits
+    gate.set()
+    assert [len(f.result(5)[0].completions) for f in (first, queued, last)] == [1, 3, 1]
+    batcher.close()

@@ -26,7 +26,7 @@ from stepforge.serve.errors import GenerationError
 from stepforge.serve.openai_schema import MAX_STOP_CHARS, MAX_STOP_STRINGS, ServerLimits
 from stepforge.serve.server import create_app
 
-LIMITS = ServerLimits(max_n=8, max_tokens=64, max_prompts=4, max_body_bytes=64 * 1024)
+LIMITS = ServerLimits(max_n=8, max_tokens=64, max_prompts=4, max_body_bytes=64 * 1024, body_timeout_s=0.5, max_queued_units=12)
 CHAT = [{"role": "user", "content": "hi"}]
 
 
@@ -254,6 +254,15 @@ def test_a_streamed_body_is_cut_off_at_the_limit(echo):
     assert len(backend.started) == before
 
 
+def test_a_body_sent_too_slowly_gets_408(echo):
+    srv, backend = echo
+    before = len(backend.started)
+    sock = raw_request(srv.port, "/v1/completions", {"content-length": "40"}, b'{"prompt": ')  # and then nothing
+    status, body = read_response(sock)
+    assert status == 408 and body["error"]["code"] == "request_timeout"
+    assert len(backend.started) == before
+
+
 def test_a_body_just_under_the_limit_is_served(echo):
     srv, _ = echo
     raw = obj(prompt="x", max_tokens=1)
@@ -381,3 +390,20 @@ def test_sigterm_during_generation_stops_the_server_promptly(tiny_model_dir):  #
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_work_past_the_queue_bound_gets_503(stepped):
+    srv, backend, batcher = stepped
+    big = big_request(srv.port)
+    wait_for(lambda: batcher.queued_units() == BIG_N - MAX_BATCH, "the big request to be queued")
+    more = {"prompt": "MORE", "n": BIG_N, "temperature": 1.0}  # BIG_N - MAX_BATCH + BIG_N > max_queued_units
+    err = assert_envelope(httpx.post(f"{srv.base_url}/completions", json=more, timeout=10), 503)
+    assert "busy" in err["message"] and batcher.queued_units() == BIG_N - MAX_BATCH
+    thread, small = post_in_thread(f"{srv.base_url}/completions", {"prompt": "SMALL", "max_tokens": 2})  # still fits
+    wait_for(lambda: batcher.queued_units() == BIG_N - MAX_BATCH + 1, "the small request to be queued")
+    big.close()
+    wait_for(lambda: batcher.queued_units() == 1, "the abandoned units to be dropped")
+    release_until_started(backend, "SMALL")
+    backend.steps.release()
+    thread.join(20)
+    assert small["r"].status_code == 200 and backend.units("MORE") == 0
