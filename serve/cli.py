@@ -120,6 +120,14 @@ def _print_result(result, as_json: bool) -> None:
     typer.echo(f"--- usage: {usage['prompt_tokens']} prompt + {usage['completion_tokens']} completion tokens ---")
 
 
+def _default_max_batch(config, replicas: int) -> int:
+    """Units per backend call: one round of the hf engine's internal batches
+    (so a small request waits behind at most one round), else 64."""
+    if config.kind == "hf":
+        return config.batch_size * max(replicas, 1)
+    return 64
+
+
 def serve(
     backend: Optional[BackendChoice] = BACKEND_OPT,
     model: Optional[str] = MODEL_OPT,
@@ -141,8 +149,12 @@ def serve(
     max_completion_tokens: int = typer.Option(4096, "--max-completion-tokens", help="Largest max_tokens a request may ask for."),
     max_prompts: int = typer.Option(64, "--max-prompts", help="Most prompts in one /v1/completions request."),
     max_body_bytes: int = typer.Option(1024**2, "--max-body-bytes", help="Largest request body; bigger ones get 413 unread."),
-    max_batch: int = typer.Option(
-        64, "--max-batch", min=1, help="Most units (samples) per backend batch; smaller is fairer, bigger is faster."),
+    body_timeout: float = typer.Option(30.0, "--body-timeout", help="Seconds a client may take to send its request body (else 408)."),
+    max_queued_units: int = typer.Option(16384, "--max-queued-units", help="Most samples waiting over all requests; more get 503."),
+    max_batch: Optional[int] = typer.Option(
+        None, "--max-batch", min=1,
+        help="Most units (samples) per backend call: smaller is fairer, bigger is faster "
+             "(default: hf batch_size x replicas, else 64)."),
     shutdown_timeout: int = typer.Option(5, "--shutdown-timeout", min=0, help="Seconds running requests get to finish on SIGTERM/SIGINT."),
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)."""
@@ -153,7 +165,8 @@ def serve(
         from .openai_schema import ServerLimits
         from .server import run_server
 
-        limits = ServerLimits(max_n=max_n, max_tokens=max_completion_tokens, max_prompts=max_prompts, max_body_bytes=max_body_bytes)
+        limits = ServerLimits(max_n=max_n, max_tokens=max_completion_tokens, max_prompts=max_prompts,
+                              max_body_bytes=max_body_bytes, body_timeout_s=body_timeout, max_queued_units=max_queued_units)
         config = _backend_config(
             config_file,
             {"kind": backend.value if backend else None, "model": model, "served_model_name": served_model_name,
@@ -168,7 +181,8 @@ def serve(
         else:
             instance = make_backend(config)
         typer.echo(f"serving {config.name} at http://{host}:{port}/v1", err=True)
-        run_server(instance, config.name, host=host, port=port, limits=limits, max_batch=max_batch,
+        run_server(instance, config.name, host=host, port=port, limits=limits,
+                   max_batch=max_batch or _default_max_batch(config, replicas),
                    shutdown_timeout_s=shutdown_timeout)
 
     _run_guarded(run)

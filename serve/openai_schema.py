@@ -13,7 +13,14 @@ from __future__ import annotations
 
 from typing import Annotated, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+)
 
 from .base import GenerationRequest, SamplingParams
 
@@ -25,7 +32,8 @@ DEFAULT_CHAT_MAX_TOKENS = 512
 
 
 class ServerLimits(BaseModel):
-    """Per-request bounds a server enforces (set by `stepforge serve` flags)."""
+    """Bounds a server enforces (set by `stepforge serve` flags): per request,
+    and on the units (samples) queued over all requests."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -33,6 +41,8 @@ class ServerLimits(BaseModel):
     max_tokens: int = Field(default=4096, ge=1)
     max_prompts: int = Field(default=64, ge=1)
     max_body_bytes: int = Field(default=1024**2, ge=1024)
+    body_timeout_s: float = Field(default=30.0, gt=0)
+    max_queued_units: int = Field(default=16384, ge=1)
 
 
 DEFAULT_LIMITS = ServerLimits()
@@ -90,11 +100,12 @@ class _SamplingBody(_Strict):
             raise ValueError(f"must be at most {limit} on this server")
         return value
 
-    @model_validator(mode="after")
-    def _no_stream(self):
-        if self.stream:
+    @field_validator("stream")
+    @classmethod
+    def _no_stream(cls, value: bool) -> bool:
+        if value:
             raise ValueError("stream=true is not supported by this server")
-        return self
+        return value
 
     def sampling(self, max_tokens: int) -> SamplingParams:
         """Our sampling settings for this body."""

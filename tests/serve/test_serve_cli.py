@@ -95,3 +95,9 @@ def test_expected_errors_are_one_line(tmp_path):
     assert proc.stderr.strip().splitlines() == [f"error: model path does not exist: {tmp_path / 'none'}"]
     proc = stepforge("sample", "--backend", "openai", "--model", "m", "--prompt", "x")
     assert proc.returncode == 2 and "base_url" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(("flag", "value", "field"), [("--max-n", "0", "max_n"), ("--max-body-bytes", "10", "max_body_bytes")])
+def test_serve_limit_flags_are_validated_before_loading(tmp_path, flag, value, field):
+    proc = stepforge("serve", "--model", str(tmp_path / "none"), flag, value)
+    assert proc.returncode == 2 and field in proc.stderr and "Traceback" not in proc.stderr
