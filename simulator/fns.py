@@ -325,9 +325,32 @@ class StepFn:
             except Exception:
                 continue
             if got is not None and all(torch.allclose(g, w, rtol=1e-5, atol=1e-6, equal_nan=True)
-                                       for g, w in zip(got, want)):
+                                       for g, w in zip(got, want)) and self._rows_independent(trial, n_in, has_state,
+                                                                                          layout, shapes, got):
                 return layout
         return None
+
+    def _rows_independent(self, trial, n_in: int, has_state: bool, layout: str, shapes, got) -> bool:
+        """Row 0 of the outputs stays the same when every other row moves far both ways.
+
+        Agreement with vmap on one random batch is not enough: `maximum(state, x + y.sum())`
+        reduces over the batch yet agrees whenever `state` dominates. A body that mixes rows
+        changes row 0 once the other rows move far.
+        """
+        if trial[0].shape[0] < 2:
+            return True  # one row: nothing to mix
+        for shift in (1e3, -1e3):
+            moved = [t.clone() for t in trial]
+            for t in moved:
+                t[1:] += shift
+            try:
+                again = self._call_whole(moved[:n_in], moved[n_in:] if has_state else None, layout, shapes)
+            except Exception:
+                return False
+            if again is None or not all(torch.allclose(a[0], g[0], rtol=1e-5, atol=1e-6, equal_nan=True)
+                                        for a, g in zip(again, got)):
+                return False
+        return True
 
     def _call_whole(self, inputs, state, layout: str, shapes) -> list[torch.Tensor] | None:
         """The body called once on the batch in `layout`; None if it modified an input in place
