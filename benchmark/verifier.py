@@ -530,7 +530,7 @@ def _typed_for(program, prepared: _Prepared, bd: _BindingData, partial: Mapping[
                max_elements: int):
     """The program type-checked and resource-checked for one binding (the static check's at the defaults)."""
     if not partial and static_typed is not None:
-        interpreter.check_resources(static_typed, bd.binding, max_elements)
+        interpreter.check_resources(static_typed, bd.binding, max_elements, inputs=prepared.input_types)
         return static_typed
     return interpreter.prepare_run(program, prepared.input_types, bd.fns, bd.binding, max_elements)
 

@@ -217,7 +217,8 @@ def _elements(stype, bounds, call: OpCall | None) -> int:
 
 def check_resources(typed: TypedProgram, binding: Mapping[str, int], max_elements: int,
                     max_live_elements: int | None = None, inputs: Mapping[str, StreamType] | None = None) -> None:
-    """Raise ResourceError if a stream would exceed `max_elements`, or the live streams together `max_live_elements`.
+    """Raise ResourceError if a stream would exceed `max_elements`, or the live streams together `max_live_elements`
+    (default `LIVE_FACTOR * max_elements`).
 
     Dynamic route sizes count at their upper bounds, so this sees every size
     before anything is allocated. The live streams at a statement are those
@@ -237,7 +238,7 @@ def check_resources(typed: TypedProgram, binding: Mapping[str, int], max_element
                         f"{op.call.brief()} would make a stream {out} of {format_int(total, grouped=True)} "
                         f"elements (limit {limit})", op.call.line)
     if max_live_elements is None:
-        return
+        max_live_elements = LIVE_FACTOR * max_elements
     unread, drops = liveness(typed.program, inputs or {})
     held = {name: _elements(t, bounds, None) for name, t in (inputs or {}).items() if name not in unread}
     for ts, drop in zip(typed.statements, drops):
@@ -299,12 +300,8 @@ def run_program(
     input_types = {n: s.type for n, s in inputs.items()}
     typed = typecheck_program(program, input_types, fns, binding)
     _check_inputs(inputs, binding)
-    check_resources(typed, binding, max_elements, _live_limit(max_elements, max_live_elements), input_types)
+    check_resources(typed, binding, max_elements, max_live_elements, input_types)
     return _engine(engine).run(typed, inputs, binding)
-
-
-def _live_limit(max_elements: int, max_live_elements: int | None) -> int:
-    return LIVE_FACTOR * max_elements if max_live_elements is None else max_live_elements
 
 
 def prepare_run(
@@ -322,7 +319,7 @@ def prepare_run(
     this once and calls `run_typed` for each.
     """
     typed = typecheck_program(program, input_types, fns, dict(binding))
-    check_resources(typed, binding, max_elements, _live_limit(max_elements, max_live_elements), dict(input_types))
+    check_resources(typed, binding, max_elements, max_live_elements, dict(input_types))
     return typed
 
 
