@@ -305,6 +305,17 @@ def _eval_oracle(task: Task, prepared: _Prepared, ns: dict, dtype: torch.dtype) 
     return refs
 
 
+def oracle_function(task: Task):
+    """The task's oracle, compiled once: `f(ns, dtype)` -> outputs, per output a list of field tensors.
+
+    `ns` is a namespace `global` ran in (`fns.build_namespace`) with `input_data`
+    filled; the oracle runs with `dtype` as torch's default dtype. For timing
+    the oracle against the simulator (scripts/bench_simulator.py).
+    """
+    prepared = _prepare(task, _CACHE)
+    return lambda ns, dtype=torch.float32: _eval_oracle(task, prepared, ns, dtype)
+
+
 def _resolve_binding(task: Task, partial: Mapping[str, int]) -> tuple[dict, dict[str, int]]:
     """Run `global` over the defaults updated by `partial`; the namespace and the full binding."""
     binding = {**DEFAULT_SIZES, **{str(k): int(v) for k, v in partial.items()}}
@@ -690,6 +701,7 @@ __all__ = [
     "Verdict",
     "cache_stats",
     "clear_caches",
+    "oracle_function",
     "resolve_bindings",
     "tolerance_for",
     "verify",

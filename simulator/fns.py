@@ -175,8 +175,10 @@ class StepFn:
         n_out = len(self.output_type.fields())
         if len(out) != n_out:
             raise StepRuntimeError(f"fn {self.func_name} returned {len(out)} fields, its output_dtype has {n_out}")
-        return [t if isinstance(t, torch.Tensor) and t.dtype == torch.float32 else torch.as_tensor(t).to(torch.float32)
-                for t in out]
+        for t in out:
+            if type(t) is not torch.Tensor or t.dtype is not torch.float32:
+                return [torch.as_tensor(t).to(torch.float32) for t in out]
+        return list(out)
 
     # -- many elements ------------------------------------------------------
     def map(self, inputs: list[torch.Tensor], binding: Mapping[str, int]) -> list[torch.Tensor]:
@@ -207,21 +209,29 @@ class StepFn:
         n_in = len(inputs)
 
         def step_loop(xs, st, axis: int, prefix: tuple, layout: Optional[str] = None):
-            columns = [x.unbind(axis) for x in xs]  # every step's slice at once
+            # layout None: one row under vmap; "plain"/"aligned": whole batches (see _batches_itself)
             want = [torch.Size(prefix + s) for s in shapes]
+            inner = want
+            if layout == "aligned":  # align once for the whole fold; outputs may keep the size-1 axes
+                rank = max([x.dim() - 1 for x in xs] + [len(w) for w in want])
+                xs = [x.reshape(x.shape[:2] + (1,) * (rank + 1 - x.dim()) + x.shape[2:]) for x in xs]
+                inner = [torch.Size(w[:1] + (1,) * (rank - len(w)) + w[1:]) for w in want]
+                st = [x.reshape(a) for x, a in zip(st, inner)]
+            columns = [x.unbind(axis) for x in xs]  # every step's slice at once
             history = []
             for t in range(steps):
-                if layout is None:  # under vmap
-                    st = self._normalise(self.body([c[t] for c in columns], list(st)))
-                else:
-                    st = self._call_whole([c[t] for c in columns], st, layout, want)
-                if st is None or [o.shape for o in st] != want:
-                    raise StepRuntimeError("wrong output shape")  # reported precisely by the step-by-step path
+                st = self._normalise(self.body([c[t] for c in columns], list(st)))
+                got = [o.shape for o in st]
+                if got != inner:
+                    if layout != "aligned" or got != want:
+                        raise StepRuntimeError("wrong output shape")  # reported precisely by the step-by-step path
+                    st = [o.reshape(a) for o, a in zip(st, inner)]
                 if keep_all:
                     history.append(st)
             if keep_all:
-                return tuple(torch.stack([h[i] for h in history], axis) for i in range(len(shapes)))
-            return tuple(st)
+                out = [torch.stack([h[i] for h in history], axis) for i in range(len(shapes))]
+                return tuple(o.reshape(w[:1] + (steps,) + w[1:]) if layout == "aligned" else o for o, w in zip(out, want))
+            return tuple(o.reshape(w) for o, w in zip(st, want)) if layout == "aligned" else tuple(st)
 
         # Bodies cannot know the step, and value-dependent ones do not vmap, so an in-place
         # update happens at step 0 too, where it bumps the real input or initial state.
