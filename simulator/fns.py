@@ -110,7 +110,11 @@ class StepFn:
     source: str = ""
     batch_direct: bool = False  # may call the body on whole batches where a trial shows it batches (task-file fns)
     _vmappable: bool | None = field(default=None, repr=False)
-    _direct: dict = field(default_factory=dict, repr=False)  # batch signature -> the body batches by itself
+    # what a fn learns as it runs (not copied by dataclasses.replace, not compared)
+    _direct: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # batch signature -> layout or None
+    _out_dims: list | None = field(default=None, init=False, repr=False, compare=False)  # output element dims
+    _out_symbols: tuple = field(default=(), init=False, repr=False, compare=False)  # ... and their size symbols
+    _out_memo: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # sizes -> out_shapes
 
     @property
     def is_fold(self) -> bool:
@@ -150,7 +154,18 @@ class StepFn:
 
     def out_shapes(self, binding: Mapping[str, int]) -> list[tuple[int, ...]]:
         """The element tensor shape of each output field."""
-        return [shape_values(f.elem_dims(), binding) for f in self.output_type.fields()]
+        dims = self._out_dims
+        if dims is None:
+            dims = self._out_dims = [f.elem_dims() for f in self.output_type.fields()]
+            self._out_symbols = tuple(sorted({name for d in dims for dim in d for name in dim.symbols}))
+        try:
+            key = tuple(binding[name] for name in self._out_symbols)
+        except KeyError:
+            return [shape_values(d, binding) for d in dims]  # raises the unbound size's error
+        shapes = self._out_memo.get(key)
+        if shapes is None:
+            shapes = self._out_memo[key] = [shape_values(d, binding) for d in dims]
+        return list(shapes)
 
     def _check_not_mutated(self, watched: list[torch.Tensor], before: list[int] | None) -> None:
         # An in-place update (`state[0] += x`) would alias every emitted Scan state, a Copy's
