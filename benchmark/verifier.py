@@ -13,8 +13,14 @@
 
 The static stages (parse to shape) run once per program; the value stage once
 per (binding, seed): by default the default sizes and each binding the task
-declares, with seeds 0, 1, 2. Failures while running are `resource` (a tensor
+declares, with seeds 0, 1, 2. The program is type-checked once per binding
+(the static check's is reused for the defaults) and the first failing run
+ends the verification. Failures while running are `resource` (a tensor
 would exceed `max_elements`; checked before allocating) or `runtime`.
+
+What a candidate cannot influence (fns, inputs, parameters, oracle outputs,
+tolerances) is computed once per process and task and kept in a bounded LRU;
+see "per-task preparation" below, and `verify(..., cache=False)`.
 `timeout` is given by the worker pool (benchmark/pool.py), which runs this
 module in worker processes with a time limit.
 
@@ -312,7 +318,8 @@ def oracle_function(task: Task):
     filled; the oracle runs with `dtype` as torch's default dtype. For timing
     the oracle against the simulator (scripts/bench_simulator.py).
     """
-    prepared = _prepare(task, _CACHE)
+    with _VERIFY_LOCK:
+        prepared = _prepare(task, _CACHE)
     return lambda ns, dtype=torch.float32: _eval_oracle(task, prepared, ns, dtype)
 
 
