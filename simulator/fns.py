@@ -314,8 +314,8 @@ class StepFn:
     # field times a Buffer field broadcasts as it does for one element; size-1 axes are taken
     # off the outputs again). Whether a body batches, and in which layout, is decided per batch
     # signature (shapes and dtypes of the inputs and state) by a trial on random inputs of that
-    # signature: vmap and the plain call must agree (same shapes, values within float32
-    # rounding). A body that reduces or indexes over the batch axis (`x.mean()`, `x[:h]`)
+    # signature (at most _TRIAL_ROWS rows): vmap and the plain call must agree (same shapes,
+    # values within float32 rounding). A body that reduces or indexes over the batch axis (`x.mean()`, `x[:h]`)
     # disagrees on random data and keeps vmap. Only fns with `batch_direct` (bodies from task
     # files, see `make_fn`) are tried.
 
@@ -333,7 +333,8 @@ class StepFn:
         if not like or any(a.dim() == 0 or a.shape[0] < 1 for a in like) or not all(a.is_floating_point() for a in like):
             return None
         gen = torch.Generator(device=like[0].device).manual_seed(12345)
-        trial = [torch.randn(a.shape, generator=gen, dtype=a.dtype, device=a.device) for a in like]
+        rows = min(like[0].shape[0], _TRIAL_ROWS)  # the trial's cost is bounded, whatever the batch
+        trial = [torch.randn((rows,) + a.shape[1:], generator=gen, dtype=a.dtype, device=a.device) for a in like]
 
         def element(*args):
             return tuple(self._normalise(self.body(list(args[:n_in]), list(args[n_in:]) if has_state else None)))
@@ -390,6 +391,9 @@ class StepFn:
             for b in range(inputs[0].shape[0])
         ]
         return [torch.stack([r[i] for r in rows]) for i in range(len(rows[0]))]
+
+
+_TRIAL_ROWS = 64  # batch rows of a trial (a body that mixes rows disagrees with vmap on any 2 or more)
 
 
 def _aligned(tensors: list[torch.Tensor], rank: int) -> list[torch.Tensor]:
