@@ -12,11 +12,16 @@ Each program runs at the default sizes (M=5 N=7 K=9 D=16) and at M=16 N=32
 K=32 D=32, with torch.set_num_threads(1). The vectorised time is the best of
 --repeats runs after one warm-up run (fns learn once whether they vmap; the
 verifier keeps them warm the same way); the naive time is one run. Both
-results are compared (allclose) and a mismatch is printed. The last line is
+results are compared (allclose) and a mismatch is printed. Each program's
+task oracle (its `data_transform`, in float32 on the same inputs; for the
+built-in set, plain torch) is timed the same way as the vectorised run. The
+last two lines are
 
+    vectorised <v>s, oracles <o>s at M=16 N=32 K=32 D=32 (<r>x)
     speedup <X>x at M=16 N=32 K=32 D=32 (naive <a>s, vectorised <b>s)
 
-over the programs that ran at that size. Timings are for reading, not tests.
+over the programs that ran at that size (the first over those with an
+oracle). Timings are for reading, not tests.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -51,11 +56,13 @@ SIZES = {
 
 @dataclass
 class Case:
-    """A program and how to build its inputs and fns for a binding."""
+    """A program, how to build its inputs and fns for a binding, and its task's own torch oracle."""
 
     name: str
     text: str
     build: Callable[[dict, int], tuple[dict, dict, dict, dict]]  # (sizes, seed) -> (inputs, fns, binding, input_data)
+    # (sizes, seed) -> a call computing the expected outputs from the same inputs in float32
+    oracle: Optional[Callable[[dict, int], Callable[[], Any]]] = None
 
 
 # ---------------------------------------------------------------------------
@@ -86,6 +93,16 @@ def _generate(decl, stype: StreamType, binding: dict, gen: torch.Generator):
 
 def task_case(key: str, task) -> Case:
     def build(sizes: dict, seed: int):
+        return build_with_namespace(sizes, seed)[:4]
+
+    def oracle(sizes: dict, seed: int):
+        from stepforge.benchmark.verifier import oracle_function
+
+        run = oracle_function(task)
+        ns = build_with_namespace(sizes, seed)[4]
+        return lambda: run(ns, torch.float32)
+
+    def build_with_namespace(sizes: dict, seed: int):
         input_data: dict = {}
         ns = build_namespace(dict(sizes), input_data, task.global_code)
         binding = namespace_binding(ns)
@@ -101,9 +118,9 @@ def task_case(key: str, task) -> Case:
             input_data[d.name] = _generate(d, stype, binding, gen)
         fns = {f.func_name: make_fn(f.name, f.func_name, f.input_dtype, f.output_dtype, f.apply, f.init_list(),
                                     namespace=ns) for f in task.fns}
-        return inputs, fns, binding, input_data
+        return inputs, fns, binding, input_data, ns
 
-    return Case(key, task.impl, build)
+    return Case(key, task.impl, build, oracle)
 
 
 def benchmark_cases() -> tuple[list[Case], str]:
@@ -150,7 +167,11 @@ def _builtin(name: str, text: str, streams: dict, fns: list, params: Optional[Ca
         table = {f[0]: make_fn(f[0], f[0], f[1], f[2], f[3], f[4] if len(f) > 4 else None, namespace=ns) for f in fns}
         return inputs, table, binding, input_data
 
-    return Case(name, text, build)
+    def oracle(sizes: dict, seed: int):
+        inputs, _, binding, input_data = build(sizes, seed)
+        return lambda: builtin_reference(name, inputs, binding, input_data)
+
+    return Case(name, text, build, oracle)
 
 
 BMM = """b1 = step.Bufferize(a=1).apply(E1)
@@ -276,7 +297,22 @@ def time_case(case: Case, sizes: dict, repeats: int, seed: int = 0) -> dict:
     nai = run("naive")
     naive_s = time.perf_counter() - t0
     ok, worst = _agree(vec, nai)
-    return {"naive": naive_s, "vectorised": best, "ok": ok, "worst": worst}
+    return {"naive": naive_s, "vectorised": best, "ok": ok, "worst": worst,
+            "oracle": time_oracle(case, sizes, repeats, seed)}
+
+
+def time_oracle(case: Case, sizes: dict, repeats: int, seed: int = 0) -> Optional[float]:
+    """Best of `repeats` runs (after a warm-up) of the task's own torch oracle on the same inputs."""
+    if case.oracle is None:
+        return None
+    call = case.oracle(sizes, seed)
+    call()
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        call()
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def _label(sizes: dict) -> str:
@@ -307,8 +343,9 @@ def main(argv: Optional[list] = None) -> int:
         sizes = SIZES[size_name.strip()]
         print()
         print(f"== {_label(sizes)}")
-        print(f"{'program':32s} {'naive s':>9s} {'vectorised s':>13s} {'speedup':>9s}  check")
+        print(f"{'program':32s} {'naive s':>9s} {'vectorised s':>13s} {'speedup':>9s} {'oracle s':>9s}  check")
         tn = tv = 0.0
+        to = tvo = 0.0  # oracle time, and vectorised time over the programs that have an oracle
         skipped, ratios = [], []
         for case in cases:
             try:
@@ -320,15 +357,22 @@ def main(argv: Optional[list] = None) -> int:
                 continue
             tn += r["naive"]
             tv += r["vectorised"]
+            if r["oracle"] is not None:
+                to += r["oracle"]
+                tvo += r["vectorised"]
             ratios.append(r["naive"] / r["vectorised"])
             check = "ok" if r["ok"] else f"MISMATCH (max rel diff {r['worst']:.2e})"
-            print(f"{case.name:32s} {r['naive']:9.3f} {r['vectorised']:13.4f} {r['naive'] / r['vectorised']:8.1f}x  {check}")
+            oracle = f"{r['oracle']:9.4f}" if r["oracle"] is not None else f"{'-':>9s}"
+            print(f"{case.name:32s} {r['naive']:9.3f} {r['vectorised']:13.4f} {r['naive'] / r['vectorised']:8.1f}x "
+                  f"{oracle}  {check}")
             sys.stdout.flush()
         geomean = math.exp(sum(map(math.log, ratios)) / len(ratios)) if ratios else float("nan")
         print(f"{'total':32s} {tn:9.3f} {tv:13.4f} {tn / tv if tv else float('nan'):8.1f}x  (geometric mean of "
               f"per-program speedups {geomean:.1f}x)" + (f"  ({len(skipped)} skipped: {', '.join(skipped)})" if skipped else ""))
-        totals[size_name.strip()] = (sizes, tn, tv)
-    sizes, tn, tv = totals.get("large", list(totals.values())[-1])
+        totals[size_name.strip()] = (sizes, tn, tv, to, tvo)
+    sizes, tn, tv, to, tvo = totals.get("large", list(totals.values())[-1])
+    ratio = f"{tvo / to:.2f}x" if to > 0 else "no oracles"
+    print(f"vectorised {tvo:.4f}s, oracles {to:.4f}s at {_label(sizes)} ({ratio})")
     print(f"speedup {tn / tv:.1f}x at {_label(sizes)} (naive {tn:.3f}s, vectorised {tv:.3f}s)")
     return 0
 

@@ -109,7 +109,11 @@ class StepFn:
     source: str = ""
     batch_direct: bool = False  # may call the body on whole batches where a trial shows it batches (task-file fns)
     _vmappable: bool | None = field(default=None, repr=False)
-    _direct: dict = field(default_factory=dict, repr=False)  # batch signature -> the body batches by itself
+    # what a fn learns as it runs (not copied by dataclasses.replace, not compared)
+    _direct: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # batch signature -> layout or None
+    _out_dims: list | None = field(default=None, init=False, repr=False, compare=False)  # output element dims
+    _out_symbols: tuple = field(default=(), init=False, repr=False, compare=False)  # ... and their size symbols
+    _out_memo: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # sizes -> out_shapes
 
     @property
     def is_fold(self) -> bool:
@@ -149,7 +153,18 @@ class StepFn:
 
     def out_shapes(self, binding: Mapping[str, int]) -> list[tuple[int, ...]]:
         """The element tensor shape of each output field."""
-        return [shape_values(f.elem_dims(), binding) for f in self.output_type.fields()]
+        dims = self._out_dims
+        if dims is None:
+            dims = self._out_dims = [f.elem_dims() for f in self.output_type.fields()]
+            self._out_symbols = tuple(sorted({name for d in dims for dim in d for name in dim.symbols}))
+        try:
+            key = tuple(binding[name] for name in self._out_symbols)
+        except KeyError:
+            return [shape_values(d, binding) for d in dims]  # raises the unbound size's error
+        shapes = self._out_memo.get(key)
+        if shapes is None:
+            shapes = self._out_memo[key] = [shape_values(d, binding) for d in dims]
+        return list(shapes)
 
     def _check_not_mutated(self, watched: list[torch.Tensor], before: list[int] | None) -> None:
         # An in-place update (`state[0] += x`) would alias every emitted Scan state, a Copy's
@@ -174,8 +189,10 @@ class StepFn:
         n_out = len(self.output_type.fields())
         if len(out) != n_out:
             raise StepRuntimeError(f"fn {self.func_name} returned {len(out)} fields, its output_dtype has {n_out}")
-        return [t if isinstance(t, torch.Tensor) and t.dtype == torch.float32 else torch.as_tensor(t).to(torch.float32)
-                for t in out]
+        for t in out:
+            if type(t) is not torch.Tensor or t.dtype is not torch.float32:
+                return [torch.as_tensor(t).to(torch.float32) for t in out]
+        return list(out)
 
     # -- many elements ------------------------------------------------------
     def map(self, inputs: list[torch.Tensor], binding: Mapping[str, int]) -> list[torch.Tensor]:
@@ -206,21 +223,29 @@ class StepFn:
         n_in = len(inputs)
 
         def step_loop(xs, st, axis: int, prefix: tuple, layout: Optional[str] = None):
-            columns = [x.unbind(axis) for x in xs]  # every step's slice at once
+            # layout None: one row under vmap; "plain"/"aligned": whole batches (see _batches_itself)
             want = [torch.Size(prefix + s) for s in shapes]
+            inner = want
+            if layout == "aligned":  # align once for the whole fold; outputs may keep the size-1 axes
+                rank = max([x.dim() - 1 for x in xs] + [len(w) for w in want])
+                xs = [x.reshape(x.shape[:2] + (1,) * (rank + 1 - x.dim()) + x.shape[2:]) for x in xs]
+                inner = [torch.Size(w[:1] + (1,) * (rank - len(w)) + w[1:]) for w in want]
+                st = [x.reshape(a) for x, a in zip(st, inner)]
+            columns = [x.unbind(axis) for x in xs]  # every step's slice at once
             history = []
             for t in range(steps):
-                if layout is None:  # under vmap
-                    st = self._normalise(self.body([c[t] for c in columns], list(st)))
-                else:
-                    st = self._call_whole([c[t] for c in columns], st, layout, want)
-                if st is None or [o.shape for o in st] != want:
-                    raise StepRuntimeError("wrong output shape")  # reported precisely by the step-by-step path
+                st = self._normalise(self.body([c[t] for c in columns], list(st)))
+                got = [o.shape for o in st]
+                if got != inner:
+                    if layout != "aligned" or got != want:
+                        raise StepRuntimeError("wrong output shape")  # reported precisely by the step-by-step path
+                    st = [o.reshape(a) for o, a in zip(st, inner)]
                 if keep_all:
                     history.append(st)
             if keep_all:
-                return tuple(torch.stack([h[i] for h in history], axis) for i in range(len(shapes)))
-            return tuple(st)
+                out = [torch.stack([h[i] for h in history], axis) for i in range(len(shapes))]
+                return tuple(o.reshape(w[:1] + (steps,) + w[1:]) if layout == "aligned" else o for o, w in zip(out, want))
+            return tuple(o.reshape(w) for o, w in zip(st, want)) if layout == "aligned" else tuple(st)
 
         # Bodies cannot know the step, and value-dependent ones do not vmap, so an in-place
         # update happens at step 0 too, where it bumps the real input or initial state.
@@ -288,8 +313,8 @@ class StepFn:
     # field times a Buffer field broadcasts as it does for one element; size-1 axes are taken
     # off the outputs again). Whether a body batches, and in which layout, is decided per batch
     # signature (shapes and dtypes of the inputs and state) by a trial on random inputs of that
-    # signature: vmap and the plain call must agree (same shapes, values within float32
-    # rounding). A body that reduces or indexes over the batch axis (`x.mean()`, `x[:h]`)
+    # signature (at most _TRIAL_ROWS rows): vmap and the plain call must agree (same shapes,
+    # values within float32 rounding). A body that reduces or indexes over the batch axis (`x.mean()`, `x[:h]`)
     # disagrees on random data and keeps vmap. Only fns with `batch_direct` (bodies from task
     # files, see `make_fn`) are tried.
 
@@ -307,7 +332,8 @@ class StepFn:
         if not like or any(a.dim() == 0 or a.shape[0] < 1 for a in like) or not all(a.is_floating_point() for a in like):
             return None
         gen = torch.Generator(device=like[0].device).manual_seed(12345)
-        trial = [torch.randn(a.shape, generator=gen, dtype=a.dtype, device=a.device) for a in like]
+        rows = min(like[0].shape[0], _TRIAL_ROWS)  # the trial's cost is bounded, whatever the batch
+        trial = [torch.randn((rows,) + a.shape[1:], generator=gen, dtype=a.dtype, device=a.device) for a in like]
 
         def element(*args):
             return tuple(self._normalise(self.body(list(args[:n_in]), list(args[n_in:]) if has_state else None)))
@@ -387,6 +413,9 @@ class StepFn:
             for b in range(inputs[0].shape[0])
         ]
         return [torch.stack([r[i] for r in rows]) for i in range(len(rows[0]))]
+
+
+_TRIAL_ROWS = 64  # batch rows of a trial (a body that mixes rows disagrees with vmap on any 2 or more)
 
 
 def _aligned(tensors: list[torch.Tensor], rank: int) -> list[torch.Tensor]:

@@ -5,12 +5,18 @@ tensors. `run_program` then checks every tensor's size against the element
 budget before anything is allocated and runs each operator on the chosen
 engine. Both engines share this walk, so they can only differ in how an
 operator computes, which is what the differential tests compare.
+
+Running one program many times: `run_program` remembers the type check (and
+the resource check it passed) per (program, input types, fns, binding), and
+`prepare_run` + `run_typed` split the checks from the run for a caller that
+keeps the checked program itself (the verifier, once per size binding).
 """
 
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Union
 
@@ -298,10 +304,52 @@ def run_program(
     """
     binding = dict(binding)
     input_types = {n: s.type for n, s in inputs.items()}
-    typed = typecheck_program(program, input_types, fns, binding)
+    checked = _checked_program(program, input_types, fns, binding)
     _check_inputs(inputs, binding)
-    check_resources(typed, binding, max_elements, max_live_elements, input_types)
-    return _engine(engine).run(typed, inputs, binding)
+    limits = (max_elements, max_live_elements)
+    if limits not in checked.within:
+        check_resources(checked.typed, binding, max_elements, max_live_elements, input_types)
+        checked.within.add(limits)
+    return _engine(engine).run(checked.typed, inputs, binding)
+
+
+@dataclass
+class _Checked:
+    program: Program
+    statements: tuple
+    fns: dict
+    typed: TypedProgram
+    within: set = field(default_factory=set)  # (stream, live) element limits check_resources passed
+
+
+_CHECKED: "OrderedDict[tuple, _Checked]" = OrderedDict()
+_MAX_CHECKED = 256
+
+
+def _checked_program(program: Program, input_types: Mapping[str, StreamType], fns: Mapping[str, StepFn],
+                     binding: Mapping[str, int]) -> _Checked:
+    """`typecheck_program`, remembered per (program, input types, fns, binding) for repeated runs.
+
+    The entry holds the program and fns it was made for, so it is used only for
+    those very objects, and only while the program's statements are unchanged.
+    Failures are not remembered: they raise again each time.
+    """
+    try:
+        key = (id(program), tuple(sorted(input_types.items())), tuple(sorted((n, id(f)) for n, f in fns.items())),
+               tuple(sorted(binding.items())))
+        hash(key)
+    except TypeError:  # an unhashable type or binding value: no caching
+        return _Checked(program, (), dict(fns), typecheck_program(program, input_types, fns, binding))
+    hit = _CHECKED.get(key)
+    if hit is not None and hit.program is program and hit.statements == tuple(program.statements) \
+            and all(hit.fns.get(n) is f for n, f in fns.items()):
+        _CHECKED.move_to_end(key)
+        return hit
+    checked = _Checked(program, tuple(program.statements), dict(fns), typecheck_program(program, input_types, fns, binding))
+    _CHECKED[key] = checked
+    while len(_CHECKED) > _MAX_CHECKED:
+        _CHECKED.popitem(last=False)
+    return checked
 
 
 def prepare_run(
