@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_verify.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "bench_verify.py"
 
 
 def test_script_prints_the_pool_and_throughput_lines_last():
