@@ -3,9 +3,9 @@ into `GenerationRequest`s."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .base import GenerationRequest, SamplingParams
+from .base import GenerationRequest, SamplingParams, check_temperature
 
 
 class _SamplingBody(BaseModel):
@@ -13,11 +13,18 @@ class _SamplingBody(BaseModel):
 
     model: str | None = None
     n: int = Field(default=1, ge=1, le=256)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    temperature: float = 1.0
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=-1)  # vLLM's extra field; 0 or -1 = off
+    repetition_penalty: float = Field(default=1.0, gt=0.0, allow_inf_nan=False)  # vLLM's extra field
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, value: float) -> float:
+        return check_temperature(value)
 
     @model_validator(mode="after")
     def _no_stream(self):
@@ -28,7 +35,8 @@ class _SamplingBody(BaseModel):
     def sampling(self, max_tokens: int) -> SamplingParams:
         """Our sampling settings for this body."""
         return SamplingParams(
-            n=self.n, temperature=self.temperature, top_p=self.top_p, max_tokens=max_tokens, seed=self.seed, stop=self.stop
+            n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=max(self.top_k, 0),
+            repetition_penalty=self.repetition_penalty, max_tokens=max_tokens, seed=self.seed, stop=self.stop,
         )
 
 

@@ -21,6 +21,32 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 _BACKENDS: dict[str, object] = {}
 
 STEPFORGE = str(Path(sys.executable).parent / "stepforge")
+STAND_INS = Path(__file__).resolve().parent / "stand_ins"
+
+
+def stand_in_env(**extra: str) -> dict[str, str]:
+    """The environment for a CLI subprocess that imports the stand-in `vllm`."""
+    path = os.pathsep.join(p for p in (str(STAND_INS), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": path, **extra}
+
+
+def _drop_vllm_modules() -> None:
+    for name in [m for m in sys.modules if m == "vllm" or m.startswith("vllm.")]:
+        del sys.modules[name]
+
+
+@pytest.fixture(scope="module")
+def stand_in_vllm():
+    """The stand-in `vllm` package (tests/stand_ins), importable for one test
+    module only: sys.path and sys.modules are restored afterwards."""
+    with pytest.MonkeyPatch.context() as mp:
+        _drop_vllm_modules()
+        mp.syspath_prepend(str(STAND_INS))
+        import vllm
+
+        assert vllm.__file__.startswith(str(STAND_INS)), vllm.__file__
+        yield vllm
+        _drop_vllm_modules()
 
 
 @pytest.fixture(scope="session")
