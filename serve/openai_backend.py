@@ -4,6 +4,10 @@ Raw prompts go to the completions endpoint, chat messages to the chat
 endpoint. Requests run concurrently on a bounded thread pool; each call has a
 timeout and is retried with exponential backoff on 429, 5xx and connection
 errors, so a batch never hangs: it finishes or raises a `ServeError`.
+
+A request's seed is forwarded; whether it reproduces is the server's
+property (`vllm serve` repeats outputs only with batch invariance enabled,
+`stepforge serve` as its backend does). Finish reasons are kept per choice.
 """
 
 from __future__ import annotations
