@@ -2,7 +2,8 @@
 
 Requests with the same sampling settings are batched together (left padding,
 `num_return_sequences = n`). A request with a seed is generated on its own
-under a forked RNG seeded with it, so its output depends only on the model,
+under a forked RNG seeded with it (as is one with a repetition penalty, which
+transformers would apply to the padding ids too), so its output depends only on the model,
 the prompt, the seed and its sampling settings, never on the rest of the batch
 (on one machine and software stack: other hardware or library versions may
 change the numerics and so the tokens).
@@ -131,8 +132,9 @@ class HFBackend(ModelBackend):
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, (req, budget) in enumerate(zip(requests, budgets)):
             s = req.sampling
-            if s.seed is not None:
-                groups[("seed", i)].append(i)
+            if s.seed is not None or s.repetition_penalty != 1.0:
+                # alone: its own RNG; and transformers' repetition penalty would also hit the padding ids
+                groups[("alone", i)].append(i)
             else:
                 groups[(s.n, s.temperature, s.top_p, s.top_k, s.repetition_penalty, tuple(s.stop), budget)].append(i)
         with self._lock:

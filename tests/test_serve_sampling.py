@@ -100,3 +100,17 @@ def test_top_k_and_penalty_bounds():
         with pytest.raises(ValidationError):
             SamplingParams(**bad)
     assert CompletionBody(prompt="x", top_k=-1).to_requests()[0].sampling.top_k == 0  # vLLM's "off" spelling
+
+
+def test_repetition_penalty_does_not_depend_on_the_batch(hf_backend, monkeypatch):
+    """transformers' repetition penalty counts every input id, padding too, so a
+    penalised request is never left-padded beside others: it runs alone and
+    answers as it does alone."""
+    penalised = GenerationRequest(prompt="Zip", sampling=SamplingParams(temperature=0.0, max_tokens=16, repetition_penalty=2.0))
+    longer = GenerationRequest(prompt="E1 = step.Accum(fn=add, b=1).apply(E0) and more", sampling=penalised.sampling)
+    alone = hf_backend.generate([penalised])[0].texts
+    widths = []
+    real = hf_backend._generate_batch
+    monkeypatch.setattr(hf_backend, "_generate_batch", lambda prompts, *a: widths.append(len(prompts)) or real(prompts, *a))
+    assert hf_backend.generate([longer, penalised])[1].texts == alone
+    assert widths == [1, 1]
