@@ -13,8 +13,8 @@ vLLM does not promise the same tokens by default, because the numerics of a
 step depend on which other requests share the batch. Reruns repeat exactly
 only on the same hardware and vLLM version, and only with deterministic
 scheduling (offline: VLLM_ENABLE_V1_MULTIPROCESSING=0) or batch invariance
-(`batch_invariant: true` here, i.e. VLLM_BATCH_INVARIANT=1, NVIDIA GPUs of
-compute capability >= 8). The engine's global `seed` (V1 default 0) seeds
+(`batch_invariant: true` here, i.e. VLLM_BATCH_INVARIANT=1; beta, on recent
+NVIDIA GPUs: compute capability 8.0+ or 9.0+ depending on the vLLM release). The engine's global `seed` (V1 default 0) seeds
 requests without their own seed.
 
 Every finish reason vLLM reports (stop, length, repetition, abort, error) is
@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from .base import (
+    FAILED,
     BackendConfig,
     Completion,
     GenerationRequest,
@@ -137,7 +138,7 @@ def to_result(request: GenerationRequest, output: Any) -> GenerationResult:
     completions = []
     for out in sorted(output.outputs, key=lambda o: o.index):
         reason, detail = finish_outcome(out.finish_reason)
-        if reason in ("abort", "error") and detail is None:
+        if reason in FAILED and detail is None:
             detail = f"vLLM finished the sample with {reason!r}"
         completions.append(
             Completion(text=out.text, finish_reason=reason, completion_tokens=len(out.token_ids), detail=detail)
