@@ -1,6 +1,6 @@
 """Time the simulator's two engines: naive (element by element) vs vectorised.
 
-    python scripts/bench_simulator.py [--repeats 3] [--only SUBSTRING] [--builtin] [--sizes default,large]
+    python scripts/bench_simulator.py [--repeats 3] [--only SUBSTRING] [--builtin] [--sizes default,large] [--device cpu]
 
 Programs: the benchmark's reference solutions (`stepforge.benchmark.schema.
 load_benchmark`, inputs built from each task's `data_gen`, parameters and
@@ -22,6 +22,9 @@ last two lines are
 
 over the programs that ran at that size (the first over those with an
 oracle). Timings are for reading, not tests.
+With --device cuda the inputs are built on the CPU (same seeds, same data),
+moved to the GPU, and both engines run there (torch.device as the default
+for every tensor they create); each timing ends with a CUDA synchronize.
 """
 
 from __future__ import annotations
@@ -283,10 +286,28 @@ def _agree(a: list, b: list) -> tuple[bool, float]:
     return ok, worst
 
 
-def time_case(case: Case, sizes: dict, repeats: int, seed: int = 0) -> dict:
+def _to_device(value, device: str):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_device(v, device) for v in value)
+    return value
+
+
+def time_case(case: Case, sizes: dict, repeats: int, seed: int = 0, device: str = "cpu") -> dict:
     program = parse_program(case.text)
-    inputs, fns, binding, _ = case.build(sizes, seed)
-    run = lambda engine: run_program(program, _clone(inputs), fns, dict(binding), engine=engine)
+    inputs, fns, binding, input_data = case.build(sizes, seed)
+    inputs = {n: Stream(s.type, _to_device(s.data, device)) for n, s in inputs.items()}
+    for name, value in list(input_data.items()):  # shared with the fns' namespace: moved in place
+        input_data[name] = _to_device(value, device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def run(engine: str):
+        with torch.device(device):
+            out = run_program(program, _clone(inputs), fns, dict(binding), engine=engine)
+        sync()
+        return out
+
     run("vectorised")  # warm-up: fns learn whether they vmap
     best = math.inf
     for _ in range(repeats):
@@ -325,8 +346,11 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--only", default=None, help="only programs whose name contains this")
     parser.add_argument("--builtin", action="store_true", help="use the built-in programs even if the benchmark loads")
     parser.add_argument("--sizes", default="default,large", help="comma list of: " + ", ".join(SIZES))
+    parser.add_argument("--device", default="cpu", help="where both engines run: cpu, cuda, cuda:1, ...")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available")
 
     cases, source = ([], "--builtin given") if args.builtin else benchmark_cases()
     if not cases:
@@ -336,7 +360,8 @@ def main(argv: Optional[list] = None) -> int:
         print(f"programs: {source}")
     if args.only:
         cases = [c for c in cases if args.only in c.name]
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, vectorised = best of {args.repeats} after a warm-up")
+    print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
+          f"vectorised = best of {args.repeats} after a warm-up")
 
     totals = {}
     for size_name in args.sizes.split(","):
@@ -349,7 +374,7 @@ def main(argv: Optional[list] = None) -> int:
         skipped, ratios = [], []
         for case in cases:
             try:
-                r = time_case(case, sizes, args.repeats)
+                r = time_case(case, sizes, args.repeats, device=args.device)
             except (SimulatorError, ValueError, RuntimeError) as exc:
                 msg = getattr(exc, "message", None) or str(exc)
                 skipped.append(case.name)

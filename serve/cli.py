@@ -67,6 +67,8 @@ def sample(
     n: int = typer.Option(1, "-n", "--n", help="Completions to sample."),
     temperature: float = typer.Option(0.7, "--temperature"),
     top_p: float = typer.Option(1.0, "--top-p"),
+    top_k: int = typer.Option(0, "--top-k", help="Sample from the k likeliest tokens (0: off)."),
+    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="vLLM-style penalty (1.0: off)."),
     max_tokens: int = typer.Option(128, "--max-tokens"),
     seed: Optional[int] = typer.Option(None, "--seed"),
     stop: Optional[list[str]] = typer.Option(None, "--stop", help="Stop string (repeatable)."),
@@ -81,12 +83,14 @@ def sample(
     def run() -> None:
         from .base import GenerationRequest, SamplingParams, make_backend
 
+        # the sampling settings are checked first: a bad temperature never starts an engine
+        sampling = SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=top_k,
+                                  repetition_penalty=repetition_penalty, max_tokens=max_tokens, seed=seed, stop=stop or [])
         config = _backend_config(
             config_file,
             {"kind": backend.value if backend else None, "model": model, "base_url": base_url,
              "api_key": api_key, "device": device, "lora_path": lora},
         )
-        sampling = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed, stop=stop or [])
         request = (
             GenerationRequest(messages=[{"role": "user", "content": prompt}], sampling=sampling)
             if chat
@@ -109,13 +113,15 @@ def _print_result(result, as_json: bool) -> None:
         payload = {
             "completions": result.texts,
             "finish_reasons": [c.finish_reason for c in result.completions],
+            "details": [c.detail for c in result.completions],
             "completion_tokens": [c.completion_tokens for c in result.completions],
             "usage": usage,
         }
         typer.echo(json.dumps(payload))
         return
     for i, c in enumerate(result.completions):
-        typer.echo(f"--- completion {i} ({c.finish_reason}, {c.completion_tokens} tokens) ---")
+        note = f"; {c.detail}" if c.detail else ""
+        typer.echo(f"--- completion {i} ({c.finish_reason}, {c.completion_tokens} tokens{note}) ---")
         typer.echo(c.text)
     typer.echo(f"--- usage: {usage['prompt_tokens']} prompt + {usage['completion_tokens']} completion tokens ---")
 

@@ -22,7 +22,7 @@ from pydantic import (
     field_validator,
 )
 
-from .base import GenerationRequest, SamplingParams
+from .base import GenerationRequest, SamplingParams, check_temperature
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
@@ -75,6 +75,8 @@ class _SamplingBody(_Strict):
     n: int = Field(default=1, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=-1)  # vLLM's extra field; 0 or -1 = off
+    repetition_penalty: float = Field(default=1.0, gt=0.0)  # vLLM's extra field
     stop: Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
     seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     stream: bool = False
@@ -83,6 +85,11 @@ class _SamplingBody(_Strict):
     @classmethod
     def _one_or_list(cls, value):
         return [value] if isinstance(value, str) else value
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, value: float) -> float:
+        return check_temperature(value)
 
     @field_validator("n")
     @classmethod
@@ -110,7 +117,8 @@ class _SamplingBody(_Strict):
     def sampling(self, max_tokens: int) -> SamplingParams:
         """Our sampling settings for this body."""
         return SamplingParams(
-            n=self.n, temperature=self.temperature, top_p=self.top_p, max_tokens=max_tokens, seed=self.seed, stop=self.stop
+            n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=max(self.top_k, 0),
+            repetition_penalty=self.repetition_penalty, max_tokens=max_tokens, seed=self.seed, stop=self.stop,
         )
 
 

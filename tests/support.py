@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 from pathlib import Path
 
 STEPFORGE = str(Path(sys.executable).parent / "stepforge")
+STAND_INS = Path(__file__).resolve().parent / "stand_ins"
+
+
+def stand_in_env(**extra: str) -> dict[str, str]:
+    """The environment for a CLI subprocess that imports the stand-in `vllm` (tests/stand_ins)."""
+    path = os.pathsep.join(p for p in (str(STAND_INS), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": path, **extra}
 
 
 def free_port() -> int:
