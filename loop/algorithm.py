@@ -56,9 +56,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 from stepforge.benchmark.schema import Task
+from stepforge.loop.budget import BudgetMeter, BudgetReached
 from stepforge.loop.buffer import ExperienceBuffer, demonstration_sets, earn
 from stepforge.loop.executor import Executor, SampleJob, derive_seed
-from stepforge.loop.interfaces import BufferEntry, Guardian, Proposer
+from stepforge.loop.interfaces import BufferEntry, Demonstration, Guardian, Proposer, RepairTurn
 from stepforge.loop.progress import Events
 from stepforge.loop.runstore import RunStore, SampleRecord, StepRecord, sample_key
 from stepforge.loop.verifiers import InlineVerifier
@@ -77,6 +78,7 @@ class LoopSettings:
     adaptive: bool = True  # False: round 0 only (variants single / agent)
     max_demonstrations: Optional[int] = None
     seed: int = 0
+    repair_turns: int = 0  # follow-up turns per failed sample, the verdict shown (0: the published loop)
 
 
 @dataclass(frozen=True)
@@ -123,7 +125,8 @@ class SelfImprovementLoop:
     def __init__(self, tasks: dict[str, Task], executor: Executor, settings: LoopSettings, *,
                  store: Optional[RunStore] = None, cached: Optional[dict[str, SampleRecord]] = None,
                  prompts: Optional[dict[str, list[dict[str, str]]]] = None, events: Optional[Events] = None,
-                 seed: Sequence[BufferEntry] = (), seed_tasks: Optional[dict[str, Task]] = None):
+                 seed: Sequence[BufferEntry] = (), seed_tasks: Optional[dict[str, Task]] = None,
+                 budget: Optional[BudgetMeter] = None):
         if not tasks:
             raise ValueError("no tasks to run")
         self.tasks = dict(tasks)
@@ -146,6 +149,8 @@ class SelfImprovementLoop:
         self.steps: list[StepResult] = []
         self.replayed_samples = 0
         self.new_samples = 0
+        self.meter = budget or BudgetMeter()
+        self._at = (0, 0)  # the (round, step) being sampled
         # the executor reports prompts through us (kept for buffer entries) to the store
         forward = executor.prompt_sink
 
@@ -158,6 +163,15 @@ class SelfImprovementLoop:
 
     # -- Algorithm 1 --------------------------------------------------------
     def run(self) -> LoopResult:
+        """Algorithm 1 to its end, or to a spent budget (state `budget`, resumable with a larger one)."""
+        try:
+            return self._run()
+        except BudgetReached as stop:
+            rounds = self._at[0] + 1
+            self._write_state(status="budget", round_=self._at[0], step=self._at[1], reason=stop.reason)
+            return LoopResult(self.earned, list(self.unsolved), self.steps, stop.reason, rounds, list(self.seeded))
+
+    def _run(self) -> LoopResult:
         s = self.settings
         if self.store is not None:
             self.store.write_buffer(self.seeded)  # replayed from round 0 on resume, like everything else
@@ -223,15 +237,16 @@ class SelfImprovementLoop:
         plan = StepPlan(round_, step, tuple(e.task_key for e in demos), tuple(self.unsolved))
         self._write_state(status="running", round_=round_, step=step)
         started, t0 = time.time(), time.perf_counter()
+        self._at = (round_, step)
         jobs, old = self._jobs(plan, demos)
         total = len(plan.tasks) * len(s.temperatures) * s.n
         self.events.step_started(round_, step, plan.demonstrations, plan.tasks, total, len(old),
                                  sum(1 for r in old if r.correct))
-        new = self.executor.run(jobs)
-        self.replayed_samples += len(old)
-        self.new_samples += len(new)
+        new = self._execute(jobs, old)
         t_index = {float(t): i for i, t in enumerate(s.temperatures)}
-        records = sorted(old + new, key=lambda r: (self.order[r.task], t_index[float(r.temperature)], r.index))
+        first = sorted(old + new, key=lambda r: (self.order[r.task], t_index[float(r.temperature)], r.index))
+        demonstrations = ExperienceBuffer.demonstrations(demos, self.demo_tasks)
+        records = first + self._repair(plan, demonstrations, first)
         by_task: dict[str, list[SampleRecord]] = {}
         for rec in records:
             by_task.setdefault(rec.task, []).append(rec)
@@ -258,6 +273,60 @@ class SelfImprovementLoop:
                                               seconds=round(seconds, 4), started=started, finished=time.time()))
         self.events.step_finished(round_, step, solved, len(self.unsolved))
         return bool(solved)
+
+    # -- execution under the budget, and repair turns ------------------------
+    def _execute(self, jobs: list[SampleJob], old: list[SampleRecord]) -> list[SampleRecord]:
+        """Run `jobs` (after counting `old`, the records replayed from disk) within the budget."""
+        self.meter.add(old)
+        self.replayed_samples += len(old)
+        if jobs and self.meter.spent():
+            raise BudgetReached(self.meter.spent())
+        jobs, cut = self.meter.trim(jobs)
+        new = self.executor.run(jobs) if jobs else []
+        self.meter.add(new)
+        self.new_samples += len(new)
+        if cut:
+            raise BudgetReached(self.meter.samples_reason())
+        if jobs and self.meter.spent():
+            raise BudgetReached(self.meter.spent())
+        return new
+
+    def _repair(self, plan: StepPlan, demonstrations: list[Demonstration],
+                first: list[SampleRecord]) -> list[SampleRecord]:
+        """Up to `repair_turns` follow-ups per failed first-turn sample of a task the step has not solved yet:
+        each shows the proposer its conversation so far with the verdicts. Returns the follow-up records."""
+        k = self.settings.repair_turns
+        if k <= 0 or not getattr(self.executor.proposer, "takes_feedback", True):
+            return []
+        chains = [[r] for r in first]
+        added: list[SampleRecord] = []
+        for turn in range(1, k + 1):
+            solved = {r.task for r in first + added if r.correct}
+            open_ = [c for c in chains if not c[-1].correct and c[-1].task not in solved
+                     and c[-1].verdict.stage not in ("generate", "pending")]
+            if not open_:
+                break
+            jobs, old, by_key = [], [], {}
+            for chain in open_:
+                last, root = chain[-1], chain[0]
+                rec = self.cached.get(sample_key(plan.round, plan.step, last.task, float(last.temperature),
+                                                 last.index, turn))
+                if rec is not None:
+                    old.append(rec)
+                    chain.append(rec)
+                    continue
+                by_key[(last.task, float(last.temperature), last.index)] = chain
+                jobs.append(SampleJob(
+                    round=plan.round, step=plan.step, task=last.task, spec=self.tasks[last.task],
+                    temperature=float(last.temperature), n=1, demonstrations=demonstrations,
+                    seed=derive_seed(root.seed, root.index, "repair", turn), turn=turn, index=last.index,
+                    parent=last.key,
+                    history=[RepairTurn(reply=r.raw, program=r.guarded, verdict=r.verdict) for r in chain]))
+            new = self._execute(jobs, old)
+            for rec in new:
+                by_key[(rec.task, float(rec.temperature), rec.index)].append(rec)
+            added.extend(old + new)
+        return added
 
     def _write_state(self, status: str, round_: int, step: int, reason: str = "") -> None:
         if self.store is None:
@@ -297,7 +366,8 @@ def settings_from_config(cfg) -> LoopSettings:
     """The loop settings of an experiment config."""
     return LoopSettings(granularity=cfg.granularity, temperatures=tuple(float(t) for t in cfg.temperatures),
                         n=cfg.n, rounds_limit=cfg.rounds_limit, adaptive=cfg.adaptive,
-                        max_demonstrations=cfg.max_demonstrations, seed=cfg.seed)
+                        max_demonstrations=cfg.max_demonstrations, seed=cfg.seed,
+                        repair_turns=cfg.repair_turns)
 
 
 __all__ = [

@@ -81,6 +81,7 @@ RESUME_SETTABLE = (
     "guardian.backend.base_url",
     "guardian.backend.api_key",
     "progress",
+    "budget.",  # a run stopped by its budget continues under a larger one
 )
 
 
@@ -180,6 +181,15 @@ class VerifierConfig(StrictModel):
     num_cpus: float = Field(default=1.0, gt=0)  # per Ray verifier actor
 
 
+class BudgetConfig(StrictModel):
+    """Limits of a run (null: none); see `loop/budget.py`. A run that reaches one stops with status `budget`
+    and continues with `--resume RUN --set budget.KEY=LARGER`."""
+
+    tokens: Optional[int] = Field(default=None, ge=1)  # proposer prompt (once per request) + completion + guardian
+    samples: Optional[int] = Field(default=None, ge=1)  # sample records, repair turns included (exact)
+    wall_s: Optional[float] = Field(default=None, gt=0)  # seconds of this process's loop
+
+
 class RayConfig(StrictModel):
     """Ray cluster: `address` (or $RAY_ADDRESS) joins a cluster, null starts a local one."""
 
@@ -203,6 +213,8 @@ class ImproveConfig(StrictModel):
     max_demonstrations: Optional[int] = Field(default=None, ge=0)
     seed_buffer: Optional[str] = None  # a run dir or buffer.jsonl whose entries start D (see the module docstring)
     chunk_size: int = Field(default=8, ge=1)
+    repair_turns: int = Field(default=0, ge=0, le=16)  # follow-ups per failed sample with the verdict shown
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
     verifier: VerifierConfig = Field(default_factory=VerifierConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     progress: bool = True
@@ -365,6 +377,7 @@ def check_model_paths(cfg: ImproveConfig, where: str = "config") -> None:
 
 __all__ = [
     "ADAPTIVE_VARIANTS",
+    "BudgetConfig",
     "ConfigError",
     "GuardianConfig",
     "ImproveConfig",

@@ -37,7 +37,7 @@ from typing import Any, Callable, Optional
 
 from stepforge.benchmark.schema import Task
 from stepforge.benchmark.verdict import Verdict, failed
-from stepforge.loop.interfaces import Demonstration, Guardian, GuardRequest, Proposal, ProposalRequest, Proposer
+from stepforge.loop.interfaces import Demonstration, Guardian, GuardRequest, Proposal, ProposalRequest, Proposer, RepairTurn
 from stepforge.loop.progress import Events
 from stepforge.loop.runstore import SampleRecord
 from stepforge.loop.verifiers import VerifierBackend
@@ -75,6 +75,11 @@ class SampleJob:
     seed: int
     demonstrations: list[Demonstration] = field(default_factory=list)
     skip: frozenset[int] = frozenset()  # sample indices already recorded
+    # a repair turn (turn > 0): one follow-up of sample `index`, answering `parent` after `history`
+    turn: int = 0
+    index: Optional[int] = None
+    parent: Optional[str] = None
+    history: list[RepairTurn] = field(default_factory=list)
 
     @property
     def demo_keys(self) -> list[str]:
@@ -82,7 +87,7 @@ class SampleJob:
 
     def request(self) -> ProposalRequest:
         return ProposalRequest(task_key=self.task, task=self.spec, demonstrations=self.demonstrations,
-                               n=self.n, temperature=self.temperature, seed=self.seed)
+                               n=self.n, temperature=self.temperature, seed=self.seed, history=self.history)
 
 
 def default_extract(raw: str) -> tuple[Optional[str], str]:
@@ -262,8 +267,9 @@ class Executor:
                 fut.cancel()
             raise
         order = {id(j): i for i, j in enumerate(jobs)}
-        index = {(j.round, j.step, j.task, j.temperature): order[id(j)] for j in jobs}
-        records.sort(key=lambda r: (index[(r.round, r.step, r.task, r.temperature)], r.index))
+        index = {(j.round, j.step, j.task, j.temperature, j.turn, j.index): order[id(j)] for j in jobs}
+        records.sort(key=lambda r: (index[(r.round, r.step, r.task, r.temperature, r.turn,
+                                           r.index if r.turn else None)], r.index))
         return records
 
     def _records(self, gen: _Generated) -> list[SampleRecord]:
@@ -300,7 +306,8 @@ class Executor:
                 else:
                     verdict = Verdict(passed=False, stage="pending")
                 out.append(SampleRecord(
-                    round=job.round, step=job.step, task=job.task, temperature=job.temperature, index=b,
+                    round=job.round, step=job.step, task=job.task, temperature=job.temperature,
+                    index=job.index if job.index is not None else b, turn=job.turn, parent=job.parent,
                     of=len(props), seed=job.seed, demonstrations=job.demo_keys, prompt_id=pid, raw=prop.raw,
                     program=prog, guarded=guarded if prog is not None else None, guard_changed=changed,
                     verdict=verdict, prompt_tokens=prop.prompt_tokens, completion_tokens=prop.completion_tokens,

@@ -14,6 +14,7 @@ from abc import ABC, abstractmethod
 from pydantic import BaseModel, Field
 
 from stepforge.benchmark.schema import Task
+from stepforge.benchmark.verdict import Verdict
 
 _IR_CACHE: dict[int, tuple[Task, str]] = {}
 _IR_CACHE_LIMIT = 4096
@@ -49,14 +50,27 @@ class Demonstration(_HasTask):
     round: int = 0
 
 
+class RepairTurn(BaseModel):
+    """One earlier turn of a repair conversation: the proposer's reply, the program verified, its verdict."""
+
+    reply: str  # the proposer's raw reply (what the model said)
+    program: str | None = None  # the program the verifier scored (after the guardian); None: nothing parsed
+    verdict: Verdict
+
+
 class ProposalRequest(_HasTask):
-    """Ask for `n` candidate programs for one task."""
+    """Ask for `n` candidate programs for one task.
+
+    `history` is the repair conversation so far (oldest first): a follow-up
+    request asks for a new candidate after the verifier rejected the last one.
+    """
 
     task_key: str
     demonstrations: list[Demonstration] = Field(default_factory=list)
     n: int = 1
     temperature: float = 0.7
     seed: int = 0
+    history: list[RepairTurn] = Field(default_factory=list)
 
 
 class Proposal(BaseModel):
@@ -74,6 +88,7 @@ class Proposer(ABC):
     """Anything that writes candidate programs: an LLM agent or the search."""
 
     name: str = "proposer"
+    takes_feedback: bool = True  # False: the loop runs no repair turns with it (it would ignore `history`)
 
     @abstractmethod
     def propose(self, requests: list[ProposalRequest]) -> list[list[Proposal]]:

@@ -25,6 +25,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from stepforge.errors import ConfigError, StepforgeError
 from stepforge.loop.algorithm import LoopResult, SelfImprovementLoop, settings_from_config
+from stepforge.loop.budget import BudgetMeter
 from stepforge.loop.executor import Executor
 from stepforge.loop.interfaces import BufferEntry, Guardian, Proposer
 from stepforge.loop.progress import Events
@@ -288,6 +289,20 @@ def _config_of_resumed(store: RunStore, overrides: list[str]):
     return cfg, where
 
 
+def check_budget(cfg, proposer: Proposer, tasks: dict[str, Any], settings, where: str = "config") -> None:
+    """Print the estimate of round 0 (stderr) and refuse a budget that cannot cover it (BudgetError)."""
+    from stepforge.loop.budget import check_covers_round0, estimate
+
+    est = estimate(proposer, tasks, settings, cfg.proposer.max_tokens if cfg.proposer.resolved_kind == "llm" else None)
+    for line in est.lines():
+        print(line, file=sys.stderr)
+    b = cfg.budget
+    if any(v is not None for v in (b.tokens, b.samples, b.wall_s)):
+        print(f"budget: tokens {b.tokens or '-'}, samples {b.samples or '-'}, wall_s {b.wall_s or '-'}",
+              file=sys.stderr)
+    check_covers_round0(est, b, where)
+
+
 # ---------------------------------------------------------------------------
 # the job
 
@@ -328,6 +343,8 @@ def run_improve(config_path: Optional[str | Path] = None, *, run_dir: Optional[s
             with contextlib.ExitStack() as stack:  # models, verifier and Ray: closed before the report
                 stack.callback(_shutdown_ray_if_started, _ray_running())
                 components = build_components(cfg, tasks, stack, where)
+                settings = settings_from_config(cfg)
+                check_budget(cfg, components.proposer, tasks, settings, where)  # before the first request
                 if store is None:
                     store = run_files.enter_context(RunStore.create(new_dir, cfg.to_yaml()))
                 _save_seed(store, seed)
@@ -337,9 +354,9 @@ def run_improve(config_path: Optional[str | Path] = None, *, run_dir: Optional[s
                                     chunk_size=cfg.chunk_size, guard_temperature=cfg.guardian.temperature,
                                     sink=store.append_samples, prompt_sink=store.add_prompts, events=events)
                 stack.callback(executor.close)
-                loop = SelfImprovementLoop(tasks, executor, settings_from_config(cfg), store=store,
+                loop = SelfImprovementLoop(tasks, executor, settings, store=store,
                                            cached=cached, prompts=store.load_prompts(), events=events, seed=seed,
-                                           seed_tasks=seed_tasks)
+                                           seed_tasks=seed_tasks, budget=BudgetMeter.from_config(cfg.budget))
                 result = loop.run()
             summary = write_report(store.root, store)
             return ImproveOutcome(store.root, summary, result, loop.new_samples, loop.replayed_samples)
@@ -356,6 +373,7 @@ __all__ = [
     "PROPOSERS",
     "build_components",
     "build_verifier",
+    "check_budget",
     "check_proposer_options",
     "default_run_dir",
     "ensure_tiny_model",

@@ -71,9 +71,19 @@ class RunStoreError(StepforgeError):
 # records
 
 
-def sample_key(round_: int, step: int, task: str, temperature: float, index: int) -> str:
-    """The deterministic key of one sample."""
-    return f"r{round_}/s{step}/{task}/t{temperature:g}/i{index}"
+def sample_key(round_: int, step: int, task: str, temperature: float, index: int, turn: int = 0) -> str:
+    """The deterministic key of one sample (a repair turn > 0 adds `/k<turn>` to its first turn's key)."""
+    key = f"r{round_}/s{step}/{task}/t{temperature:g}/i{index}"
+    return f"{key}/k{turn}" if turn else key
+
+
+def request_id(rec: Any) -> tuple:
+    """The request a sample record came from: (round, step, task, temperature), plus (turn, index) for a
+    repair turn (each follow-up is its own request). Works on SampleRecords and on their dicts."""
+    get = rec.get if isinstance(rec, dict) else (lambda k, d=None: getattr(rec, k, d))
+    base = (get("round"), get("step"), get("task"), get("temperature"))
+    turn = get("turn", 0) or 0
+    return base + ((turn, get("index")),) if turn else base
 
 
 class SampleRecord(BaseModel):
@@ -101,10 +111,12 @@ class SampleRecord(BaseModel):
     guard_completion_tokens: int = 0
     timings: dict[str, float] = Field(default_factory=dict)  # generate_s, guard_s, verify_s
     time: float = 0.0  # unix time the sample was recorded
+    turn: int = 0  # repair turn: 0 = the first answer, t > 0 = the t-th answer after verifier feedback
+    parent: Optional[str] = None  # the key of the turn this one answers (None for turn 0)
 
     @property
     def key(self) -> str:
-        return sample_key(self.round, self.step, self.task, self.temperature, self.index)
+        return sample_key(self.round, self.step, self.task, self.temperature, self.index, self.turn)
 
 
 class StepRecord(BaseModel):
@@ -395,5 +407,6 @@ __all__ = [
     "append_lines",
     "atomic_write_text",
     "load_jsonl",
+    "request_id",
     "sample_key",
 ]

@@ -76,6 +76,10 @@ class ModelActor:
         """Count tokens with the hosted backend."""
         return self.backend.count_tokens(text)
 
+    def count_prompt_tokens(self, requests: list[GenerationRequest]) -> list[int]:
+        """Prompt tokens of each request under the hosted backend."""
+        return self.backend.count_prompt_tokens(requests)
+
     def close(self) -> None:
         """Release the hosted backend."""
         if self.backend is not None:
@@ -288,6 +292,17 @@ class ModelPool(ModelBackend):
             return ray.get(actor.count_tokens.remote(text))
         except RayActorError:
             return ray.get(self._replace(0, actor).count_tokens.remote(text))
+
+    def count_prompt_tokens(self, requests: list[GenerationRequest]) -> list[int]:
+        """Prompt tokens of each request, counted on the first replica (replacing it if it died)."""
+        import ray
+        from ray.exceptions import RayActorError
+
+        actor = self.actors[0]
+        try:
+            return ray.get(actor.count_prompt_tokens.remote(requests))
+        except RayActorError:
+            return ray.get(self._replace(0, actor).count_prompt_tokens.remote(requests))
 
     def close(self) -> None:
         """Stop every replica (the Ray cluster itself keeps running)."""

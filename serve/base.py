@@ -218,6 +218,12 @@ class ModelBackend(ABC):
     def count_tokens(self, text: str) -> int:
         """Number of tokens the model's tokenizer gives `text`."""
 
+    def count_prompt_tokens(self, requests: list[GenerationRequest]) -> list[int]:
+        """Prompt tokens of each request. This default counts the raw prompt or the message texts
+        (without a chat template's own tokens); local backends count the rendered prompt exactly."""
+        return [self.count_tokens(r.prompt or "") if r.messages is None
+                else sum(self.count_tokens(m.get("content", "")) for m in r.messages) for r in requests]
+
     def close(self) -> None:  # noqa: B027 - optional: a backend may hold nothing
         """Release the model and any pools or connections."""
 

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import yaml
 
-from stepforge.loop.interfaces import Demonstration, task_ir
+from stepforge.loop.interfaces import Demonstration, RepairTurn, task_ir
 from stepforge.simulator.fns import body_returns
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -282,6 +282,29 @@ def proposer_messages(
             {"role": "user", "content": user.lstrip("\n").rstrip("\n") + "\n"}]
 
 
+def _binding_text(binding) -> str:
+    return ", ".join(f"{k}={v}" for k, v in binding.items())
+
+
+def repair_messages(history: Sequence[RepairTurn]) -> list[dict[str, str]]:
+    """The repair conversation after the first prompt: each earlier reply, then the verdict on it."""
+    out: list[dict[str, str]] = []
+    for turn in history:
+        v = turn.verdict
+        where = []
+        if v.binding:
+            where.append(f"sizes {_binding_text(v.binding)}")
+        if v.seed is not None:
+            where.append(f"input seed {v.seed}")
+        out.append({"role": "assistant", "content": turn.reply.rstrip("\n") + "\n"})
+        guarded = "" if turn.program is None or turn.program.strip() in turn.reply else \
+            " (as the guardian rewrote it to obey the affine rule)"
+        out.append({"role": "user", "content": fill(
+            "repair_feedback", guarded=guarded, stage=v.stage, where=f" ({'; '.join(where)})" if where else "",
+            message=v.message.strip() or "(no message)").rstrip("\n") + "\n"})
+    return out
+
+
 def guardian_messages(task: "Task", program: str, knowledge: "Knowledge | None" = None) -> list[dict[str, str]]:
     """Chat messages asking the guardian to make `program` obey the affine rule."""
     from stepforge.loop.agents.knowledge import load_knowledge
@@ -301,6 +324,7 @@ __all__ = [
     "fill",
     "guardian_messages",
     "load_template",
+    "repair_messages",
     "proposer_messages",
     "render_demonstrations",
     "render_example",

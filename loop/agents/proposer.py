@@ -20,7 +20,7 @@ import time
 from typing import Any, Optional, Sequence
 
 from stepforge.loop.agents.knowledge import Knowledge, load_knowledge
-from stepforge.loop.agents.prompts import STYLES, proposer_messages
+from stepforge.loop.agents.prompts import STYLES, proposer_messages, repair_messages
 from stepforge.loop.interfaces import Proposal, ProposalRequest, Proposer
 from stepforge.serve.base import GenerationRequest, GenerationResult, SamplingParams
 from stepforge.serve.errors import InvalidRequestError, PromptTooLongError
@@ -80,7 +80,14 @@ class LLMProposer(Proposer):
         self.stop = list(stop or [])
 
     def messages_for(self, request: ProposalRequest) -> list[dict[str, str]]:
-        return proposer_messages(self.knowledge, request.demonstrations, request.task, style=self.style)
+        """The chat prompt: the normal prompt, then the repair conversation (`request.history`) if any."""
+        first = proposer_messages(self.knowledge, request.demonstrations, request.task, style=self.style)
+        return first + repair_messages(request.history)
+
+    def count_prompt_tokens(self, requests: list[ProposalRequest]) -> list[int]:
+        """The prompt tokens each request costs, counted by the backend's tokenizer (`count_prompt_tokens`)."""
+        counts = self.backend.count_prompt_tokens([self.generation_request(r, i) for i, r in enumerate(requests)])
+        return [int(c) for c in counts]
 
     def generation_request(self, request: ProposalRequest, index: int = 0) -> GenerationRequest:
         return GenerationRequest(

@@ -93,8 +93,10 @@ def maintainability(code: str, inputs: Sequence[str] = ()) -> dict[str, float | 
 
 
 def request_key(rec: Mapping[str, Any]) -> tuple:
-    """The request a sample came from: (round, step, task, temperature)."""
-    return (rec["round"], rec["step"], rec["task"], rec["temperature"])
+    """The request a sample came from: (round, step, task, temperature), plus (turn, index) for a repair turn."""
+    from stepforge.loop.runstore import request_id
+
+    return request_id(rec)
 
 
 def _sum(values: Iterable[float]) -> float:
@@ -226,6 +228,51 @@ def run_metrics(samples: Sequence[Mapping[str, Any]], steps: Sequence[Mapping[st
     }
 
 
+def _tokens(recs: Sequence[Mapping[str, Any]]) -> int:
+    """Prompt tokens (each request once) plus completion tokens."""
+    prompts = {request_key(r): r.get("prompt_tokens", 0) for r in recs}
+    return int(sum(prompts.values()) + sum(r.get("completion_tokens", 0) for r in recs))
+
+
+def repair_metrics(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Repair turns: per turn t, pass@1 / pass@n with a sample chain (a first answer and its follow-ups)
+    counted correct when any of its turns up to t is; tasks solved by turn t; tasks solved only by a
+    repair turn; tokens per solved task with every turn, and with the first turns alone."""
+    chains: dict[tuple, dict[int, bool]] = defaultdict(dict)
+    for r in samples:
+        chain = chains[(r["round"], r["step"], r["task"], r["temperature"], r["index"])]
+        turn = int(r.get("turn", 0) or 0)
+        chain[turn] = chain.get(turn, False) or bool(r.get("correct"))
+    last = max((int(r.get("turn", 0) or 0) for r in samples), default=0)
+    by_task: dict[str, list[dict[int, bool]]] = defaultdict(list)
+    for (_, _, task, _, _), chain in chains.items():
+        by_task[task].append(chain)
+    per_turn = []
+    for t in range(last + 1):
+        at = [r for r in samples if int(r.get("turn", 0) or 0) == t]
+        p1, pn, solved = [], [], 0
+        for task_chains in by_task.values():
+            n = len(task_chains)
+            c = sum(1 for ch in task_chains if any(ok for k, ok in ch.items() if k <= t))
+            p1.append(pass_at_k(n, c, 1))
+            pn.append(pass_at_k(n, c, n))
+            solved += 1 if c else 0
+        per_turn.append({"turn": t, "samples": len(at), "correct": sum(1 for r in at if r.get("correct")),
+                         "tasks_solved": solved, "pass@1": mean(p1) or 0.0, "pass@n": mean(pn) or 0.0,
+                         "tokens": _tokens(at)})
+    first = [r for r in samples if not r.get("turn")]
+    solved_all = {r["task"] for r in samples if r.get("correct")}
+    solved_first = {r["task"] for r in first if r.get("correct")}
+    by_repair = sorted(solved_all - solved_first)
+    return {
+        "turns": last,
+        "per_turn": per_turn,
+        "tasks_solved_by_repair": by_repair,
+        "tokens_per_solved_task": _tokens(samples) / len(solved_all) if solved_all else None,
+        "tokens_per_solved_task_first_turns": _tokens(first) / len(solved_first) if solved_first else None,
+    }
+
+
 def program_metrics(entries: Sequence[Mapping[str, Any]], inputs_by_task: Mapping[str, Sequence[str]] | None = None
                     ) -> dict[str, dict[str, Any]]:
     """Per earned program: lines and maintainability index with and without comments."""
@@ -249,6 +296,7 @@ __all__ = [
     "mean",
     "pass_at_k",
     "program_metrics",
+    "repair_metrics",
     "request_key",
     "round_metrics",
     "run_metrics",

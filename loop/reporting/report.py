@@ -95,6 +95,7 @@ def build_summary(store: RunStore) -> dict[str, Any]:
                             "mean_mi_no_comments": M.mean(p["mi_no_comments"] for p in programs.values())},
         "buffer": [e["task_key"] for e in buffer],
         "seeded": [e["task_key"] for e in seeded],
+        "repair": M.repair_metrics(samples),
     }
 
 
@@ -198,6 +199,7 @@ def render_markdown(store: RunStore, summary: dict[str, Any]) -> str:
     out += ["", "Prompt tokens count each request's prompt once (its n samples share it); "
                 f"{_f(run['prompt_tokens_per_sample'], 1)} prompt and {_f(run['completion_tokens_per_sample'], 1)} "
                 "completion tokens per sample.", ""]
+    out += _repair_section(config, summary.get("repair") or {})
     out += ["## Tasks solved per round", ""]
     out.append(_table(["round", "steps", "samples", "correct", "new tasks solved", "solved (total)", "prompt tokens",
                        "completion tokens", "wall s"], [[
@@ -255,6 +257,24 @@ def render_markdown(store: RunStore, summary: dict[str, Any]) -> str:
                 f"({_f(p.get('mi_no_comments'), 1)} without comments); demonstrations: "
                 f"{', '.join(entry.demonstrations) or 'none'}.", "", "```python", entry.impl.rstrip(), "```", ""]
     return "\n".join(out).rstrip() + "\n"
+
+
+def _repair_section(config: dict[str, Any], repair: dict[str, Any]) -> list[str]:
+    """The per-turn table of a run with repair turns (nothing when it has none)."""
+    if not config.get("repair_turns"):
+        return []
+    out = ["## Repair turns", "",
+           f"Up to {config['repair_turns']} follow-up turn(s) per failed sample, each showing the proposer the "
+           "verdict on its last answer. By turn t, a sample counts as correct when any of its turns up to t is.", ""]
+    out.append(_table(["turn", "samples", "correct", "tasks solved (by this turn)", "pass@1", "pass@n", "tokens"], [[
+        t["turn"], t["samples"], t["correct"], t["tasks_solved"], _f(t["pass@1"]), _f(t["pass@n"]), t["tokens"]]
+        for t in repair.get("per_turn", [])]))
+    solved = repair.get("tasks_solved_by_repair") or []
+    out += ["", f"Tasks solved only by a repair turn: {', '.join(solved) or 'none'}. Tokens per solved task: "
+                f"{_f(repair.get('tokens_per_solved_task'), 1)} with every turn, "
+                f"{_f(repair.get('tokens_per_solved_task_first_turns'), 1)} counting first turns and the tasks "
+                "they solved only.", ""]
+    return out
 
 
 def write_report(run_dir: str | Path, store: RunStore | None = None) -> dict[str, Any]:

@@ -72,6 +72,7 @@ class SearchProposer(Proposer):
     """
 
     name = "search"
+    takes_feedback = False  # a verdict does not steer the search: the loop runs no repair turns with it
 
     def __init__(self, config: SearchConfig | Mapping[str, Any] | None = None, **overrides: Any):
         cfg = as_config(config)

@@ -91,7 +91,8 @@ def test_templates_are_files_and_fully_filled():
     for path in TEMPLATES_DIR.glob("*.txt"):
         string.Template(path.read_text()).substitute(  # every placeholder of every template is one we fill
             {k: "" for k in ("knowledge", "task_form", "demonstrations", "task", "items", "number", "impl", "title",
-                             "affine_rule", "examples", "program", "test_name", "input_names", "output_names")})
+                             "affine_rule", "examples", "program", "test_name", "input_names", "output_names",
+                             "guarded", "stage", "where", "message")})
 
 
 # -- proposer messages ------------------------------------------------------------------------
