@@ -2,14 +2,21 @@
 
 Arms (each an ordinary `stepforge improve` run in RUN_DIR/arms/<arm>):
 
-=========  ==================  =======================================
-arm        model               variant
-=========  ==================  =======================================
-base       the base model      `variants.plain` (default `agent`: round 0)
-base+si    the base model      `variants.si` (default `agent+si`)
-sft        base + the adapter  `variants.plain`
-sft+si     base + the adapter  `variants.si`
-=========  ==================  =======================================
+==============  ==================  =========================================
+arm             model               variant
+==============  ==================  =========================================
+base            the base model      `variants.plain` (default `agent`: round 0)
+base+si         the base model      `variants.si` (default `agent+si`)
+sft             base + the adapter  `variants.plain`
+sft+si          base + the adapter  `variants.si`
+base+si+repair  the base model      `variants.si` with `repair_turns` (default 2)
+sft+si+repair   base + the adapter  `variants.si` with `repair_turns`
+==============  ==================  =========================================
+
+The +repair arms (opt in with `arms:`) send each failed sample back to the
+proposer with its verdict, up to `repair_turns` times; the other arms run
+with no repair turns. All arms share the improve config's `budget`, so
+`improve.budget.samples` compares them at one number of samples.
 
 Every arm runs the same improve config (`improve_config` file and/or the
 inline `improve` mapping): the same test tasks, n, temperatures, max_rounds,
@@ -68,9 +75,11 @@ from stepforge.training.ablate_report import render_markdown, write_csv, write_p
 
 from .settings import apply_overrides, read_yaml_mapping, validate_model
 
-ARMS: tuple[str, ...] = ("base", "base+si", "sft", "sft+si")
-ARM_DIRS = {"base": "base", "base+si": "base_si", "sft": "sft", "sft+si": "sft_si"}
-ArmName = Literal["base", "base+si", "sft", "sft+si"]
+ARMS: tuple[str, ...] = ("base", "base+si", "sft", "sft+si", "base+si+repair", "sft+si+repair")
+DEFAULT_ARMS: tuple[str, ...] = ARMS[:4]
+ARM_DIRS = {"base": "base", "base+si": "base_si", "sft": "sft", "sft+si": "sft_si",
+            "base+si+repair": "base_si_repair", "sft+si+repair": "sft_si_repair"}
+ArmName = Literal["base", "base+si", "sft", "sft+si", "base+si+repair", "sft+si+repair"]
 CONFIG_FILE = "ablation.yaml"
 SEED_FILE = "seed_buffer.jsonl"
 
@@ -124,8 +133,9 @@ class AblationConfig(StrictModel):
     prompt: PromptChoice = Field(default_factory=PromptChoice)
     split: SplitSettings
     sft: SFTArmSettings = Field(default_factory=SFTArmSettings)
-    arms: list[ArmName] = Field(default_factory=lambda: list(ARMS), min_length=1)
+    arms: list[ArmName] = Field(default_factory=lambda: list(DEFAULT_ARMS), min_length=1)
     variants: Variants = Field(default_factory=Variants)
+    repair_turns: int = Field(default=2, ge=1, le=16)  # of the +repair arms
     seed_si: bool = True  # +si arms start D from the source run's train entries (needs split.source_run)
 
     @field_validator("arms")
@@ -201,7 +211,8 @@ def arm_improve_dict(cfg: AblationConfig, base: dict[str, Any], arm: str, test: 
     data = copy.deepcopy(base)
     data["name"] = f"{cfg.name}-{arm}"
     data["tasks"] = list(test)
-    data["variant"] = cfg.variants.si if arm.endswith("+si") else cfg.variants.plain
+    data["variant"] = cfg.variants.si if _in_context(arm) else cfg.variants.plain
+    data["repair_turns"] = cfg.repair_turns if arm.endswith("+repair") else 0
     proposer = dict(data.get("proposer") or {})
     backend = dict(proposer.get("backend") or {"kind": "hf"})
     backend["model"] = cfg.model
@@ -212,9 +223,14 @@ def arm_improve_dict(cfg: AblationConfig, base: dict[str, Any], arm: str, test: 
     proposer["kind"] = "llm"
     proposer["knowledge"] = cfg.prompt.knowledge
     data["proposer"] = proposer
-    if seed_buffer is not None and arm.endswith("+si"):
+    if seed_buffer is not None and _in_context(arm):
         data["seed_buffer"] = str(seed_buffer)
     return data
+
+
+def _in_context(arm: str) -> bool:
+    """The arms that run in-context self-improvement (+si, with or without repair)."""
+    return "+si" in arm
 
 
 def seed_entries(cfg: AblationConfig, split: dict[str, list[str]]) -> list[Any]:
@@ -352,6 +368,7 @@ def arm_row(arm: str, variant: str, summary: dict[str, Any], n: int, adapter: Op
         "prompt_tokens": run["prompt_tokens"],
         "completion_tokens": run["completion_tokens"],
         "wall_seconds": round(run["wall_seconds"], 2),
+        "solved_by_repair": len((summary.get("repair") or {}).get("tasks_solved_by_repair") or []),
         "status": summary.get("status", "unknown"),
     }
 

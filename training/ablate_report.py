@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 TABLE_COLUMNS = ("arm", "model", "variant", "tasks", "solved", "completion", "pass@1", "pass@n", "samples",
-                 "prompt_tokens", "completion_tokens", "wall_seconds", "status")
+                 "prompt_tokens", "completion_tokens", "wall_seconds", "solved_by_repair", "status")
 
 
 def render_markdown(name: str, rows: list[dict[str, Any]], split: dict[str, list[str]], n: int,

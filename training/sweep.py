@@ -25,12 +25,12 @@ TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 DEFAULT_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 ALWAYS_EXCLUDED = {".git", ".venv", "venv", "runs", "__pycache__", ".pytest_cache", ".hypothesis", "build", "dist",
                    ".whl", "node_modules", ".mypy_cache", ".ruff_cache"}
-GRID_KEYS = ("models", "variants", "m", "seeds", "temperatures")
+GRID_KEYS = ("models", "variants", "m", "seeds", "temperatures", "repair_turns")
 OVERRIDE_KEYS = {
     "improve": {"models": "proposer.backend.model", "variants": "variant", "m": "granularity", "seeds": "seed",
-                "temperatures": "temperatures"},
+                "temperatures": "temperatures", "repair_turns": "repair_turns"},
     "ablate": {"models": "model", "variants": "variants.si", "m": "improve.granularity", "seeds": "improve.seed",
-               "temperatures": "improve.temperatures"},
+               "temperatures": "improve.temperatures", "repair_turns": "repair_turns"},
 }
 TABLE_COLUMNS = ("job", "arm", "model", "variant", "m", "seed", "temperatures", "job_status", "run_status", "tasks",
                  "solved", "completion", "pass@1", "pass@n", "samples", "prompt_tokens", "completion_tokens",
@@ -49,8 +49,9 @@ class Grid(StrictModel):
     m: list[Optional[int]] = Field(default_factory=lambda: [None], min_length=1)
     seeds: list[Optional[int]] = Field(default_factory=lambda: [None], min_length=1)
     temperatures: list[Optional[list[float]]] = Field(default_factory=lambda: [None], min_length=1)
+    repair_turns: list[Optional[int]] = Field(default_factory=lambda: [None], min_length=1)  # improve: +repair points
 
-    @field_validator("models", "variants", "m", "seeds", mode="before")
+    @field_validator("models", "variants", "m", "seeds", "repair_turns", mode="before")
     @classmethod
     def _listify(cls, v):
         return [v] if not isinstance(v, list) else v
@@ -160,7 +161,8 @@ def expand(cfg: SweepConfig) -> list[Job]:
             if value is None:
                 continue
             overrides.append(f"{keys[key]}={json.dumps(value) if isinstance(value, list) else value}")
-            parts.append({"models": "", "variants": "", "m": "m", "seeds": "s", "temperatures": "t"}[key] + _slug(value))
+            parts.append({"models": "", "variants": "", "m": "m", "seeds": "s", "temperatures": "t",
+                          "repair_turns": "repair"}[key] + _slug(value))
         name = f"{cfg.name}-{i:03d}" + ("-" + "_".join(parts) if parts else "")
         name = re.sub(r"[^A-Za-z0-9_.-]+", "-", name)[:120]
         jobs.append(Job(job=name, params=params, overrides=overrides, run_dir=str(root / name)))

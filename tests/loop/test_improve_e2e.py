@@ -110,3 +110,30 @@ def test_ray_verifier_actors_verify_and_replace_a_worker_past_its_time_limit(ray
         assert got[4].passed  # the replacement actor works
     finally:
         verifier.close()
+
+
+def test_cpu_smoke_with_repair_turns_reports_the_turns(ray_local, tiny_model_dir, tmp_path):
+    """`--set repair_turns=2` on the tiny model: every failed sample gets two follow-ups, shown per turn."""
+    run = tmp_path / "run"
+    res = CliRunner().invoke(app, ["improve", "--config", str(CONFIGS / "cpu_smoke.yaml"), "--run-dir", str(run),
+                                   "--set", f"proposer.backend.model={tiny_model_dir}", "--set", "repair_turns=2",
+                                   "--set", "temperatures=[0.4]", "--set", "n=1", "--set", "max_rounds=1",
+                                   "--set", "proposer.max_tokens=8", "--no-progress"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    samples = load_jsonl(run / "samples.jsonl")
+    assert sorted(r["turn"] for r in samples) == [0, 0, 0, 1, 1, 1, 2, 2, 2]  # the random model solves nothing
+    keys = {(r["task"], r["turn"]): r for r in samples}
+    for r in samples:
+        if r["turn"]:
+            parent = keys[(r["task"], r["turn"] - 1)]
+            assert r["parent"] == f"r0/s0/{r['task']}/t0.4/i0" + (f"/k{r['turn'] - 1}" if r["turn"] > 1 else "")
+            prompts = {p["prompt_id"]: p["messages"] for p in load_jsonl(run / "prompts.jsonl")}
+            conversation = prompts[r["prompt_id"]]
+            assert len(conversation) == 2 + 2 * r["turn"] and conversation[-2]["content"].strip() == \
+                parent["raw"].strip()
+            assert f"`{parent['verdict']['stage']}` stage" in conversation[-1]["content"]
+            assert r["prompt_tokens"] > parent["prompt_tokens"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert [t["samples"] for t in summary["repair"]["per_turn"]] == [3, 3, 3]
+    report = (run / "report.md").read_text()
+    assert "## Repair turns" in report and "| 2 | 3 | 0 | 0 |" in report
