@@ -167,12 +167,15 @@ def serve(
     _offline_quiet()
 
     def run() -> None:
+        from stepforge.config_io import validate
+
         from .base import make_backend
         from .openai_schema import ServerLimits
         from .server import run_server
 
-        limits = ServerLimits(max_n=max_n, max_tokens=max_completion_tokens, max_prompts=max_prompts,
-                              max_body_bytes=max_body_bytes, body_timeout_s=body_timeout, max_queued_units=max_queued_units)
+        limits = validate(ServerLimits, {"max_n": max_n, "max_tokens": max_completion_tokens, "max_prompts": max_prompts,
+                                         "max_body_bytes": max_body_bytes, "body_timeout_s": body_timeout,
+                                         "max_queued_units": max_queued_units}, "options", what="server limits")
         config = _backend_config(
             config_file,
             {"kind": backend.value if backend else None, "model": model, "served_model_name": served_model_name,
