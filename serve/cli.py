@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import typer
 
-from stepforge.errors import cli_errors, fail
+from stepforge.errors import ConfigError, cli_errors, fail
 
 
 class BackendChoice(str, Enum):
@@ -47,9 +47,16 @@ def _backend_config(config_file: Optional[Path], overrides: dict[str, Any]):
 
 
 def _run_guarded(fn) -> None:
-    """Run `fn`, turning expected errors into one line on stderr (exit 2)."""
+    """Run `fn`, turning expected errors (and invalid option values) into one line each on stderr (exit 2)."""
+    from pydantic import ValidationError
+
+    from stepforge.config_io import format_problems
+
     with cli_errors():
-        fn()
+        try:
+            fn()
+        except ValidationError as exc:
+            raise ConfigError(format_problems(exc, "options")) from None
 
 
 BACKEND_OPT = typer.Option(None, "--backend", help="Backend kind (default hf).")
