@@ -43,6 +43,12 @@ is what `--resume` uses: the loop replays from round 0, takes every sample
 already in samples.jsonl instead of generating it, and continues where the
 killed run stopped (see `loop/runstore.py`).
 
+Repair turns (`repair_turns` k > 0): after a step's first answers, each
+failed sample of a task the step has not solved goes back to the proposer
+with its conversation and verdicts, up to k turns (`_repair`); a task solved
+on any turn is solved, and its success rate counts every answer, turns
+included. Budgets (`loop/budget.py`) stop the loop with state `budget`.
+
 `run_algorithm1(tasks, proposer, guardian, verify, ...)` runs the loop in
 process with a plain verify function (the tests use it with a scripted
 proposer); the CLI's job around it (config, run directory, Ray, model pool,

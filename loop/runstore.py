@@ -32,6 +32,8 @@ proposer seed derives from the config seed and the key, so the driver
 replays the run from the start and skips every sample already on disk;
 the replay reaches exactly the state the killed run was in, and the run
 continues from there. Nothing verified is lost and nothing is redone.
+A repair turn t > 0 of a sample is keyed by the sample's key plus `/k<t>`
+(`turn`, with `parent` = the key of the turn it answers).
 
 One process at a time: the directory is locked (fcntl) while a run holds it.
 """
