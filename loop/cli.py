@@ -37,6 +37,11 @@ def print_summary(summary: dict, run_dir: Path, stream=None) -> None:
                   f"{run['samples']} samples, {run['verifications']} verifications, "
                   f"{run['prompt_tokens']} prompt + {run['completion_tokens']} completion tokens, "
                   f"{run['wall_seconds']:.1f} s")
+    repair = summary.get("repair") or {}
+    if repair.get("turns"):
+        console.print("repair turns: " + ", ".join(f"turn {t['turn']} {t['tasks_solved']} solved"
+                                                   for t in repair["per_turn"])
+                      + f"; solved only by repair: {len(repair['tasks_solved_by_repair'])}")
     console.print(f"run directory: {run_dir} (report: {run_dir / 'report.md'})")
 
 
