@@ -133,6 +133,9 @@ def test_cpu_smoke_with_repair_turns_reports_the_turns(ray_local, tiny_model_dir
                 parent["raw"].strip()
             assert f"`{parent['verdict']['stage']}` stage" in conversation[-1]["content"]
             assert r["prompt_tokens"] > parent["prompt_tokens"]
+    # the estimate printed before the first request: round 0's first prompts, by the model pool's tokenizer
+    first_prompts = sum(r["prompt_tokens"] for r in samples if r["turn"] == 0)
+    assert f"estimate: round 0 sends 3 requests for 3 samples, {first_prompts} prompt tokens" in res.output
     summary = json.loads((run / "summary.json").read_text())
     assert [t["samples"] for t in summary["repair"]["per_turn"]] == [3, 3, 3]
     report = (run / "report.md").read_text()
