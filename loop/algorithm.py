@@ -328,10 +328,9 @@ class SelfImprovementLoop:
                     seed=derive_seed(root.seed, root.index, "repair", turn), turn=turn, index=last.index,
                     parent=last.key,
                     history=[RepairTurn(reply=r.raw, program=r.guarded, verdict=r.verdict) for r in chain]))
-            new = self._execute(jobs, old)
-            for rec in new:
+            for rec in self._execute(jobs, old):
                 by_key[(rec.task, float(rec.temperature), rec.index)].append(rec)
-            added.extend(old + new)
+            added.extend(c[-1] for c in open_ if len(c) == turn + 1)  # chain order, replayed or not
         return added
 
     def _write_state(self, status: str, round_: int, step: int, reason: str = "") -> None:

@@ -56,6 +56,11 @@ def _improve(*args: str, env: dict) -> subprocess.CompletedProcess:
     return subprocess.run([STEPFORGE, "improve", *args], env=env, capture_output=True, text=True, timeout=300)
 
 
+def _buffer(run: Path) -> list:
+    return [(e["task_key"], e["impl"], e["success_count"], e["n_samples"], e["round"])
+            for e in load_jsonl(run / "buffer.jsonl")]
+
+
 def _view(run: Path) -> dict:
     out = {}
     for rec in load_jsonl(run / "samples.jsonl"):
@@ -98,7 +103,7 @@ def test_sigkill_mid_repair_then_resume_loses_and_reasks_nothing(reference, tmp_
 
     done = _improve("--resume", str(run), env=_env(0.0, log))
     assert done.returncode == 0, done.stderr
-    assert _view(run) == ref_view
+    assert _view(run) == ref_view and _buffer(run) == _buffer(ref)
     # nothing already answered is asked again: a follow-up (n = 1) on disk is never re-requested, and a first
     # request is re-run only for indices that were missing
     by_seed: dict[int, int] = {}
@@ -127,7 +132,7 @@ def test_budget_stop_then_resume_with_a_larger_budget(reference, tmp_path):
 
     more = _improve("--resume", str(run), "--set", "budget.samples=1000", env=_env(0.0))
     assert more.returncode == 0, more.stderr
-    assert _view(run) == ref_view
+    assert _view(run) == ref_view and _buffer(run) == _buffer(ref)
     assert json.loads((run / "state.json").read_text())["status"] == "done"
     assert "## Repair turns" in (run / "report.md").read_text()
 
