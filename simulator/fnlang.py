@@ -1,0 +1,560 @@
+"""The fn language of open mode (OPEN_MODE.md): model-written fn bodies, parsed and interpreted.
+
+`OpenCompiler` is the body compiler `fns.make_fn` takes for untrusted bodies.
+It parses the text with `ast.parse` (parsing runs nothing), bounds its size
+(characters, statements, nodes, nesting), then walks the tree accepting only
+the constructs OPEN_MODE.md lists and turns each node into a closure over
+torch calls. Nothing is exec'd, eval'd or compiled. Anything outside the
+language raises `FnLanguageError` naming the fn, the line and the construct,
+before any of the body runs.
+
+While a body runs, every call and every operator on tensors first computes
+the size of its result from the argument shapes (`fnlang_vocab` size rules)
+and raises `ResourceError` if it would pass the element cap, times the number
+of elements evaluated at once under vmap (`for_batch`). Python integers stay
+below 2**62, and `**` of integers is bounded before it is computed.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import operator
+from typing import Any, Callable, Iterable, Mapping, Optional
+
+import torch
+
+from stepforge.simulator.errors import FnLanguageError, ResourceError, SimulatorError, StepRuntimeError
+from stepforge.simulator.fns import FnSignature, make_fn
+from stepforge.simulator.fnlang_vocab import ATTRIBUTES, KEYWORDS, KNOWN, STANDARD, pointwise
+from stepforge.simulator.interpreter import DEFAULT_MAX_ELEMENTS
+
+MAX_BODY_CHARS = 4000
+MAX_STATEMENTS = 64
+MAX_NODES = 1500
+MAX_DEPTH = 24
+MAX_INT_LITERAL = 2**31
+MAX_INT = 2**62
+RESERVED = frozenset({"input", "state", "input_data", "torch", "math"})
+
+Closure = Callable[["_Env"], Any]
+
+_BINOPS = {ast.Add: ("+", operator.add), ast.Sub: ("-", operator.sub), ast.Mult: ("*", operator.mul),
+           ast.Div: ("/", operator.truediv), ast.FloorDiv: ("//", operator.floordiv), ast.Mod: ("%", operator.mod),
+           ast.Pow: ("**", operator.pow), ast.MatMult: ("@", operator.matmul)}
+_OTHER_BINOPS = {ast.BitAnd: "&", ast.BitOr: "|", ast.BitXor: "^", ast.LShift: "<<", ast.RShift: ">>"}
+_COMPARE = {ast.Lt: ("<", operator.lt), ast.LtE: ("<=", operator.le), ast.Gt: (">", operator.gt),
+            ast.GtE: (">=", operator.ge), ast.Eq: ("==", operator.eq), ast.NotEq: ("!=", operator.ne)}
+_INDEX_OPS = (ast.Add, ast.Sub, ast.Mult, ast.FloorDiv, ast.Mod)
+_CONSTRUCTS = {
+    ast.Import: "import", ast.ImportFrom: "import", ast.If: "'if'", ast.For: "a loop ('for')",
+    ast.While: "a loop ('while')", ast.FunctionDef: "'def'", ast.AsyncFunctionDef: "'def'", ast.ClassDef: "'class'",
+    ast.With: "'with'", ast.AsyncWith: "'with'", ast.Try: "'try'", ast.Global: "'global'", ast.Nonlocal: "'nonlocal'",
+    ast.Delete: "'del'", ast.Assert: "'assert'", ast.Raise: "'raise'", ast.Pass: "'pass'", ast.Break: "'break'",
+    ast.Continue: "'continue'", ast.AugAssign: "augmented assignment", ast.AnnAssign: "annotated assignment",
+    ast.Lambda: "lambda", ast.ListComp: "a comprehension", ast.SetComp: "a comprehension",
+    ast.DictComp: "a comprehension", ast.GeneratorExp: "a comprehension", ast.IfExp: "a conditional expression",
+    ast.JoinedStr: "an f-string", ast.NamedExpr: "':='", ast.BoolOp: "'and'/'or'", ast.Dict: "a dict",
+    ast.Set: "a set", ast.Await: "'await'", ast.Yield: "'yield'", ast.YieldFrom: "'yield'", ast.Starred: "'*' unpacking",
+    ast.Match: "'match'", ast.AsyncFor: "a loop ('for')",
+}
+if hasattr(ast, "TryStar"):
+    _CONSTRUCTS[ast.TryStar] = "'try'"
+
+
+def _construct(node: ast.AST) -> str:
+    return _CONSTRUCTS.get(type(node), type(node).__name__)
+
+
+def _dunder(name: str) -> bool:
+    return name.startswith("__") or name.startswith("_")
+
+
+class _Env:
+    """One evaluation: the body's variables, the parameters, and the allocation bound."""
+
+    __slots__ = ("vars", "params", "limit")
+
+    def __init__(self, variables: dict, params: Mapping[str, Any], limit: int):
+        self.vars, self.params, self.limit = variables, params, limit
+
+
+class InterpretedBody:
+    """A compiled fn body: call it as `body(inputs, state)`, like a task fn's body."""
+
+    def __init__(self, run: Callable[[_Env], Any], params: Mapping[str, Any], cap: int, scale: int = 1):
+        self._run, self._params, self._cap, self._scale = run, params, cap, scale
+
+    def __call__(self, inputs: list, state: Optional[list] = None):
+        return self._run(_Env({"input": inputs, "state": state}, self._params, self._cap // self._scale))
+
+    def for_batch(self, n: int) -> "InterpretedBody":
+        """The same body for `n` elements evaluated at once (vmap): its allocation bound divided by `n`."""
+        return InterpretedBody(self._run, self._params, self._cap, max(1, int(n)))
+
+
+class _Compiler:
+    """Walks one parsed body, rejecting what is outside the language, building closures for the rest."""
+
+    def __init__(self, sig: FnSignature, sizes: Mapping[str, int], parameters: frozenset[str],
+                 vocabulary: frozenset[str]):
+        self.fn = sig.func_name
+        self.n_inputs = len(sig.input_type.fields())
+        self.n_state = len(sig.output_type.fields()) if sig.is_fold else None
+        self.sizes, self.parameters, self.vocabulary = dict(sizes), parameters, vocabulary
+        self.defined: set[str] = set()
+
+    def fail(self, node: Optional[ast.AST], what: str):
+        raise FnLanguageError(self.fn, getattr(node, "lineno", None), what)
+
+    def runtime(self, line: int, what: str) -> StepRuntimeError:
+        return StepRuntimeError(f"fn {self.fn}, line {line}: {what}")
+
+    # -- statements ---------------------------------------------------------
+    def body(self, tree: ast.Module) -> Closure:
+        stmts = tree.body
+        if not stmts:
+            self.fail(None, "the body is empty")
+        if len(stmts) > MAX_STATEMENTS:
+            self.fail(stmts[MAX_STATEMENTS], f"the body has {len(stmts)} statements (limit {MAX_STATEMENTS})")
+        steps: list[Closure] = []
+        for i, st in enumerate(stmts):
+            last = i == len(stmts) - 1
+            if isinstance(st, ast.Assign):
+                steps.append(self.assign(st))
+            elif isinstance(st, (ast.Return, ast.Expr)) and last:
+                if st.value is None:
+                    self.fail(st, "'return' needs a value: return [tensor, ...]")
+                steps.append(self.expr(st.value))
+            elif isinstance(st, ast.Return):
+                self.fail(st, "statements after 'return' are not allowed")
+            elif isinstance(st, ast.Expr):
+                self.fail(st, "an expression statement before the last line is not allowed")
+            else:
+                self.fail(st, f"{_construct(st)} is not allowed")
+        if not isinstance(stmts[-1], (ast.Return, ast.Expr)):
+            self.fail(stmts[-1], "the body must end with 'return [...]' or an expression")
+        *assigns, result = steps
+
+        def run(env: _Env):
+            for step in assigns:
+                step(env)
+            return result(env)
+
+        return run
+
+    def assign(self, st: ast.Assign) -> Closure:
+        if len(st.targets) != 1:
+            self.fail(st, "chained assignment (a = b = ...) is not allowed")
+        target, value = st.targets[0], self.expr(st.value)
+        if isinstance(target, ast.Name):
+            name = self.target_name(target)
+
+            def set_one(env: _Env):
+                env.vars[name] = value(env)
+
+            return set_one
+        if isinstance(target, (ast.Tuple, ast.List)):
+            names = [self.target_name(t) for t in target.elts]
+            line = st.lineno
+
+            def set_many(env: _Env):
+                v = value(env)
+                if not isinstance(v, (list, tuple)):
+                    raise self.runtime(line, f"can only unpack a list or tuple into {len(names)} names, got a {_kind(v)}")
+                if len(v) != len(names):
+                    raise self.runtime(line, f"cannot unpack {len(v)} values into {len(names)} names")
+                env.vars.update(zip(names, v))
+
+            return set_many
+        self.fail(target, f"assigning to {_construct(target).lower()} is not allowed (assign names only)")
+
+    def target_name(self, node: ast.AST) -> str:
+        if not isinstance(node, ast.Name):
+            self.fail(node, f"assigning to {_construct(node).lower()} is not allowed (assign names only)")
+        name = node.id
+        if name in RESERVED or name.endswith("_value") or _dunder(name):
+            self.fail(node, f"assigning to the name '{name}' is not allowed")
+        self.defined.add(name)
+        return name
+
+    # -- expressions --------------------------------------------------------
+    def expr(self, node: ast.AST) -> Closure:
+        method = getattr(self, "x_" + type(node).__name__, None)
+        if method is None:
+            self.fail(node, f"{_construct(node)} is not allowed")
+        return method(node)
+
+    def x_Constant(self, node: ast.Constant) -> Closure:
+        v = node.value
+        if isinstance(v, str):
+            self.fail(node, "a string literal is not allowed (only a parameter name in input_data['P'])")
+        if v is not None and not isinstance(v, (bool, int, float)):
+            self.fail(node, f"a {type(v).__name__} literal is not allowed")
+        if isinstance(v, int) and not isinstance(v, bool) and abs(v) > MAX_INT_LITERAL:
+            self.fail(node, f"the integer literal {v} is too large (limit {MAX_INT_LITERAL})")
+        return lambda env: v
+
+    def x_Name(self, node: ast.Name) -> Closure:
+        name = node.id
+        if name == "input":
+            return lambda env: env.vars["input"]
+        if name == "state":
+            if self.n_state is None:
+                self.fail(node, "'state' exists only in a fold (a fn with init)")
+            return lambda env: env.vars["state"]
+        if name in self.defined:
+            return lambda env: env.vars[name]
+        if name in self.sizes:
+            value = self.sizes[name]
+            return lambda env: value
+        if name in ("torch", "math"):
+            self.fail(node, f"the name '{name}' on its own is not allowed")
+        if name == "input_data":
+            self.fail(node, "input_data is only allowed as input_data['P'] for a parameter P of the task")
+        if _dunder(name):
+            self.fail(node, f"the name '{name}' is not allowed")
+        self.fail(node, f"the name '{name}' is not defined (a body sees input, state, the names it assigned, "
+                        f"size values such as {next(iter(sorted(self.sizes)), 'D_value')}, and math.pi)")
+
+    def x_Attribute(self, node: ast.Attribute) -> Closure:
+        if _dunder(node.attr):
+            self.fail(node, f"attribute '{node.attr}' is not allowed")
+        if isinstance(node.value, ast.Name) and node.value.id == "math" and node.attr == "pi":
+            return lambda env: math.pi
+        if node.attr in ATTRIBUTES and node.attr in self.vocabulary and not _is_module(node.value):
+            value, line = self.expr(node.value), node.lineno
+
+            def transposed(env: _Env):
+                v = value(env)
+                if not isinstance(v, torch.Tensor):
+                    raise self.runtime(line, f".T needs a tensor, got a {_kind(v)}")
+                return v.T
+
+            return transposed
+        self.fail(node, f"attribute '{node.attr}' is not allowed" + ("" if _is_module(node.value) else " (x.T is the one attribute)"))
+
+    def x_Subscript(self, node: ast.Subscript) -> Closure:
+        base = node.value
+        if isinstance(base, ast.Name) and base.id in ("input", "state"):
+            return self.field(node, base.id)
+        if isinstance(base, ast.Name) and base.id == "input_data":
+            key = node.slice
+            if not (isinstance(key, ast.Constant) and isinstance(key.value, str)):
+                self.fail(node, "input_data[...] needs a parameter name in quotes, e.g. input_data['W']")
+            if key.value not in self.parameters:
+                known = ", ".join(sorted(self.parameters)) or "none"
+                self.fail(node, f"input_data[{key.value!r}]: the task has no parameter {key.value!r} (parameters: {known})")
+            name, line = key.value, node.lineno
+
+            def parameter(env: _Env):
+                if name not in env.params:
+                    raise self.runtime(line, f"parameter {name!r} has no data")
+                return env.params[name]
+
+            return parameter
+        value, index, line = self.expr(base), self.index(node.slice), node.lineno
+
+        def subscript(env: _Env):
+            v, i = value(env), index(env)
+            if isinstance(v, torch.Tensor) or (isinstance(v, (list, tuple)) and isinstance(i, int)):
+                try:
+                    return v[i]
+                except (IndexError, RuntimeError, TypeError) as exc:
+                    raise self.runtime(line, f"indexing failed: {exc}") from None
+            raise self.runtime(line, f"cannot index a {_kind(v)} with {i!r}")
+
+        return subscript
+
+    def field(self, node: ast.Subscript, which: str) -> Closure:
+        n = self.n_inputs if which == "input" else self.n_state
+        key = node.slice
+        i = _int_literal(key)
+        if i is None:
+            self.fail(node, f"{which}[...] takes an integer literal, e.g. {which}[0]")
+        if not -n <= i < n:
+            self.fail(node, f"{which}[{i}] is out of range: the fn has {n} {which} field(s)")
+        return lambda env: env.vars[which][i]
+
+    def index(self, node: ast.AST) -> Closure:
+        if isinstance(node, ast.Tuple):
+            items = [self.index_item(e) for e in node.elts]
+            return lambda env: tuple(item(env) for item in items)
+        return self.index_item(node)
+
+    def index_item(self, node: ast.AST) -> Closure:
+        if isinstance(node, ast.Slice):
+            parts = [None if p is None else self.index_int(p) for p in (node.lower, node.upper, node.step)]
+            return lambda env: slice(*(None if p is None else p(env) for p in parts))
+        if isinstance(node, ast.Constant) and (node.value is None or node.value is Ellipsis):
+            value = node.value
+            return lambda env: value
+        return self.index_int(node)
+
+    def index_int(self, node: ast.AST) -> Closure:
+        if isinstance(node, ast.Constant) and isinstance(node.value, int) and not isinstance(node.value, bool):
+            return self.x_Constant(node)
+        if isinstance(node, ast.Name):
+            value, line = self.x_Name(node), node.lineno
+
+            def name_value(env: _Env):
+                v = value(env)
+                if isinstance(v, bool) or not isinstance(v, int):
+                    raise self.runtime(line, f"an index must be an integer, '{node.id}' is a {_kind(v)}")
+                return v
+
+            return name_value
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            inner = self.index_int(node.operand)
+            return lambda env: -inner(env)
+        if isinstance(node, ast.BinOp) and isinstance(node.op, _INDEX_OPS):
+            return self.x_BinOp(node, index=True)
+        self.fail(node, f"{_construct(node)} in a subscript is not allowed "
+                        f"(indices are integers, size values, slices, ..., None)")
+
+    def x_BinOp(self, node: ast.BinOp, index: bool = False) -> Closure:
+        if type(node.op) not in _BINOPS:
+            self.fail(node, f"the operator '{_OTHER_BINOPS.get(type(node.op), type(node.op).__name__)}' is not allowed")
+        symbol, op = _BINOPS[type(node.op)]
+        sub = self.index_int if index else self.expr
+        left, right, line = sub(node.left), sub(node.right), node.lineno
+        size_of = _matmul_size if symbol == "@" else pointwise
+
+        def binop(env: _Env):
+            a, b = left(env), right(env)
+            for v in (a, b):
+                if not _operand(v):
+                    raise self.runtime(line, f"'{symbol}' needs tensors or numbers, got a {_kind(v)}")
+            if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+                self.bound(env, line, f"'{symbol}'", size_of((a, b), {}))
+            elif symbol == "**" and isinstance(a, int) and isinstance(b, int):
+                if b > 0 and abs(a) > 1 and b * abs(a).bit_length() > 62:
+                    raise ResourceError(f"fn {self.fn}, line {line}: {a} ** {b} is too large an integer")
+            try:
+                out = op(a, b)
+            except Exception as exc:
+                raise self.runtime(line, f"'{symbol}' raised {type(exc).__name__}: {exc}") from None
+            if isinstance(out, int) and abs(out) > MAX_INT:
+                raise ResourceError(f"fn {self.fn}, line {line}: an integer of {out.bit_length()} bits is too large")
+            return out
+
+        return binop
+
+    def x_UnaryOp(self, node: ast.UnaryOp) -> Closure:
+        if not isinstance(node.op, ast.USub):
+            symbol = {ast.Not: "not", ast.Invert: "~", ast.UAdd: "unary +"}.get(type(node.op), "?")
+            self.fail(node, f"the operator '{symbol}' is not allowed")
+        operand, line = self.expr(node.operand), node.lineno
+
+        def negate(env: _Env):
+            v = operand(env)
+            if not _operand(v):
+                raise self.runtime(line, f"'-' needs a tensor or a number, got a {_kind(v)}")
+            return -v
+
+        return negate
+
+    def x_Compare(self, node: ast.Compare) -> Closure:
+        if len(node.ops) != 1:
+            self.fail(node, "a chained comparison is not allowed (compare two values)")
+        if type(node.ops[0]) not in _COMPARE:
+            self.fail(node, f"the comparison '{type(node.ops[0]).__name__}' is not allowed (use < <= > >= == !=)")
+        symbol, op = _COMPARE[type(node.ops[0])]
+        left, right, line = self.expr(node.left), self.expr(node.comparators[0]), node.lineno
+
+        def compare(env: _Env):
+            a, b = left(env), right(env)
+            for v in (a, b):
+                if not _operand(v):
+                    raise self.runtime(line, f"'{symbol}' needs tensors or numbers, got a {_kind(v)}")
+            self.bound(env, line, f"'{symbol}'", pointwise((a, b), {}))
+            return op(a, b)
+
+        return compare
+
+    def x_List(self, node: ast.List) -> Closure:
+        items = [self.expr(e) for e in node.elts]
+        return lambda env: [item(env) for item in items]
+
+    def x_Tuple(self, node: ast.Tuple) -> Closure:
+        items = [self.expr(e) for e in node.elts]
+        return lambda env: tuple(item(env) for item in items)
+
+    def x_Call(self, node: ast.Call) -> Closure:
+        name, function, receiver = self.callee(node.func)
+        args = []
+        for a in node.args:
+            if isinstance(a, ast.Starred):
+                self.fail(a, "'*' unpacking is not allowed")
+            args.append(self.expr(a))
+        kwargs = {}
+        for kw in node.keywords:
+            if kw.arg is None:
+                self.fail(kw.value, "'**' arguments are not allowed")
+            if kw.arg not in KEYWORDS:
+                self.fail(kw.value, f"the keyword argument '{kw.arg}' is not allowed "
+                                    f"(allowed: {', '.join(sorted(KEYWORDS))})")
+            kwargs[kw.arg] = self.expr(kw.value)
+        entry, line = KNOWN[name], node.lineno
+        label = f"torch.{name}" if receiver is None else f".{name}"
+
+        def call(env: _Env):
+            values = [receiver(env)] if receiver is not None else []
+            if receiver is not None and not isinstance(values[0], torch.Tensor):
+                raise self.runtime(line, f"{label}(...) needs a tensor before the dot, got a {_kind(values[0])}")
+            values += [a(env) for a in args]
+            named = {k: v(env) for k, v in kwargs.items()}
+            for v in list(values) + list(named.values()):
+                if not _argument(v):
+                    raise self.runtime(line, f"{label} got an argument of kind {_kind(v)}")
+            try:
+                size = entry.size(tuple(values), named)
+            except ValueError as exc:
+                raise self.runtime(line, f"{label}: {exc}") from None
+            self.bound(env, line, label, size)
+            try:
+                return function(*values, **named)
+            except SimulatorError:
+                raise
+            except Exception as exc:
+                raise self.runtime(line, f"{label} raised {type(exc).__name__}: {_first_line(exc)}") from None
+
+        return call
+
+    def callee(self, func: ast.AST) -> tuple[str, Callable, Optional[Closure]]:
+        """(vocabulary name, the torch callable, the receiver closure for x.F or None)."""
+        if isinstance(func, ast.Name):
+            self.fail(func, f"calling '{func.id}' is not allowed (calls are torch.F(...), "
+                            f"torch.nn.functional.F(...) or x.F(...) for F in the vocabulary)")
+        if not isinstance(func, ast.Attribute):
+            self.fail(func, f"calling {_construct(func).lower()} is not allowed")
+        name = func.attr
+        if _dunder(name):
+            self.fail(func, f"attribute '{name}' is not allowed")
+        path = _dotted(func)
+        if path is not None and path[0] in ("torch", "math"):
+            for part in path[1:]:
+                if _dunder(part):
+                    self.fail(func, f"attribute '{part}' is not allowed")
+            if path[0] == "torch" and (len(path) == 2 or path[1:3] == ["nn", "functional"] and len(path) == 4):
+                entry = KNOWN.get(name)
+                if name not in self.vocabulary or entry is None or entry.function is None:
+                    self.fail(func, f"the torch function '{name}' is not in the vocabulary")
+                return name, entry.function, None
+            self.fail(func, f"'{'.'.join(path)}' is not allowed (call torch.F or torch.nn.functional.F "
+                            f"for F in the vocabulary)")
+        entry = KNOWN.get(name)
+        if name not in self.vocabulary or entry is None:
+            self.fail(func, f"the method '{name}' is not in the vocabulary")
+        if entry.method is None:
+            self.fail(func, f"'{name}' has no method form: write torch.{name}(x, ...)")
+        return name, entry.method, self.expr(func.value)
+
+    def bound(self, env: _Env, line: int, what: str, size: Optional[int]) -> None:
+        if size is not None and size > env.limit:
+            raise ResourceError(f"fn {self.fn}, line {line}: {what} would make a tensor of {size:,} elements "
+                                f"(limit {env.limit:,} per element of the stream)")
+
+
+def _matmul_size(args: tuple, kwargs: dict) -> Optional[int]:
+    return KNOWN["matmul"].size(args, kwargs)
+
+
+def _is_module(node: ast.AST) -> bool:
+    path = _dotted(node)
+    return path is not None and path[0] in ("torch", "math")
+
+
+def _dotted(node: ast.AST) -> Optional[list[str]]:
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if isinstance(node, ast.Name):
+        return [node.id] + parts[::-1]
+    return None
+
+
+def _int_literal(node: ast.AST) -> Optional[int]:
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        inner = _int_literal(node.operand)
+        return None if inner is None else -inner
+    if isinstance(node, ast.Constant) and isinstance(node.value, int) and not isinstance(node.value, bool):
+        return node.value
+    return None
+
+
+def _operand(v: Any) -> bool:
+    return isinstance(v, (torch.Tensor, int, float))
+
+
+def _argument(v: Any, depth: int = 0) -> bool:
+    if v is None or isinstance(v, (torch.Tensor, int, float)):
+        return True
+    return depth < 2 and isinstance(v, (list, tuple)) and all(_argument(x, depth + 1) for x in v)
+
+
+def _kind(v: Any) -> str:
+    return "tensor" if isinstance(v, torch.Tensor) else type(v).__name__
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else "")[:200]
+
+
+def _check_size(source: str, func_name: str) -> ast.Module:
+    """Parse after bounding the text; then bound its statements, nodes and nesting."""
+    if len(source) > MAX_BODY_CHARS:
+        raise FnLanguageError(func_name, None, f"the body has {len(source):,} characters (limit {MAX_BODY_CHARS:,})")
+    try:
+        tree = ast.parse(source, mode="exec")
+    except SyntaxError as exc:
+        raise FnLanguageError(func_name, exc.lineno, f"not Python syntax: {exc.msg}") from None
+    except (RecursionError, MemoryError, ValueError):
+        raise FnLanguageError(func_name, None, "the body is too deeply nested to parse") from None
+    nodes, stack = 0, [(node, 1) for node in tree.body]
+    while stack:
+        node, depth = stack.pop()
+        nodes += 1
+        if nodes > MAX_NODES:
+            raise FnLanguageError(func_name, getattr(node, "lineno", None), f"the body has more than {MAX_NODES} syntax nodes")
+        if depth > MAX_DEPTH:
+            raise FnLanguageError(func_name, getattr(node, "lineno", None),
+                                  f"an expression nested more than {MAX_DEPTH} deep is not allowed")
+        stack.extend((child, depth + 1) for child in ast.iter_child_nodes(node)
+                     if not isinstance(child, (ast.expr_context, ast.operator, ast.unaryop, ast.cmpop, ast.boolop)))
+    return tree
+
+
+class OpenCompiler:
+    """The body compiler for model-written fns (pass as `make_fn(..., compile_body=OpenCompiler(...))`).
+
+    `parameters`: the task's parameter names (`input_data['P']`); `vocabulary`:
+    the names allowed (default: the standard vocabulary); `max_elements`: the
+    element cap of one tensor a body makes.
+    """
+
+    def __init__(self, parameters: Iterable[str] = (), vocabulary: Optional[Iterable[str]] = None,
+                 max_elements: int = DEFAULT_MAX_ELEMENTS):
+        self.parameters = frozenset(parameters)
+        self.vocabulary = frozenset(STANDARD if vocabulary is None else vocabulary)
+        self.max_elements = int(max_elements)
+
+    def __call__(self, apply: str, sig: FnSignature, namespace: Mapping[str, Any]) -> InterpretedBody:
+        tree = _check_size(apply, sig.func_name)
+        sizes = {k: v for k, v in namespace.items()
+                 if k.endswith("_value") and isinstance(v, int) and not isinstance(v, bool)}
+        run = _Compiler(sig, sizes, self.parameters, self.vocabulary).body(tree)
+        return InterpretedBody(run, namespace.get("input_data", {}), self.max_elements)
+
+
+def make_open_fn(name: str, func_name: str, input_dtype, output_dtype, apply: str, init=None,
+                 namespace: Optional[dict] = None, parameters: Iterable[str] = (),
+                 vocabulary: Optional[Iterable[str]] = None, max_elements: int = DEFAULT_MAX_ELEMENTS):
+    """A StepFn from a model-written fn entry; FnLanguageError if its body is outside the language."""
+    return make_fn(name, func_name, input_dtype, output_dtype, apply, init, namespace,
+                   compile_body=OpenCompiler(parameters, vocabulary, max_elements))
+
+
+__all__ = ["InterpretedBody", "MAX_BODY_CHARS", "MAX_DEPTH", "MAX_STATEMENTS", "OpenCompiler", "make_open_fn"]
