@@ -2,7 +2,8 @@
 
 A task file is one YAML mapping with the keys of the spec (`test_name`,
 `global`, `inputs`, `parameters`, `fns`, `outputs`, `impl`) and stepforge's
-optional keys (`group`, `description`, `bindings`, `tolerance`); see
+optional keys (`group`, `description`, `bindings`, `tolerance`, and for open
+mode `open` and `vocabulary`, see OPEN_MODE.md); see
 benchmark/TASK_FORMAT.md. `load_task` reads one file, `load_benchmark` the
 whole benchmark keyed by `<group>/<test_name>`. Every problem with a file is a
 `TaskFileError` that names the file, the key path (`fns[2].init`) and what was
@@ -36,7 +37,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Iterable, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator, model_validator
 
 TASKS_ROOT = Path(__file__).resolve().parent / "tasks"
 
@@ -361,6 +362,24 @@ class Tolerance(_Strict):
     atol: Optional[float] = Field(default=None, ge=0)
 
 
+class Vocabulary(_Strict):
+    """`vocabulary: {add: [...], remove: [...]}`: the standard fn vocabulary of open mode, extended or narrowed."""
+
+    add: list[str] = Field(default_factory=list)
+    remove: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _known(self):
+        self.names()
+        return self
+
+    def names(self) -> frozenset[str]:
+        """The names an open candidate's fns may use."""
+        from stepforge.simulator.fnlang_vocab import vocabulary
+
+        return vocabulary(self.add, self.remove)
+
+
 class Task(_Strict):
     """One benchmark task (STEP_SPEC.md section 5 plus stepforge's optional keys)."""
 
@@ -374,6 +393,8 @@ class Task(_Strict):
     outputs: list[OutputDecl]
     bindings: list[dict[str, int]] = Field(default_factory=list)
     tolerance: Optional[Tolerance] = None
+    open: StrictBool = True
+    vocabulary: Optional[Vocabulary] = None
     impl: Optional[str] = None
 
     @field_validator("test_name", mode="before")
@@ -490,7 +511,9 @@ class Task(_Strict):
 
     def fingerprint(self) -> str:
         """A hash of everything but `impl` and `description`: tasks with equal fingerprints verify alike."""
-        data = self.model_dump(mode="json", by_alias=True, exclude={"impl", "description"})
+        data = self.model_dump(mode="json", by_alias=True, exclude={"impl", "description", "open", "vocabulary"})
+        if self.vocabulary is not None:  # only open mode reads it; tasks without one keep their fingerprint
+            data["vocabulary"] = self.vocabulary.model_dump()
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_dict(self, include_impl: bool = True, include_meta: bool = True) -> dict:
@@ -511,6 +534,10 @@ class Task(_Strict):
             out["bindings"] = [_Flow(dict(b)) for b in self.bindings]
         if include_meta and self.tolerance is not None:
             out["tolerance"] = _Flow(self.tolerance.model_dump(exclude_none=True))
+        if include_meta and not self.open:
+            out["open"] = False
+        if include_meta and self.vocabulary is not None:
+            out["vocabulary"] = _Flow({k: _FlowList(v) for k, v in self.vocabulary.model_dump().items() if v})
         if include_impl and self.impl:
             out["impl"] = _Literal(self.impl)
         return out
@@ -669,7 +696,7 @@ _LOCATED = re.compile(r"^([A-Za-z_][A-Za-z_0-9]*(?:\[\d+\]|\.[A-Za-z_][A-Za-z_0-
 def _allowed_keys(parent: str) -> list[str]:
     last = re.sub(r"\[\d+\]$", "", parent.rpartition(".")[2]) if parent else ""
     model = {"inputs": InputDecl, "parameters": ParameterDecl, "fns": FnDecl, "outputs": OutputDecl,
-             "tolerance": Tolerance, "data_gen": MultihotGen}.get(last, Task)
+             "tolerance": Tolerance, "data_gen": MultihotGen, "vocabulary": Vocabulary}.get(last, Task)
     return [f.alias or name for name, f in model.model_fields.items()]
 
 
@@ -759,6 +786,7 @@ __all__ = [
     "Task",
     "TaskFileError",
     "Tolerance",
+    "Vocabulary",
     "load_benchmark",
     "load_task",
     "normalise_code",
