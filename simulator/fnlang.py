@@ -56,7 +56,8 @@ _CONSTRUCTS = {
     ast.DictComp: "a comprehension", ast.GeneratorExp: "a comprehension", ast.IfExp: "a conditional expression",
     ast.JoinedStr: "an f-string", ast.NamedExpr: "':='", ast.BoolOp: "'and'/'or'", ast.Dict: "a dict",
     ast.Set: "a set", ast.Await: "'await'", ast.Yield: "'yield'", ast.YieldFrom: "'yield'", ast.Starred: "'*' unpacking",
-    ast.Match: "'match'", ast.AsyncFor: "a loop ('for')",
+    ast.Match: "'match'", ast.AsyncFor: "a loop ('for')", ast.Subscript: "a subscript", ast.Attribute: "an attribute",
+    ast.Call: "a call", ast.Compare: "a comparison", ast.BinOp: "an operator", ast.List: "a list", ast.Tuple: "a tuple",
 }
 if hasattr(ast, "TryStar"):
     _CONSTRUCTS[ast.TryStar] = "'try'"
@@ -167,11 +168,11 @@ class _Compiler:
                 env.vars.update(zip(names, v))
 
             return set_many
-        self.fail(target, f"assigning to {_construct(target).lower()} is not allowed (assign names only)")
+        self.fail(target, f"assigning to {_construct(target)} is not allowed (assign names only)")
 
     def target_name(self, node: ast.AST) -> str:
         if not isinstance(node, ast.Name):
-            self.fail(node, f"assigning to {_construct(node).lower()} is not allowed (assign names only)")
+            self.fail(node, f"assigning to {_construct(node)} is not allowed (assign names only)")
         name = node.id
         if name in RESERVED or name.endswith("_value") or _dunder(name):
             self.fail(node, f"assigning to the name '{name}' is not allowed")
@@ -268,6 +269,8 @@ class _Compiler:
 
     def field(self, node: ast.Subscript, which: str) -> Closure:
         n = self.n_inputs if which == "input" else self.n_state
+        if n is None:
+            self.fail(node, "'state' exists only in a fold (a fn with init)")
         key = node.slice
         i = _int_literal(key)
         if i is None:
@@ -427,7 +430,7 @@ class _Compiler:
             self.fail(func, f"calling '{func.id}' is not allowed (calls are torch.F(...), "
                             f"torch.nn.functional.F(...) or x.F(...) for F in the vocabulary)")
         if not isinstance(func, ast.Attribute):
-            self.fail(func, f"calling {_construct(func).lower()} is not allowed")
+            self.fail(func, f"calling {_construct(func)} is not allowed")
         name = func.attr
         if _dunder(name):
             self.fail(func, f"attribute '{name}' is not allowed")
@@ -506,7 +509,8 @@ def _first_line(exc: BaseException) -> str:
 def _check_size(source: str, func_name: str) -> ast.Module:
     """Parse after bounding the text; then bound its statements, nodes and nesting."""
     if len(source) > MAX_BODY_CHARS:
-        raise FnLanguageError(func_name, None, f"the body has {len(source):,} characters (limit {MAX_BODY_CHARS:,})")
+        line = source.count("\n", 0, MAX_BODY_CHARS) + 1
+        raise FnLanguageError(func_name, line, f"the body has {len(source):,} characters (limit {MAX_BODY_CHARS:,})")
     try:
         tree = ast.parse(source, mode="exec")
     except SyntaxError as exc:
