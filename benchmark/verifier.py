@@ -2,6 +2,8 @@
 
 `verify(task, impl)` checks, in this order, and stops at the first failure:
 
+    fns      (open mode only, `verify(..., fns=builder)`) the candidate's fns
+             build: inside the fn language and vocabulary, valid declared types
     parse    the text is in the STeP language (never exec'd)
     type     it type-checks against the task's inputs and fns
     affine   every stream is consumed at most once (see below)
@@ -60,7 +62,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Literal, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Literal, Mapping, Optional, Sequence, Union
 
 import torch
 from pydantic import BaseModel, Field
@@ -70,8 +72,8 @@ from stepforge.benchmark.schema import MultihotGen, Task, TaskFileError, resolve
 from stepforge.simulator.fns import build_namespace, namespace_binding
 from stepforge.simulator.shapes import DEFAULT_SIZES, format_shape
 
-Stage = Literal["ok", "parse", "type", "affine", "arity", "dtype", "shape", "value", "timeout", "resource", "runtime"]
-STAGES: tuple[str, ...] = ("ok", "parse", "type", "affine", "arity", "dtype", "shape", "value", "timeout", "resource", "runtime")
+Stage = Literal["ok", "fns", "parse", "type", "affine", "arity", "dtype", "shape", "value", "timeout", "resource", "runtime"]
+STAGES: tuple[str, ...] = ("ok", "fns", "parse", "type", "affine", "arity", "dtype", "shape", "value", "timeout", "resource", "runtime")
 
 EPS32 = float(torch.finfo(torch.float32).eps)
 TOL_FACTOR = 8.0
@@ -121,6 +123,7 @@ class _RunData:
     refs: list[list[torch.Tensor]]  # float64, per output, per field
     dev32: list[list[float]]
     setup_s: float
+    namespace: Optional[dict] = None  # what the task's fns were built with (open mode builds its own from it)
 
 
 _PREPARED: "OrderedDict[str, _Prepared]" = OrderedDict()
@@ -309,7 +312,7 @@ def _run_data(task: Task, prepared: _Prepared, partial: Mapping[str, int], seed:
     fns = _build_fns(task, ns)
     refs = _reference(task, prepared, binding, input_data)
     dev32 = _float32_deviation(task, prepared, ns, input_data, refs)
-    run = _RunData(binding, inputs, fns, refs, dev32, time.perf_counter() - t0)
+    run = _RunData(binding, inputs, fns, refs, dev32, time.perf_counter() - t0, namespace=ns)
     _lru_put(_RUNS, key, run, _MAX_RUNS)
     return run
 
@@ -460,10 +463,10 @@ def _fmt_binding(binding: Mapping[str, int]) -> str:
     return " ".join(f"{k}={v}" for k, v in binding.items())
 
 
-def _static_check(prepared: _Prepared, program) -> Optional[tuple[str, str]]:
+def _static_check(prepared: _Prepared, program, fns: Mapping[str, sim.StepFn]) -> Optional[tuple[str, str]]:
     """Types, arity, dtype, shape of the returned streams: None or (stage, message)."""
     try:
-        out_types = sim.typecheck(program, prepared.input_types, prepared.static_fns, prepared.static_binding)
+        out_types = sim.typecheck(program, prepared.input_types, fns, prepared.static_binding)
     except sim.StepTypeError as exc:
         return "type", exc.message
     except sim.SimulatorError as exc:
@@ -493,8 +496,13 @@ def verify(
     engine: str = "vectorised",
     check_affine: bool = True,
     max_elements: int = DEFAULT_MAX_ELEMENTS,
+    fns: Optional[FnBuilder] = None,
 ) -> Verdict:
     """Verify `impl_text` (default: the task's reference `impl`) against `task`.
+
+    `fns` (open mode, see benchmark/open_mode.py) builds the fns the program
+    runs with, in place of the task's, from a binding's namespace; a failure
+    to build them is the verdict's `fns` stage.
 
     `task` is a Task, a benchmark key (`norm/G_0_8_01`) or a task file path.
     `bindings`: partial size bindings over the defaults (`[{"D": 8}]`); None
@@ -504,14 +512,16 @@ def verify(
     if not isinstance(task, Task):
         task = resolve_task(task)
     with _VERIFY_LOCK:  # the caches and torch's default dtype (set while an oracle runs) are process-wide
-        return _verify(task, impl_text, seeds, bindings, engine, check_affine, max_elements)
+        return _verify(task, impl_text, seeds, bindings, engine, check_affine, max_elements, fns)
 
 
 _VERIFY_LOCK = threading.RLock()
 
+FnBuilder = Callable[[dict], Mapping[str, sim.StepFn]]  # a binding's namespace -> fns by func_name
+
 
 def _verify(task: Task, impl_text: Optional[str], seeds: Sequence[int], bindings, engine: str,
-            check_affine: bool, max_elements: int) -> Verdict:
+            check_affine: bool, max_elements: int, fn_builder: Optional[FnBuilder] = None) -> Verdict:
     seeds = tuple(int(s) for s in seeds)
     if not seeds:
         raise ValueError("verify needs at least one seed")
@@ -529,6 +539,13 @@ def _verify(task: Task, impl_text: Optional[str], seeds: Sequence[int], bindings
 
     # -- static stages, once per program
     t0 = time.perf_counter()
+    static_fns = None
+    if fn_builder is not None:
+        try:
+            static_fns = fn_builder(_namespace(task, DEFAULT_SIZES, {}))
+        except (sim.SimulatorError, ValueError) as exc:
+            timings["parse"] = time.perf_counter() - t0
+            return done(passed=False, stage="fns", message=_one_line(exc), affine_ok=None, functional_ok=False)
     try:
         program = sim.parse_program(impl_text)
     except sim.ProgramSyntaxError as exc:
@@ -540,7 +557,7 @@ def _verify(task: Task, impl_text: Optional[str], seeds: Sequence[int], bindings
     if violations:
         affine_msg = violations[0].message + (f" (and {len(violations) - 1} more stream(s))" if len(violations) > 1 else "")
     prepared = _prepare(task)
-    static = _static_check(prepared, program)
+    static = _static_check(prepared, program, prepared.static_fns if static_fns is None else static_fns)
     timings["parse"] = time.perf_counter() - t0
     if static is not None:
         stage, msg = static
@@ -570,7 +587,8 @@ def _verify(task: Task, impl_text: Optional[str], seeds: Sequence[int], bindings
             try:
                 inputs = {n: sim.Stream(s.type, [t.clone() for t in s.data] if isinstance(s.data, list) else s.data.clone())
                           for n, s in run.inputs.items()}
-                outs = sim.run_program(program, inputs, run.fns, run.binding, engine=engine, max_elements=max_elements)
+                run_fns = run.fns if fn_builder is None else fn_builder(run.namespace)
+                outs = sim.run_program(program, inputs, run_fns, run.binding, engine=engine, max_elements=max_elements)
             except sim.ResourceError as exc:
                 failure = dict(stage="resource", message=exc.message, **where)
             except MemoryError:
