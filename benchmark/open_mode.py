@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Optional, Union
+from typing import Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator

@@ -20,12 +20,16 @@ MAX_INT = 2**62
 
 
 class Env:
-    """One evaluation: the body's variables, the task's parameters, the element bound of one tensor."""
+    """One evaluation: the body's variables, the task's parameters, the element bound and what is used of it.
 
-    __slots__ = ("vars", "params", "limit")
+    `limit` bounds the elements of all tensors one evaluation makes together
+    (so also what it can hold at once); `used` counts them.
+    """
+
+    __slots__ = ("vars", "params", "limit", "used")
 
     def __init__(self, variables: dict, params: Mapping[str, Any], limit: int):
-        self.vars, self.params, self.limit = variables, params, limit
+        self.vars, self.params, self.limit, self.used = variables, params, limit, 0
 
 
 Closure = Callable[[Env], Any]
@@ -56,10 +60,19 @@ class Site:
     def error(self, what: str) -> StepRuntimeError:
         return StepRuntimeError(f"fn {self.fn}, line {self.line}: {what}")
 
-    def bound(self, env: Env, what: str, size: Optional[int]) -> None:
-        """Refuse a result of `size` elements past the bound, before it is made."""
-        if size is not None and size > env.limit:
+    def bound(self, env: Env, what: str, size: Optional[int], values: tuple = ()) -> None:
+        """Count a result of `size` elements (None: as many as its largest tensor argument) before it is made.
+
+        Refuses it if it alone, or with everything the evaluation made before, passes the bound.
+        """
+        if size is None:
+            size = max((v.numel() for v in values if isinstance(v, torch.Tensor)), default=1)
+        if size > env.limit:
             raise ResourceError(f"fn {self.fn}, line {self.line}: {what} would make a tensor of {size:,} elements "
+                                f"(limit {env.limit:,} per element of the stream)")
+        env.used += size
+        if env.used > env.limit:
+            raise ResourceError(f"fn {self.fn}, line {self.line}: the body would make {env.used:,} elements in all "
                                 f"(limit {env.limit:,} per element of the stream)")
 
     def small_int(self, value: Any) -> Any:
@@ -93,7 +106,7 @@ def binop(site: Site, env: Env, symbol: str, op: Callable, size_of: SizeRule, a:
         if not _operand(v):
             raise site.error(f"'{symbol}' needs tensors or numbers, got a {kind(v)}")
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        site.bound(env, f"'{symbol}'", size_of((a, b), {}))
+        site.bound(env, f"'{symbol}'", size_of((a, b), {}), (a, b))
     elif symbol == "**" and isinstance(a, int) and isinstance(b, int):
         if b > 0 and abs(a) > 1 and b * abs(a).bit_length() > 62:
             raise ResourceError(f"fn {site.fn}, line {site.line}: {a} ** {b} is too large an integer")
@@ -158,7 +171,7 @@ def call(site: Site, env: Env, label: str, size_of: SizeRule, function: Callable
         size = size_of(tuple(values), named)
     except ValueError as exc:
         raise site.error(f"{label}: {exc}") from None
-    site.bound(env, label, size)
+    site.bound(env, label, size, tuple(values) + tuple(named.values()))
     try:
         return function(*values, **named)
     except SimulatorError:
@@ -171,7 +184,8 @@ def compare(site: Site, env: Env, symbol: str, op: Callable, size_of: SizeRule, 
     for v in (a, b):
         if not _operand(v):
             raise site.error(f"'{symbol}' needs tensors or numbers, got a {kind(v)}")
-    site.bound(env, f"'{symbol}'", size_of((a, b), {}))
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        site.bound(env, f"'{symbol}'", size_of((a, b), {}), (a, b))
     return op(a, b)
 
 

@@ -55,8 +55,8 @@ def _construct(node: ast.AST) -> str:
     return _CONSTRUCTS.get(type(node), type(node).__name__)
 
 
-def _dunder(name: str) -> bool:
-    return name.startswith("__") or name.startswith("_")
+def _private(name: str) -> bool:
+    return name.startswith("_")
 
 
 class _Compiler:
@@ -133,7 +133,7 @@ class _Compiler:
         if not isinstance(node, ast.Name):
             self.fail(node, f"assigning to {_construct(node)} is not allowed (assign names only)")
         name = node.id
-        if name in RESERVED or name.endswith("_value") or _dunder(name):
+        if name in RESERVED or name.endswith("_value") or _private(name):
             self.fail(node, f"assigning to the name '{name}' is not allowed")
         self.defined.add(name)
         return name
@@ -172,13 +172,13 @@ class _Compiler:
             self.fail(node, f"the name '{name}' on its own is not allowed")
         if name == "input_data":
             self.fail(node, "input_data is only allowed as input_data['P'] for a parameter P of the task")
-        if _dunder(name):
+        if _private(name):
             self.fail(node, f"the name '{name}' is not allowed")
         self.fail(node, f"the name '{name}' is not defined (a body sees input, state, the names it assigned, "
                         f"size values such as {next(iter(sorted(self.sizes)), 'D_value')}, and math.pi)")
 
     def x_Attribute(self, node: ast.Attribute) -> E.Closure:
-        if _dunder(node.attr):
+        if _private(node.attr):
             self.fail(node, f"attribute '{node.attr}' is not allowed")
         if isinstance(node.value, ast.Name) and node.value.id == "math" and node.attr == "pi":
             return lambda env: math.pi
@@ -310,12 +310,12 @@ class _Compiler:
         if not isinstance(func, ast.Attribute):
             self.fail(func, f"calling {_construct(func)} is not allowed")
         name = func.attr
-        if _dunder(name):
+        if _private(name):
             self.fail(func, f"attribute '{name}' is not allowed")
         path = _dotted(func)
         if path is not None and path[0] in ("torch", "math"):
             for part in path[1:]:
-                if _dunder(part):
+                if _private(part):
                     self.fail(func, f"attribute '{part}' is not allowed")
             if path[0] == "torch" and (len(path) == 2 or path[1:3] == ["nn", "functional"] and len(path) == 4):
                 entry = KNOWN.get(name)

@@ -20,7 +20,9 @@ import torch
 import torch.nn.functional as F
 
 Tensor = torch.Tensor
-SizeRule = Callable[[tuple, dict], Optional[int]]  # elements of the result; None: no more than an argument
+# A size rule: the elements of the result (None: no more than its largest tensor argument); it raises
+# ValueError where the arguments leave the size unknown (a tensor where a size belongs).
+SizeRule = Callable[[tuple, dict], Optional[int]]
 
 
 def _tensor_shapes(values: Iterable[Any]) -> list[tuple[int, ...]]:
@@ -70,52 +72,47 @@ def _joined(args: tuple, kwargs: dict) -> Optional[int]:
     return None
 
 
-def _sizes(values: tuple) -> Optional[list]:
+def _sizes(values: tuple) -> list[int]:
     """A shape given as ints or as one list/tuple of ints."""
     if len(values) == 1 and isinstance(values[0], (list, tuple)):
         values = tuple(values[0])
     if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
         return list(values)
-    return None
+    raise ValueError("sizes must be integers")
 
 
-def _shape_arg(args: tuple, kwargs: dict) -> Optional[int]:
+def _shape_arg(args: tuple, kwargs: dict) -> int:
     """zeros/ones(*shape): the product of the shape."""
-    sizes = _sizes(tuple(args) if args else (kwargs.get("shape", ()),))
-    return None if sizes is None else _numel(abs(s) for s in sizes)
+    return _numel(abs(v) for v in _sizes(tuple(args) if args else (kwargs.get("shape", ()),)))
 
 
-def _full(args: tuple, kwargs: dict) -> Optional[int]:
-    shape = args[0] if args else kwargs.get("shape", ())
-    sizes = _sizes((shape,))
-    return None if sizes is None else _numel(abs(s) for s in sizes)
+def _full(args: tuple, kwargs: dict) -> int:
+    return _numel(abs(v) for v in _sizes((args[0] if args else kwargs.get("shape", ()),)))
 
 
 def _self_shape(args: tuple, kwargs: dict) -> Optional[int]:
-    """reshape/expand(x, *shape): the product of the shape (-1 counts as the elements of x)."""
+    """reshape/expand(x, *shape): the product of the shape, a -1 counted as all the elements of x."""
     if not args or not isinstance(args[0], Tensor):
         return None
     sizes = _sizes(tuple(args[1:]) if len(args) > 1 else (kwargs.get("shape", ()),))
-    if sizes is None:
-        return None
-    return _numel(args[0].numel() if s == -1 else abs(s) for s in sizes)
+    return _numel(args[0].numel() if v < 0 else v for v in sizes)
 
 
 def _tiled(args: tuple, kwargs: dict) -> Optional[int]:
     """repeat/tile(x, *times): the elements of x times the product of the repeats."""
     if not args or not isinstance(args[0], Tensor):
         return None
-    sizes = _sizes(tuple(args[1:]) if len(args) > 1 else (kwargs.get("dims", ()),))
-    return None if sizes is None else args[0].numel() * _numel(abs(s) for s in sizes)
+    times = _sizes(tuple(args[1:]) if len(args) > 1 else (kwargs.get("dims", ()),))
+    return args[0].numel() * _numel(abs(v) for v in times)
 
 
-def _arange(args: tuple, kwargs: dict) -> Optional[int]:
+def _arange(args: tuple, kwargs: dict) -> int:
     nums = [a for a in args if isinstance(a, (int, float)) and not isinstance(a, bool)]
     if len(nums) != len(args) or not 1 <= len(nums) <= 3:
-        return None
+        raise ValueError("arange takes one to three numbers (start, end, step)")
     start, end, step = (0, nums[0], 1) if len(nums) == 1 else (nums[0], nums[1], nums[2] if len(nums) == 3 else 1)
     if step == 0 or not all(math.isfinite(v) for v in (start, end, step)):
-        return None
+        raise ValueError("arange needs finite numbers and a step other than 0")
     return max(0, math.ceil((end - start) / step))
 
 

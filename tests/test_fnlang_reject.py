@@ -242,9 +242,10 @@ def test_broadcast_and_products_are_bounded():
 
 
 def test_the_cap_scales_with_the_batch_and_falls_back_per_element():
-    # 256 elements per element are within the cap of 300, but not for 4 elements at once under vmap:
-    # the batched path refuses and the per-element fallback computes the same result
-    fn = build("x = input[0]\nreturn [(x[:, None] * x[None, :]).sum(dim=0)]", max_elements=300)
+    # the 256-element product and its sum (counted as large as the product) are within the cap of 600
+    # for one element, but not for 4 elements at once under vmap: the batched path refuses and the
+    # per-element fallback computes the same result
+    fn = build("x = input[0]\nreturn [(x[:, None] * x[None, :]).sum(dim=0)]", max_elements=600)
     xs = torch.randn(4, 16)
     out = fn.map([xs], {"D": 16})[0]
     torch.testing.assert_close(out, xs * xs.sum(dim=1, keepdim=True))
@@ -259,3 +260,20 @@ def test_the_trace_sees_what_runs(trace):
     assert trace.calls == ["vocabulary exp"]
     torch.save(1, trace.path)
     assert not trace.clean()
+
+
+def test_sizes_that_cannot_be_known_before_the_call_are_refused(trace):
+    for body in ("return [torch.arange(input[0].sum() * 1e10)[:16]]",
+                 "return [torch.zeros(input[0].sum())[:16]]"):
+        fn = build(body, vocabulary=fnlang_vocab.vocabulary(add=["zeros"]))
+        with pytest.raises(Exception, match=r"fn fn_evil, line 1: torch\.(arange|zeros): (arange takes|sizes must)"):
+            run_one(fn)
+        assert "vocabulary arange" not in trace.calls and "vocabulary zeros" not in trace.calls
+
+
+def test_what_one_evaluation_makes_in_all_is_bounded():
+    # each product alone is 16 elements, well within 100; eight of them are not
+    body = "x = input[0]\n" + "".join(f"y{i} = x * {i}\n" for i in range(8)) + "return [y7]"
+    with pytest.raises(ResourceError, match="line 8: the body would make 112 elements in all"):
+        run_one(build(body, max_elements=100))
+    torch.testing.assert_close(run_one(build(body, max_elements=200))[0], torch.full((16,), 7.0))
