@@ -185,7 +185,8 @@ class _Compiler:
         if node.attr in ATTRIBUTES and node.attr in self.vocabulary and not _is_module(node.value):
             value, site = self.expr(node.value), self.site(node)
             return lambda env: E.transpose(site, value(env))
-        self.fail(node, f"attribute '{node.attr}' is not allowed" + ("" if _is_module(node.value) else " (x.T is the one attribute)"))
+        hint = "" if _is_module(node.value) else " (x.T is the one attribute)"
+        self.fail(node, f"attribute '{node.attr}' is not allowed{hint}")
 
     def x_Subscript(self, node: ast.Subscript) -> E.Closure:
         base = node.value
@@ -331,6 +332,7 @@ class _Compiler:
             self.fail(func, f"'{name}' has no method form: write torch.{name}(x, ...)")
         return name, entry.method, self.expr(func.value)
 
+
 def _is_module(node: ast.AST) -> bool:
     path = _dotted(node)
     return path is not None and path[0] in ("torch", "math")
@@ -371,7 +373,8 @@ def parse_body(source: str, func_name: str) -> ast.Module:
         node, depth = stack.pop()
         nodes += 1
         if nodes > MAX_NODES:
-            raise FnLanguageError(func_name, getattr(node, "lineno", None), f"the body has more than {MAX_NODES} syntax nodes")
+            raise FnLanguageError(func_name, getattr(node, "lineno", None),
+                                  f"the body has more than {MAX_NODES} syntax nodes")
         if depth > MAX_DEPTH:
             raise FnLanguageError(func_name, getattr(node, "lineno", None),
                                   f"an expression nested more than {MAX_DEPTH} deep is not allowed")
