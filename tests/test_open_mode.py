@@ -8,11 +8,10 @@ fns (wrong op, wrong axis, wrong init, wrong declared type) are rejected at `val
 
 from __future__ import annotations
 
-import re
-
 import pytest
 import torch
 
+from fnlang_rewrites import in_language
 from stepforge.benchmark.open_mode import (CandidateError, fn_builder, load_candidate, reference_candidate,
                                            verify_open)
 from stepforge.benchmark.schema import Task, TaskFileError, load_benchmark
@@ -22,22 +21,6 @@ from stepforge.simulator.fns import build_namespace
 
 TASKS = load_benchmark()
 SEEDS = (0,)
-
-# Task-file idioms outside the language and their in-language spelling (same math):
-REWRITES = [
-    (r"(?<![\w.])softmax\((.*)\)\]", r"torch.softmax(\1, dim=-1)]"),  # global `softmax = torch.nn.Softmax(dim=-1)`
-    (r"(?<![\w.])(gelu|silu)\(", r"torch.nn.functional.\1("),          # global `gelu = torch.nn.GELU()`
-    (r"\.to\((\w+\.dtype|torch\.float64)\)", ""),                      # casts: outputs are made fp32 anyway
-    (r", dtype=torch\.float64", ""),
-    (r"\.values\b", "[0]"),                                            # the values of topk / max
-]
-
-
-def in_language(apply: str) -> str:
-    for pattern, replacement in REWRITES:
-        apply = re.sub(pattern, replacement, apply)
-    return apply
-
 
 def with_fns(candidate, **changes):
     """The candidate with fn `func_name` updated by `changes[func_name]` (a dict of fields)."""
