@@ -3,8 +3,9 @@
 A body is written for one element. `make_fn` turns its source into a callable
 with a body compiler: by default `compile_trusted_body` (task-file code, run
 as Python in a worker); model-written bodies use the fn-language interpreter
-(`fnlang.OpenCompiler`), which never runs them as Python. `StepFn.map`/`StepFn.fold` evaluate them over a batch of elements with
-`torch.func.vmap`; a body that cannot be vmapped (it branches on a value, calls
+(`fnlang.OpenCompiler`), which never runs them as Python. Either way the fn
+is a `StepFn`: `StepFn.map`/`StepFn.fold` evaluate it over a batch of elements
+with `torch.func.vmap`; a body that cannot be vmapped (it branches on a value, calls
 `.item()`, ...) falls back to element-by-element evaluation, and that choice is
 cached per fn. `StepFn.call` evaluates one element (the naive interpreter).
 """
