@@ -11,6 +11,7 @@ whose fns do not build fails at the `fns` stage, before `parse`.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Union
@@ -93,7 +94,10 @@ def reference_candidate(task: Task) -> OpenCandidate:
 
 
 def fn_builder(task: Task, candidate: OpenCandidate, max_elements: int = DEFAULT_MAX_ELEMENTS) -> FnBuilder:
-    """Builds the candidate's fns from a binding's namespace, with the task's parameters and vocabulary."""
+    """Builds the candidate's fns from a binding's namespace, with the task's parameters and vocabulary.
+
+    Its `key` names the candidate's fns, so the verifier builds them once per binding of the task.
+    """
     parameters = [p.name for p in task.parameters]
     vocab = task.vocabulary.names() if task.vocabulary is not None else None
 
@@ -103,6 +107,8 @@ def fn_builder(task: Task, candidate: OpenCandidate, max_elements: int = DEFAULT
                                           max_elements=max_elements)
                 for f in candidate.fns}
 
+    # what the built fns depend on besides the namespace: the verifier keeps them per binding by it
+    build.key = ("open", json.dumps([f.model_dump() for f in candidate.fns], sort_keys=True), max_elements)
     return build
 
 

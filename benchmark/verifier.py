@@ -60,6 +60,7 @@ import math
 import re
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
@@ -81,7 +82,11 @@ DEV32_FACTOR = 4.0
 DEFAULT_SEEDS = (0, 1, 2)
 DEFAULT_MAX_ELEMENTS = 2**27
 
-FnBuilder = Callable[[dict], Mapping[str, sim.StepFn]]  # a binding's namespace -> fns by func_name
+# A binding's namespace -> fns by func_name. A builder with a hashable `key` attribute (the
+# candidate's fns, see open_mode.fn_builder) has what it builds kept per binding in the task's
+# cache entry, for the last `_MAX_OPEN_FNS` keys: a candidate's fns are built once per binding.
+FnBuilder = Callable[[dict], Mapping[str, sim.StepFn]]
+_MAX_OPEN_FNS = 16
 
 
 # ---------------------------------------------------------------------------
@@ -113,6 +118,7 @@ class _BindingData:
     ns: dict  # the globals of the fns; its `input_data` holds the seed being run
     fns: dict[str, sim.StepFn]
     seeds: dict[tuple[int, int], _SeedData] = field(default_factory=dict)  # (seed, max_elements) ->
+    open_fns: "OrderedDict[Any, Mapping[str, sim.StepFn]]" = field(default_factory=OrderedDict)  # builder key ->
 
     def load(self, seed: _SeedData) -> None:
         """Point the fns' `input_data` at this seed's inputs and parameters."""
@@ -542,9 +548,10 @@ def _typed_for(program, prepared: _Prepared, bd: _BindingData, fns: Mapping[str,
 class _CandidateFns:
     """The fns a program runs with, per binding: the task's, or (open mode) the candidate's.
 
-    A candidate's fns are built by `builder` once per binding of one
-    verification, from that binding's cached namespace, so they read the
-    parameters of whichever seed is loaded into it.
+    A candidate's fns are built by `builder` once per binding, from that
+    binding's cached namespace, so they read the parameters of whichever seed
+    is loaded into it; with a builder `key`, they are kept in the binding's
+    cache entry for later verifications of the same fns (see `FnBuilder`).
     """
 
     def __init__(self, builder: Optional[FnBuilder]):
@@ -554,10 +561,20 @@ class _CandidateFns:
     def of(self, bd: _BindingData) -> Mapping[str, sim.StepFn]:
         if self.builder is None:
             return bd.fns
-        key = tuple(sorted(bd.binding.items()))
-        fns = self._built.get(key)
+        key = getattr(self.builder, "key", None)
+        if key is not None:
+            fns = bd.open_fns.get(key)
+            if fns is None:
+                fns = bd.open_fns[key] = self.builder(bd.ns)
+                if len(bd.open_fns) > _MAX_OPEN_FNS:
+                    bd.open_fns.popitem(last=False)
+            else:
+                bd.open_fns.move_to_end(key)
+            return fns
+        binding = tuple(sorted(bd.binding.items()))
+        fns = self._built.get(binding)
         if fns is None:
-            fns = self._built[key] = self.builder(bd.ns)
+            fns = self._built[binding] = self.builder(bd.ns)
         return fns
 
 

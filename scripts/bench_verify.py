@@ -10,18 +10,22 @@ Modes, one column each (`MODES`; a new mode is one more `Mode` there):
 
     verify    `verifier.verify` in this process, warm (after one pass over
               every task, as a long-lived worker is)
+    open      the same, in open mode (/work/shared/OPEN_MODE.md): each task's
+              own fns and impl posed as an open candidate, its fns interpreted
+              in the fn language (`open_mode.verify_open`), same caches
     pytest    the conventional harness: the candidate exported to a pytest
               file (`benchmark/export.py`) and `pytest.main` run on it, in this
               same warm process (so it shares the verifier's warm caches: the
               difference is the harness itself)
 
-Then a VerifierPool of --workers workers on the same candidates (warm). The
+Then a VerifierPool of --workers workers on the same candidates (warm), closed
+and open. The
 figures are wall-clock candidates per second; the machine's load average is
 printed with them, since other processes take CPU from a run. The last two
 lines are
 
-    pool of <W> workers: <X>/s, <S>x one process
-    verify throughput <X>/s, pytest harness <Y>/s, ratio <R>x
+    pool of <W> workers: <X>/s, <S>x one process; open <O>/s
+    verify throughput <X>/s, pytest harness <Y>/s, ratio <R>x; open <O>/s, <Q>x closed
 
 Timings are for reading, not for tests.
 """
@@ -87,8 +91,22 @@ def _pytest_mode(jobs: list[Job], seeds: tuple[int, ...]) -> Runner:
     return run
 
 
+def _open_mode(jobs: list[Job], seeds: tuple[int, ...]) -> Runner:
+    from stepforge.benchmark.open_mode import reference_candidate, verify_open
+
+    candidates = {key: reference_candidate(task) for key, task, _ in jobs}
+
+    def run(job: Job) -> bool:
+        return verify_open(job[1], candidates[job[0]], seeds=seeds).passed
+
+    for job in jobs:  # warm, as for closed mode
+        run(job)
+    return run
+
+
 MODES: list[Mode] = [
     Mode("verify", "verify", _verify_mode),
+    Mode("open", "verify, open", _open_mode),
     Mode("pytest", "pytest harness", _pytest_mode, repeats_arg="harness_repeats"),
 ]
 
@@ -106,12 +124,14 @@ def time_mode(mode: Mode, jobs: list[Job], seeds: tuple[int, ...], repeats: int)
     return n / elapsed, n, passed
 
 
-def time_pool(jobs: list[Job], seeds: tuple[int, ...], workers: int, repeats: int) -> tuple[float, int]:
-    """(candidates per second, passed) through a warm VerifierPool."""
+def time_pool(jobs: list[Job], seeds: tuple[int, ...], workers: int, repeats: int,
+              open_mode: bool = False) -> tuple[float, int]:
+    """(candidates per second, passed) through a warm VerifierPool (open mode: the tasks' own fns as candidates)."""
+    from stepforge.benchmark.open_mode import reference_candidate
     from stepforge.benchmark.pool import VerifierPool
 
     tasks = {key: task for key, task, _ in jobs}
-    batch = [(key, program) for key, _, program in jobs]
+    batch = [(key, reference_candidate(task) if open_mode else program) for key, task, program in jobs]
     with VerifierPool(workers=workers, tasks=tasks, verify_kwargs={"seeds": seeds}) as pool:
         pool.wait_ready()
         pool.verify_many(batch, timeout_s=120.0)  # warm every worker
@@ -160,11 +180,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         sys.stdout.flush()
 
     pool_rate, _ = time_pool(jobs, seeds, args.workers, max(1, args.repeats))
+    open_pool_rate, _ = time_pool(jobs, seeds, args.workers, max(1, args.repeats), open_mode=True)
     print(f"({_load()})")
-    verify_rate, harness_rate = rates["verify"], rates["pytest"]
-    print(f"pool of {args.workers} workers: {pool_rate:.1f}/s, {pool_rate / verify_rate:.2f}x one process")
+    verify_rate, harness_rate, open_rate = rates["verify"], rates["pytest"], rates["open"]
+    print(f"pool of {args.workers} workers: {pool_rate:.1f}/s, {pool_rate / verify_rate:.2f}x one process; "
+          f"open {open_pool_rate:.1f}/s")
     print(f"verify throughput {verify_rate:.1f}/s, pytest harness {harness_rate:.1f}/s, "
-          f"ratio {verify_rate / harness_rate:.1f}x")
+          f"ratio {verify_rate / harness_rate:.1f}x; open {open_rate:.1f}/s, {open_rate / verify_rate:.2f}x closed")
     return 0
 
 
