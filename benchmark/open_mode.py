@@ -19,9 +19,11 @@ from typing import Union
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from stepforge.benchmark.schema import FnDecl, Task, _code, _error_list, _fn_dict, resolve_task
+from stepforge.benchmark.schema import FnDecl, Task, resolve_task
+from stepforge.benchmark.task_decls import _code
+from stepforge.benchmark.task_model import _Dumper, _fn_dict, _Literal
 from stepforge.benchmark.verifier import DEFAULT_MAX_ELEMENTS, FnBuilder, Verdict, verify
-from stepforge.config_io import YamlError, read_yaml_text
+from stepforge.config_io import YamlError, read_yaml_text, validation_problems
 from stepforge.simulator.fnlang import make_open_fn
 
 _FENCE = re.compile(r"```(?:yaml|yml)?[ \t]*\n(.*?)```", re.DOTALL)
@@ -64,8 +66,6 @@ class OpenCandidate(BaseModel):
 
     def to_yaml(self) -> str:
         """The candidate as the model would write it."""
-        from stepforge.benchmark.schema import _Dumper, _Literal
-
         data = {"fns": [_fn_dict(f) for f in self.fns], "impl": _Literal(self.impl)}
         return yaml.dump(data, Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=100)
 
@@ -82,7 +82,7 @@ def load_candidate(text: str) -> OpenCandidate:
     try:
         return OpenCandidate.model_validate(data)
     except ValidationError as exc:
-        key, message = _error_list(exc)[0]
+        key, message = validation_problems(exc, OpenCandidate)[0]
         raise CandidateError(f"{key}: {message}" if key else message) from None
 
 
