@@ -13,7 +13,7 @@ never see a raw pydantic or YAML traceback.
 this is the prompt format the model sees (without `impl`) and the format of
 earned solutions (with it). Loading what `to_yaml` wrote gives an equal Task.
 
-Decisions the spec leaves open (tested in tests/benchmark/test_benchmark_schema.py):
+Decisions the spec leaves open (tested by the schema tests in tests/benchmark):
 - code blocks (`global`, `apply`, `data_transform`, `impl`) are normalised on
   load: common indentation removed, trailing spaces and blank edge lines
   dropped, one final newline. This is what makes the YAML round trip exact.

@@ -20,8 +20,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import torch
 
-from stepforge.simulator import batching
-from stepforge.simulator.batching import vmap
+from stepforge.simulator.batching import fast_batching_enabled, vmap
 from stepforge.simulator.errors import SimulatorError, StepRuntimeError
 from stepforge.simulator.shapes import SizeSymbol, shape_values
 from stepforge.simulator.types import ElemType, LeafType, parse_dtype
@@ -325,7 +324,7 @@ class StepFn:
 
     def _batches_itself(self, inputs, state) -> Optional[str]:
         """The layout in which the body batches by itself for this signature, or None."""
-        if not self.batch_direct or self._vmappable is False or not batching.fast_batching_enabled():
+        if not self.batch_direct or self._vmappable is False or not fast_batching_enabled():
             return None
         args = [*inputs, *(state or [])]
         signature = (state is not None,) + tuple((a.shape, a.dtype) for a in args)
