@@ -151,9 +151,10 @@ def read_yaml_file(path: str | Path, what: str = "config file") -> Any:
     return read_yaml_text(read_text_file(path, what), str(path))
 
 
-def read_mapping(path: str | Path, what: str = "settings", allow_empty: bool = True) -> dict:
-    """A YAML file whose top level is a mapping of `what`; an empty file is `{}` unless `allow_empty` is false."""
-    data = read_yaml_file(path)
+def read_mapping(path: str | Path, what: str = "settings", allow_empty: bool = True,
+                 noun: str = "config file") -> dict:
+    """A YAML file (a `noun`) whose top level is a mapping of `what`; empty is `{}` unless `allow_empty` is false."""
+    data = read_yaml_file(path, noun)
     if data is None:
         if allow_empty:
             return {}
@@ -347,7 +348,10 @@ def validation_problems(exc: ValidationError, model: Optional[type[BaseModel]] =
                     msg = "expected " + msg.removeprefix("Input should be ")
                 if "input" in err:
                     msg += f", got {short_repr(err['input'])}"
-        for part in (msg.split(_PROBLEM_SEP) if kind == "value_error" else [msg]):
+        parts = msg.split(_PROBLEM_SEP) if kind == "value_error" else [msg]
+        if len(parts) > 1 and not all(_LOCATED.match(p) for p in parts):
+            parts = [msg]  # " | " inside one message, not a list of located problems
+        for part in parts:
             k, m = key, part
             located = _LOCATED.match(part) if kind == "value_error" else None
             if located:  # a check over several keys names the key path it is about

@@ -15,9 +15,15 @@
 
 The static stages (parse to shape) run once per program; the value stage once
 per (binding, seed): by default the default sizes and each binding the task
-declares, with seeds 0, 1, 2. Failures while running are `resource` (a tensor
+declares, with seeds 0, 1, 2. The program is type-checked once per binding
+(the static check's is reused for the defaults) and the first failing run
+ends the verification. Failures while running are `resource` (a tensor
 would exceed `max_elements`, or the streams alive at once twice that;
 checked before allocating) or `runtime`.
+
+What a candidate cannot influence (fns, inputs, parameters, oracle outputs,
+tolerances) is computed once per process and task and kept in a bounded LRU;
+see benchmark/verify_data.py, and `verify(..., cache=False)`.
 `timeout` is given by the worker pool (benchmark/pool.py), which runs this
 module in worker processes with a time limit.
 
@@ -64,6 +70,8 @@ import time
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence, Union
 
+import torch
+
 from stepforge import simulator as sim
 from stepforge.benchmark.cache import BoundedLRU
 from stepforge.benchmark.schema import Task, resolve_task
@@ -86,6 +94,7 @@ from stepforge.benchmark.verify_data import (
     EPS32,
     TOL_FACTOR,
     _binding_data,
+    _eval_oracle,
     _one_line,
     _prepare,
     _Prepared,
@@ -134,6 +143,18 @@ def verify(
 
 
 _VERIFY_LOCK = threading.RLock()
+
+
+def oracle_function(task: Task):
+    """The task's oracle, compiled once: `f(ns, dtype)` -> outputs, per output a list of field tensors.
+
+    `ns` is a namespace `global` ran in (`fns.build_namespace`) with `input_data`
+    filled; the oracle runs with `dtype` as torch's default dtype. For timing
+    the oracle against the simulator (scripts/bench_simulator.py).
+    """
+    with _VERIFY_LOCK:
+        prepared = _prepare(task, _CACHE)
+    return lambda ns, dtype=torch.float32: _eval_oracle(task, prepared, ns, dtype)
 
 
 def _verify(task: Task, impl_text: Optional[str], seeds: Sequence[int], bindings, engine: str,
@@ -264,6 +285,7 @@ __all__ = [
     "Verdict",
     "cache_stats",
     "clear_caches",
+    "oracle_function",
     "resolve_bindings",
     "tolerance_for",
     "verify",

@@ -55,6 +55,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
+from stepforge.benchmark.schema import Task
 from stepforge.loop.buffer import ExperienceBuffer, demonstration_sets, earn
 from stepforge.loop.executor import Executor, SampleJob, derive_seed
 from stepforge.loop.interfaces import BufferEntry, Guardian, Proposer
@@ -112,28 +113,28 @@ class LoopResult:
 
 
 class SelfImprovementLoop:
-    """Algorithm 1 over `task_irs` (task key -> structural IR without impl), in key order.
+    """Algorithm 1 over `tasks` (task key -> Task), in key order.
 
     `seed`: buffer entries of another run that start D (demonstrations only,
-    see the module docstring); `seed_irs` maps their task keys to their IRs
-    (needed for the prompts; default `task_irs`).
+    see the module docstring); `seed_tasks` maps their task keys to their tasks
+    (needed for the prompts; default `tasks`).
     """
 
-    def __init__(self, task_irs: dict[str, str], executor: Executor, settings: LoopSettings, *,
+    def __init__(self, tasks: dict[str, Task], executor: Executor, settings: LoopSettings, *,
                  store: Optional[RunStore] = None, cached: Optional[dict[str, SampleRecord]] = None,
                  prompts: Optional[dict[str, list[dict[str, str]]]] = None, events: Optional[Events] = None,
-                 seed: Sequence[BufferEntry] = (), seed_irs: Optional[dict[str, str]] = None):
-        if not task_irs:
+                 seed: Sequence[BufferEntry] = (), seed_tasks: Optional[dict[str, Task]] = None):
+        if not tasks:
             raise ValueError("no tasks to run")
-        self.task_irs = dict(task_irs)
-        self.seeded = [e for e in seed if e.task_key not in self.task_irs]
-        self.seed_skipped = [e.task_key for e in seed if e.task_key in self.task_irs]
-        self.demo_irs = {**dict(seed_irs or {}), **self.task_irs}
-        missing = [e.task_key for e in self.seeded if e.task_key not in self.demo_irs]
+        self.tasks = dict(tasks)
+        self.seeded = [e for e in seed if e.task_key not in self.tasks]
+        self.seed_skipped = [e.task_key for e in seed if e.task_key in self.tasks]
+        self.demo_tasks = {**dict(seed_tasks or {}), **self.tasks}
+        missing = [e.task_key for e in self.seeded if e.task_key not in self.demo_tasks]
         if missing:
             raise ValueError(f"seeded entries without a task IR: {', '.join(missing)}")
         self.seeded = [e if e.source else e.model_copy(update={"source": "seed"}) for e in self.seeded]
-        self.order = {k: i for i, k in enumerate(task_irs)}
+        self.order = {k: i for i, k in enumerate(tasks)}
         self.executor = executor
         self.settings = settings
         self.store = store
@@ -141,7 +142,7 @@ class SelfImprovementLoop:
         self.prompts: dict[str, list[dict[str, str]]] = dict(prompts or {})
         self.events = events or executor.events
         self.buffer = ExperienceBuffer(self.seeded)
-        self.unsolved: list[str] = list(task_irs)
+        self.unsolved: list[str] = list(tasks)
         self.steps: list[StepResult] = []
         self.replayed_samples = 0
         self.new_samples = 0
@@ -198,7 +199,7 @@ class SelfImprovementLoop:
         s = self.settings
         jobs: list[SampleJob] = []
         have_all: list[SampleRecord] = []
-        demonstrations = ExperienceBuffer.demonstrations(demos, self.demo_irs)
+        demonstrations = ExperienceBuffer.demonstrations(demos, self.demo_tasks)
         for task in plan.tasks:
             for t in s.temperatures:
                 seed = derive_seed(s.seed, plan.round, plan.step, task, float(t))
@@ -211,7 +212,7 @@ class SelfImprovementLoop:
                 of = next(iter(have.values())).of if have else None
                 if of is not None and all(i in have for i in range(of)):
                     continue
-                jobs.append(SampleJob(round=plan.round, step=plan.step, task=task, task_ir=self.task_irs[task],
+                jobs.append(SampleJob(round=plan.round, step=plan.step, task=task, spec=self.tasks[task],
                                       temperature=float(t), n=s.n, seed=seed, demonstrations=demonstrations,
                                       skip=frozenset(have)))
         return jobs, have_all
@@ -276,18 +277,18 @@ class SelfImprovementLoop:
         })
 
 
-def run_algorithm1(tasks: dict[str, str], proposer: Proposer, guardian: Optional[Guardian],
+def run_algorithm1(tasks: dict[str, Task], proposer: Proposer, guardian: Optional[Guardian],
                    verify: Callable[[str, str], Any], settings: LoopSettings = LoopSettings(), *,
                    extract: Optional[Callable[[str], Optional[str]]] = None, chunk_size: int = 8,
                    events: Optional[Events] = None, seed: Sequence[BufferEntry] = (),
-                   seed_irs: Optional[dict[str, str]] = None) -> LoopResult:
+                   seed_tasks: Optional[dict[str, Task]] = None) -> LoopResult:
     """Algorithm 1 in this process: `verify(task_key, program)` returns a Verdict-like object.
 
-    `seed` / `seed_irs`: a seeded D (see `SelfImprovementLoop`)."""
+    `seed` / `seed_tasks`: a seeded D (see `SelfImprovementLoop`)."""
     executor = Executor(proposer, guardian, InlineVerifier(verify), extract=extract, chunk_size=chunk_size,
                         events=events)
     try:
-        return SelfImprovementLoop(tasks, executor, settings, events=events, seed=seed, seed_irs=seed_irs).run()
+        return SelfImprovementLoop(tasks, executor, settings, events=events, seed=seed, seed_tasks=seed_tasks).run()
     finally:
         executor.close()
 

@@ -25,6 +25,7 @@ import json
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
+from stepforge.benchmark.schema import Task
 from stepforge.errors import StepforgeError
 from stepforge.loop.interfaces import BufferEntry, Demonstration
 
@@ -129,9 +130,9 @@ class ExperienceBuffer:
         return stratify(self.entries, m)
 
     @staticmethod
-    def demonstrations(entries: Sequence[BufferEntry], task_irs: dict[str, str]) -> list[Demonstration]:
+    def demonstrations(entries: Sequence[BufferEntry], tasks: dict[str, Task]) -> list[Demonstration]:
         """The entries as prompt demonstrations (IR without impl, plus the earned impl)."""
-        return [Demonstration(task_key=e.task_key, task_ir=task_irs[e.task_key], impl=e.impl,
+        return [Demonstration(task_key=e.task_key, task=tasks[e.task_key], impl=e.impl,
                               success_rate=e.success_rate, round=e.round) for e in entries]
 
 

@@ -54,6 +54,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from stepforge.config_io import StrictModel, apply_overrides, format_problems, parse_override, read_mapping
 from stepforge.errors import ConfigError
+from stepforge.serve.base import check_temperature
 from stepforge.serve.config import BackendConfig
 
 Variant = Literal["single", "agent", "agent+si", "ir-ablation"]
@@ -154,6 +155,11 @@ class GuardianConfig(StrictModel):
     max_tokens: int = Field(default=1024, ge=1)
     temperature: float = Field(default=0.0, ge=0.0)
 
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, v: float) -> float:
+        return check_temperature(v)
+
 
 class VerifierConfig(StrictModel):
     """How candidates are scored.
@@ -211,8 +217,8 @@ class ImproveConfig(StrictModel):
     @field_validator("temperatures")
     @classmethod
     def _temps(cls, v: list[float]) -> list[float]:
-        if any(t < 0 for t in v):
-            raise ValueError(f"expected temperatures >= 0, got {v}")
+        for t in v:
+            check_temperature(t)  # one meaning on every backend, before any engine starts
         if len(set(v)) != len(v):
             raise ValueError(f"expected distinct temperatures, got {v}")
         return v

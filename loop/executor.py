@@ -35,6 +35,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+from stepforge.benchmark.schema import Task
 from stepforge.benchmark.verdict import Verdict, failed
 from stepforge.loop.interfaces import Demonstration, Guardian, GuardRequest, Proposal, ProposalRequest, Proposer
 from stepforge.loop.progress import Events
@@ -68,7 +69,7 @@ class SampleJob:
     round: int
     step: int
     task: str
-    task_ir: str
+    spec: Task  # the task itself (`task` is its key)
     temperature: float
     n: int
     seed: int
@@ -80,7 +81,7 @@ class SampleJob:
         return [d.task_key for d in self.demonstrations]
 
     def request(self) -> ProposalRequest:
-        return ProposalRequest(task_key=self.task, task_ir=self.task_ir, demonstrations=self.demonstrations,
+        return ProposalRequest(task_key=self.task, task=self.spec, demonstrations=self.demonstrations,
                                n=self.n, temperature=self.temperature, seed=self.seed)
 
 
@@ -213,7 +214,7 @@ class Executor:
             for a, (job, progs) in enumerate(zip(jobs, programs)):
                 for b, prog in enumerate(progs):
                     if prog is not None and b not in job.skip:
-                        requests.append(GuardRequest(task_key=job.task, task_ir=job.task_ir, program=prog,
+                        requests.append(GuardRequest(task_key=job.task, task=job.spec, program=prog,
                                                      temperature=self.guard_temperature,
                                                      seed=derive_seed(job.seed, b, "guard")))
                         where.append((a, b))

@@ -1,7 +1,10 @@
 """Data passed between the loop, the proposers (LLM or search) and training.
 
-These records are the contract between `loop/` (driver, agents, buffer),
+These records are the contract between `loop/` (Algorithm 1, agents, buffer),
 the search proposer and `training/`. Keep them small and serialisable.
+Requests carry the parsed `Task` (benchmark/schema.py); `task_ir` is the
+text a model sees (the task's YAML without its impl and metadata), rendered
+once per task object.
 """
 
 from __future__ import annotations
@@ -10,22 +13,46 @@ from abc import ABC, abstractmethod
 
 from pydantic import BaseModel, Field
 
+from stepforge.benchmark.schema import Task
 
-class Demonstration(BaseModel):
-    """A solved task shown to a proposer: its structural IR and its earned impl."""
+_IR_CACHE: dict[int, tuple[Task, str]] = {}
+_IR_CACHE_LIMIT = 4096
+
+
+def task_ir(task: Task) -> str:
+    """The task as a model sees it: its YAML without `impl` and metadata (rendered once per task object)."""
+    hit = _IR_CACHE.get(id(task))
+    if hit is not None and hit[0] is task:
+        return hit[1]
+    text = task.to_yaml(include_impl=False, include_meta=False)
+    if len(_IR_CACHE) >= _IR_CACHE_LIMIT:
+        _IR_CACHE.clear()
+    _IR_CACHE[id(task)] = (task, text)
+    return text
+
+
+class _HasTask(BaseModel):
+    task: Task
+
+    @property
+    def task_ir(self) -> str:
+        """`task_ir(self.task)`."""
+        return task_ir(self.task)
+
+
+class Demonstration(_HasTask):
+    """A solved task shown to a proposer: the task and its earned impl (never the task file's own)."""
 
     task_key: str
-    task_ir: str  # the task's YAML without `impl`
     impl: str
     success_rate: float = 1.0  # fraction of samples that were correct when it was earned
     round: int = 0
 
 
-class ProposalRequest(BaseModel):
+class ProposalRequest(_HasTask):
     """Ask for `n` candidate programs for one task."""
 
     task_key: str
-    task_ir: str  # YAML without `impl`, as the model sees it
     demonstrations: list[Demonstration] = Field(default_factory=list)
     n: int = 1
     temperature: float = 0.7
@@ -70,11 +97,10 @@ class BufferEntry(BaseModel):
     source: str | None = None
 
 
-class GuardRequest(BaseModel):
+class GuardRequest(_HasTask):
     """Ask a guardian to make one candidate program obey the affine rule."""
 
     task_key: str
-    task_ir: str
     program: str  # the proposal's program text (already extracted from the reply)
     temperature: float = 0.0
     seed: int = 0

@@ -323,10 +323,8 @@ def run_improve(config_path: Optional[str | Path] = None, *, run_dir: Optional[s
             if store is None:
                 RunStore.check_new(new_dir)  # before any model starts
             tasks = {k: tasks_all[k] for k in keys}
-            task_irs = {k: t.to_yaml(include_impl=False, include_meta=False) for k, t in tasks.items()}
             seed = load_seed(cfg, list(tasks_all), where, store)
-            seed_irs = {e.task_key: tasks_all[e.task_key].to_yaml(include_impl=False, include_meta=False)
-                        for e in seed}
+            seed_tasks = {e.task_key: tasks_all[e.task_key] for e in seed}
             with contextlib.ExitStack() as stack:  # models, verifier and Ray: closed before the report
                 stack.callback(_shutdown_ray_if_started, _ray_running())
                 components = build_components(cfg, tasks, stack, where)
@@ -339,9 +337,9 @@ def run_improve(config_path: Optional[str | Path] = None, *, run_dir: Optional[s
                                     chunk_size=cfg.chunk_size, guard_temperature=cfg.guardian.temperature,
                                     sink=store.append_samples, prompt_sink=store.add_prompts, events=events)
                 stack.callback(executor.close)
-                loop = SelfImprovementLoop(task_irs, executor, settings_from_config(cfg), store=store,
+                loop = SelfImprovementLoop(tasks, executor, settings_from_config(cfg), store=store,
                                            cached=cached, prompts=store.load_prompts(), events=events, seed=seed,
-                                           seed_irs=seed_irs)
+                                           seed_tasks=seed_tasks)
                 result = loop.run()
             summary = write_report(store.root, store)
             return ImproveOutcome(store.root, summary, result, loop.new_samples, loop.replayed_samples)

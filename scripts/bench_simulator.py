@@ -1,6 +1,6 @@
 """Time the simulator's two engines: naive (element by element) vs vectorised.
 
-    python scripts/bench_simulator.py [--repeats 3] [--only SUBSTRING] [--builtin] [--sizes default,large]
+    python scripts/bench_simulator.py [--repeats 3] [--only SUBSTRING] [--builtin] [--sizes default,large] [--device cpu]
 
 Programs: the benchmark's reference solutions (`stepforge.benchmark.schema.
 load_benchmark`, inputs built from each task's `data_gen`, parameters and
@@ -12,11 +12,19 @@ Each program runs at the default sizes (M=5 N=7 K=9 D=16) and at M=16 N=32
 K=32 D=32, with torch.set_num_threads(1). The vectorised time is the best of
 --repeats runs after one warm-up run (fns learn once whether they vmap; the
 verifier keeps them warm the same way); the naive time is one run. Both
-results are compared (allclose) and a mismatch is printed. The last line is
+results are compared (allclose) and a mismatch is printed. Each program's
+task oracle (its `data_transform`, in float32 on the same inputs; for the
+built-in set, plain torch) is timed the same way as the vectorised run. The
+last two lines are
 
+    vectorised <v>s, oracles <o>s at M=16 N=32 K=32 D=32 (<r>x)
     speedup <X>x at M=16 N=32 K=32 D=32 (naive <a>s, vectorised <b>s)
 
-over the programs that ran at that size. Timings are for reading, not tests.
+over the programs that ran at that size (the first over those with an
+oracle). Timings are for reading, not tests.
+With --device cuda the inputs are built on the CPU (same seeds, same data),
+moved to the GPU, and both engines run there (torch.device as the default
+for every tensor they create); each timing ends with a CUDA synchronize.
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -51,11 +59,13 @@ SIZES = {
 
 @dataclass
 class Case:
-    """A program and how to build its inputs and fns for a binding."""
+    """A program, how to build its inputs and fns for a binding, and its task's own torch oracle."""
 
     name: str
     text: str
     build: Callable[[dict, int], tuple[dict, dict, dict, dict]]  # (sizes, seed) -> (inputs, fns, binding, input_data)
+    # (sizes, seed) -> a call computing the expected outputs from the same inputs in float32
+    oracle: Optional[Callable[[dict, int], Callable[[], Any]]] = None
 
 
 # ---------------------------------------------------------------------------
@@ -86,6 +96,16 @@ def _generate(decl, stype: StreamType, binding: dict, gen: torch.Generator):
 
 def task_case(key: str, task) -> Case:
     def build(sizes: dict, seed: int):
+        return build_with_namespace(sizes, seed)[:4]
+
+    def oracle(sizes: dict, seed: int):
+        from stepforge.benchmark.verifier import oracle_function
+
+        run = oracle_function(task)
+        ns = build_with_namespace(sizes, seed)[4]
+        return lambda: run(ns, torch.float32)
+
+    def build_with_namespace(sizes: dict, seed: int):
         input_data: dict = {}
         ns = build_namespace(dict(sizes), input_data, task.global_code)
         binding = namespace_binding(ns)
@@ -101,9 +121,9 @@ def task_case(key: str, task) -> Case:
             input_data[d.name] = _generate(d, stype, binding, gen)
         fns = {f.func_name: make_fn(f.name, f.func_name, f.input_dtype, f.output_dtype, f.apply, f.init_list(),
                                     namespace=ns) for f in task.fns}
-        return inputs, fns, binding, input_data
+        return inputs, fns, binding, input_data, ns
 
-    return Case(key, task.impl, build)
+    return Case(key, task.impl, build, oracle)
 
 
 def benchmark_cases() -> tuple[list[Case], str]:
@@ -150,7 +170,11 @@ def _builtin(name: str, text: str, streams: dict, fns: list, params: Optional[Ca
         table = {f[0]: make_fn(f[0], f[0], f[1], f[2], f[3], f[4] if len(f) > 4 else None, namespace=ns) for f in fns}
         return inputs, table, binding, input_data
 
-    return Case(name, text, build)
+    def oracle(sizes: dict, seed: int):
+        inputs, _, binding, input_data = build(sizes, seed)
+        return lambda: builtin_reference(name, inputs, binding, input_data)
+
+    return Case(name, text, build, oracle)
 
 
 BMM = """b1 = step.Bufferize(a=1).apply(E1)
@@ -262,10 +286,28 @@ def _agree(a: list, b: list) -> tuple[bool, float]:
     return ok, worst
 
 
-def time_case(case: Case, sizes: dict, repeats: int, seed: int = 0) -> dict:
+def _to_device(value, device: str):
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_device(v, device) for v in value)
+    return value
+
+
+def time_case(case: Case, sizes: dict, repeats: int, seed: int = 0, device: str = "cpu") -> dict:
     program = parse_program(case.text)
-    inputs, fns, binding, _ = case.build(sizes, seed)
-    run = lambda engine: run_program(program, _clone(inputs), fns, dict(binding), engine=engine)
+    inputs, fns, binding, input_data = case.build(sizes, seed)
+    inputs = {n: Stream(s.type, _to_device(s.data, device)) for n, s in inputs.items()}
+    for name, value in list(input_data.items()):  # shared with the fns' namespace: moved in place
+        input_data[name] = _to_device(value, device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def run(engine: str):
+        with torch.device(device):
+            out = run_program(program, _clone(inputs), fns, dict(binding), engine=engine)
+        sync()
+        return out
+
     run("vectorised")  # warm-up: fns learn whether they vmap
     best = math.inf
     for _ in range(repeats):
@@ -276,7 +318,22 @@ def time_case(case: Case, sizes: dict, repeats: int, seed: int = 0) -> dict:
     nai = run("naive")
     naive_s = time.perf_counter() - t0
     ok, worst = _agree(vec, nai)
-    return {"naive": naive_s, "vectorised": best, "ok": ok, "worst": worst}
+    return {"naive": naive_s, "vectorised": best, "ok": ok, "worst": worst,
+            "oracle": time_oracle(case, sizes, repeats, seed)}
+
+
+def time_oracle(case: Case, sizes: dict, repeats: int, seed: int = 0) -> Optional[float]:
+    """Best of `repeats` runs (after a warm-up) of the task's own torch oracle on the same inputs."""
+    if case.oracle is None:
+        return None
+    call = case.oracle(sizes, seed)
+    call()
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        call()
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def _label(sizes: dict) -> str:
@@ -289,8 +346,11 @@ def main(argv: Optional[list] = None) -> int:
     parser.add_argument("--only", default=None, help="only programs whose name contains this")
     parser.add_argument("--builtin", action="store_true", help="use the built-in programs even if the benchmark loads")
     parser.add_argument("--sizes", default="default,large", help="comma list of: " + ", ".join(SIZES))
+    parser.add_argument("--device", default="cpu", help="where both engines run: cpu, cuda, cuda:1, ...")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available")
 
     cases, source = ([], "--builtin given") if args.builtin else benchmark_cases()
     if not cases:
@@ -300,19 +360,21 @@ def main(argv: Optional[list] = None) -> int:
         print(f"programs: {source}")
     if args.only:
         cases = [c for c in cases if args.only in c.name]
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, vectorised = best of {args.repeats} after a warm-up")
+    print(f"torch {torch.__version__}, device {args.device}, threads {torch.get_num_threads()}, "
+          f"vectorised = best of {args.repeats} after a warm-up")
 
     totals = {}
     for size_name in args.sizes.split(","):
         sizes = SIZES[size_name.strip()]
         print()
         print(f"== {_label(sizes)}")
-        print(f"{'program':32s} {'naive s':>9s} {'vectorised s':>13s} {'speedup':>9s}  check")
+        print(f"{'program':32s} {'naive s':>9s} {'vectorised s':>13s} {'speedup':>9s} {'oracle s':>9s}  check")
         tn = tv = 0.0
+        to = tvo = 0.0  # oracle time, and vectorised time over the programs that have an oracle
         skipped, ratios = [], []
         for case in cases:
             try:
-                r = time_case(case, sizes, args.repeats)
+                r = time_case(case, sizes, args.repeats, device=args.device)
             except (SimulatorError, ValueError, RuntimeError) as exc:
                 msg = getattr(exc, "message", None) or str(exc)
                 skipped.append(case.name)
@@ -320,15 +382,22 @@ def main(argv: Optional[list] = None) -> int:
                 continue
             tn += r["naive"]
             tv += r["vectorised"]
+            if r["oracle"] is not None:
+                to += r["oracle"]
+                tvo += r["vectorised"]
             ratios.append(r["naive"] / r["vectorised"])
             check = "ok" if r["ok"] else f"MISMATCH (max rel diff {r['worst']:.2e})"
-            print(f"{case.name:32s} {r['naive']:9.3f} {r['vectorised']:13.4f} {r['naive'] / r['vectorised']:8.1f}x  {check}")
+            oracle = f"{r['oracle']:9.4f}" if r["oracle"] is not None else f"{'-':>9s}"
+            print(f"{case.name:32s} {r['naive']:9.3f} {r['vectorised']:13.4f} {r['naive'] / r['vectorised']:8.1f}x "
+                  f"{oracle}  {check}")
             sys.stdout.flush()
         geomean = math.exp(sum(map(math.log, ratios)) / len(ratios)) if ratios else float("nan")
         print(f"{'total':32s} {tn:9.3f} {tv:13.4f} {tn / tv if tv else float('nan'):8.1f}x  (geometric mean of "
               f"per-program speedups {geomean:.1f}x)" + (f"  ({len(skipped)} skipped: {', '.join(skipped)})" if skipped else ""))
-        totals[size_name.strip()] = (sizes, tn, tv)
-    sizes, tn, tv = totals.get("large", list(totals.values())[-1])
+        totals[size_name.strip()] = (sizes, tn, tv, to, tvo)
+    sizes, tn, tv, to, tvo = totals.get("large", list(totals.values())[-1])
+    ratio = f"{tvo / to:.2f}x" if to > 0 else "no oracles"
+    print(f"vectorised {tvo:.4f}s, oracles {to:.4f}s at {_label(sizes)} ({ratio})")
     print(f"speedup {tn / tv:.1f}x at {_label(sizes)} (naive {tn:.3f}s, vectorised {tv:.3f}s)")
     return 0
 

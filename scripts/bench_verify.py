@@ -10,22 +10,26 @@ Modes, one column each (`MODES`; a new mode is one more `Mode` there):
 
     verify    `verifier.verify` in this process, warm (after one pass over
               every task, as a long-lived worker is)
-    open      the same, in open mode (/work/shared/OPEN_MODE.md): each task's
-              own fns and impl posed as an open candidate, its fns interpreted
-              in the fn language (`open_mode.verify_open`), same caches
     pytest    the conventional harness: the candidate exported to a pytest
               file (`benchmark/export.py`) and `pytest.main` run on it, in this
               same warm process (so it shares the verifier's warm caches: the
               difference is the harness itself)
+    open      `verifier.verify` in open mode (/work/shared/OPEN_MODE.md): each
+              task's own fns and impl posed as an open candidate, its fns
+              interpreted in the fn language (`open_mode.verify_open`), warm,
+              with the same caches
 
 Then a VerifierPool of --workers workers on the same candidates (warm), closed
-and open. The
-figures are wall-clock candidates per second; the machine's load average is
-printed with them, since other processes take CPU from a run. The last two
-lines are
+and then open. The
+figures are wall-clock candidates per second (over all timed passes, and in
+the fastest pass), with the CPU each candidate took (for the pool: in the
+caller and in the workers), since other processes on a shared machine take
+CPU from a run; the load average is printed too. The last three lines are
 
-    pool of <W> workers: <X>/s, <S>x one process; open <O>/s
-    verify throughput <X>/s, pytest harness <Y>/s, ratio <R>x; open <O>/s, <Q>x closed
+    open mode: <O>/s in one process (<Q>x closed), pool <P>/s (<R>x closed)
+
+    pool of <W> workers: <X>/s, <S>x one process
+    verify throughput <X>/s, pytest harness <Y>/s, ratio <R>x
 
 Timings are for reading, not for tests.
 """
@@ -106,27 +110,55 @@ def _open_mode(jobs: list[Job], seeds: tuple[int, ...]) -> Runner:
 
 MODES: list[Mode] = [
     Mode("verify", "verify", _verify_mode),
-    Mode("open", "verify, open", _open_mode),
+    Mode("open", "open mode", _open_mode),
     Mode("pytest", "pytest harness", _pytest_mode, repeats_arg="harness_repeats"),
 ]
 
 
-def time_mode(mode: Mode, jobs: list[Job], seeds: tuple[int, ...], repeats: int) -> tuple[float, int, int]:
-    """(candidates per second, candidates, passed) over `repeats` passes of `jobs`."""
+@dataclass
+class ModeFigures:
+    rate: float  # candidates per second over all passes, wall clock
+    best_rate: float  # in the fastest pass (least disturbed by other processes)
+    cpu_ms: float  # CPU per candidate in this process
+    candidates: int
+    passed: int
+
+
+def time_mode(mode: Mode, jobs: list[Job], seeds: tuple[int, ...], repeats: int) -> ModeFigures:
+    """Throughput of `mode` over `repeats` timed passes of `jobs`."""
     runner = mode.setup(jobs, seeds)
-    passed = 0
-    t0 = time.perf_counter()
+    passed, passes = 0, []
+    cpu0, t_all = time.process_time(), time.perf_counter()
     for _ in range(repeats):
+        t0 = time.perf_counter()
         for job in jobs:
             passed += runner(job)
-    elapsed = time.perf_counter() - t0
+        passes.append(time.perf_counter() - t0)
+    elapsed, cpu = time.perf_counter() - t_all, time.process_time() - cpu0
     n = repeats * len(jobs)
-    return n / elapsed, n, passed
+    return ModeFigures(n / elapsed, len(jobs) / min(passes), cpu / n * 1e3, n, passed)
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process (Linux /proc; 0 where unreadable)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+@dataclass
+class PoolFigures:
+    rate: float  # candidates per second, wall clock
+    passed: int
+    caller_cpu_ms: float  # CPU per candidate in this process (dispatch, pipes, verdicts)
+    worker_cpu_ms: float  # CPU per candidate in the workers, all together
 
 
 def time_pool(jobs: list[Job], seeds: tuple[int, ...], workers: int, repeats: int,
-              open_mode: bool = False) -> tuple[float, int]:
-    """(candidates per second, passed) through a warm VerifierPool (open mode: the tasks' own fns as candidates)."""
+              open_mode: bool = False) -> PoolFigures:
+    """Throughput and CPU per candidate of a warm VerifierPool (open mode: the tasks' own fns as candidates)."""
     from stepforge.benchmark.open_mode import reference_candidate
     from stepforge.benchmark.pool import VerifierPool
 
@@ -136,10 +168,14 @@ def time_pool(jobs: list[Job], seeds: tuple[int, ...], workers: int, repeats: in
         pool.wait_ready()
         pool.verify_many(batch, timeout_s=120.0)  # warm every worker
         pool.verify_many(batch, timeout_s=120.0)
+        pids = [w.process.pid for w in pool._workers]
+        cpu0, worker0 = time.process_time(), sum(map(_cpu_seconds, pids))
         t0 = time.perf_counter()
         verdicts = pool.verify_many(batch * repeats, timeout_s=120.0)
         elapsed = time.perf_counter() - t0
-    return len(verdicts) / elapsed, sum(v.passed for v in verdicts)
+        caller, worker = time.process_time() - cpu0, sum(map(_cpu_seconds, pids)) - worker0
+    n = len(verdicts)
+    return PoolFigures(n / elapsed, sum(v.passed for v in verdicts), caller / n * 1e3, worker / n * 1e3)
 
 
 def _load() -> str:
@@ -171,22 +207,24 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"{len(jobs)} candidates (reference solutions), every binding x seeds {seeds}; torch "
           f"{torch.__version__}, {torch.get_num_threads()} thread; {_load()}")
 
-    rates: dict[str, float] = {}
-    print(f"{'mode':16s} {'candidates/s':>13s} {'candidates':>11s} {'passed':>7s}")
+    figures: dict[str, ModeFigures] = {}
+    print(f"{'mode':16s} {'candidates/s':>13s} {'best pass/s':>12s} {'CPU ms each':>12s} {'candidates':>11s} {'passed':>7s}")
     for mode in MODES:
-        rate, n, passed = time_mode(mode, jobs, seeds, max(1, getattr(args, mode.repeats_arg)))
-        rates[mode.name] = rate
-        print(f"{mode.label:16s} {rate:13.1f} {n:11d} {passed:7d}")
+        f = time_mode(mode, jobs, seeds, max(1, getattr(args, mode.repeats_arg)))
+        figures[mode.name] = f
+        print(f"{mode.label:16s} {f.rate:13.1f} {f.best_rate:12.1f} {f.cpu_ms:12.2f} {f.candidates:11d} {f.passed:7d}")
         sys.stdout.flush()
 
-    pool_rate, _ = time_pool(jobs, seeds, args.workers, max(1, args.repeats))
-    open_pool_rate, _ = time_pool(jobs, seeds, args.workers, max(1, args.repeats), open_mode=True)
-    print(f"({_load()})")
-    verify_rate, harness_rate, open_rate = rates["verify"], rates["pytest"], rates["open"]
-    print(f"pool of {args.workers} workers: {pool_rate:.1f}/s, {pool_rate / verify_rate:.2f}x one process; "
-          f"open {open_pool_rate:.1f}/s")
-    print(f"verify throughput {verify_rate:.1f}/s, pytest harness {harness_rate:.1f}/s, "
-          f"ratio {verify_rate / harness_rate:.1f}x; open {open_rate:.1f}/s, {open_rate / verify_rate:.2f}x closed")
+    pool = time_pool(jobs, seeds, args.workers, max(1, args.repeats))
+    open_pool = time_pool(jobs, seeds, args.workers, max(1, args.repeats), open_mode=True)
+    one, opened = figures["verify"], figures["open"]
+    print(f"pool CPU per candidate: caller {pool.caller_cpu_ms:.2f} ms, workers {pool.worker_cpu_ms:.2f} ms "
+          f"(one process: {one.cpu_ms:.2f} ms); {pool.passed} passed; {_load()}")
+    print(f"open mode: {opened.rate:.1f}/s in one process ({opened.rate / one.rate:.2f}x closed), "
+          f"pool {open_pool.rate:.1f}/s ({open_pool.rate / pool.rate:.2f}x closed); {open_pool.passed} passed")
+    print(f"pool of {args.workers} workers: {pool.rate:.1f}/s, {pool.rate / one.rate:.2f}x one process")
+    harness = figures["pytest"]
+    print(f"verify throughput {one.rate:.1f}/s, pytest harness {harness.rate:.1f}/s, ratio {one.rate / harness.rate:.1f}x")
     return 0
 
 

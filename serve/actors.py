@@ -154,8 +154,9 @@ class ModelPool(ModelBackend):
 
     Each actor reserves 1 CPU and `config.actor_num_gpus()` GPUs (the vLLM
     tensor-parallel size); `actor_options` overrides any Ray actor option.
-    Replicas that cannot be placed within `startup_timeout_s` raise
-    BackendUnavailableError instead of waiting forever.
+    Replicas that are not placed and loaded within `startup_timeout_s`
+    (default: the config's `startup_timeout_s`) raise BackendUnavailableError
+    instead of waiting forever.
     """
 
     def __init__(
@@ -166,14 +167,14 @@ class ModelPool(ModelBackend):
         address: str | None = None,
         actor_options: dict[str, Any] | None = None,
         max_attempts: int = 3,
-        startup_timeout_s: float = 600.0,
+        startup_timeout_s: float | None = None,
     ):
         if replicas < 1:
             raise ValueError("replicas must be >= 1")
         init_ray(address)
         self.config = config
         self.max_attempts = max_attempts
-        self.startup_timeout_s = startup_timeout_s
+        self.startup_timeout_s = config.startup_timeout_s if startup_timeout_s is None else startup_timeout_s
         self.actor_options = {"num_cpus": 1, "num_gpus": config.actor_num_gpus(), **(actor_options or {})}
         self.replacements = 0
         self._lock = threading.Lock()

@@ -7,6 +7,7 @@ of them) takes a batch of `GenerationRequest`s and returns one
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from typing import Literal
 
@@ -17,28 +18,76 @@ from .config import BackendConfig, load_backend_config  # re-exported
 __all__ = [
     "BackendConfig",
     "Completion",
+    "FinishReason",
     "GenerationRequest",
     "GenerationResult",
     "ModelBackend",
     "SamplingParams",
+    "check_temperature",
+    "finish_outcome",
+    "is_greedy",
     "load_backend_config",
     "make_backend",
 ]
 
 
-class SamplingParams(BaseModel):
-    """How to sample: n completions per prompt, temperature 0 means greedy.
+# Temperatures, as vLLM reads them (vllm/sampling_params.py): below
+# GREEDY_BELOW (its _SAMPLING_EPS) decoding is greedy, and vLLM then demands
+# n == 1; a positive temperature below MIN_SAMPLED_TEMPERATURE (its _MAX_TEMP)
+# is silently raised to it; above MAX_TEMPERATURE it is rejected.
+GREEDY_BELOW = 1e-5
+MIN_SAMPLED_TEMPERATURE = 1e-2
+MAX_TEMPERATURE = 2.0
 
-    `seed` makes a request reproducible on the same backend and model; `stop`
-    strings end a completion and are never part of its text.
+
+def check_temperature(value: float) -> float:
+    """`value` if every backend samples it the same way, else ValueError.
+
+    Accepted: greedy (below GREEDY_BELOW, e.g. 0) or a sampling temperature
+    in [MIN_SAMPLED_TEMPERATURE, MAX_TEMPERATURE]. In between, vLLM would
+    quietly sample at 0.01 while transformers samples at the value given.
+    """
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"temperature must be a finite number >= 0, got {value}")
+    if value > MAX_TEMPERATURE:
+        raise ValueError(f"temperature must be at most {MAX_TEMPERATURE:g} (vLLM rejects more), got {value}")
+    if GREEDY_BELOW <= value < MIN_SAMPLED_TEMPERATURE:
+        raise ValueError(
+            f"temperature {value} is neither greedy (< {GREEDY_BELOW:g}, e.g. 0) nor >= {MIN_SAMPLED_TEMPERATURE:g} "
+            "(vLLM raises smaller temperatures to 0.01)"
+        )
+    return value
+
+
+def is_greedy(temperature: float) -> bool:
+    """True when `temperature` means greedy decoding (vLLM's rule)."""
+    return temperature < GREEDY_BELOW
+
+
+class SamplingParams(BaseModel):
+    """How to sample: n completions per prompt; a temperature below 1e-5
+    (e.g. 0) is greedy, which every backend decodes once and repeats n times.
+
+    `top_k` (0 = off) and `repetition_penalty` (1.0 = off) are always sent
+    explicitly, so no backend falls back on a checkpoint's generation_config.
+    `seed` fixes the sampling random numbers of this request; how far that
+    makes it reproducible depends on the backend (see each backend's
+    docstring). `stop` strings end a completion and are never part of its text.
     """
 
     n: int = Field(default=1, ge=1)
-    temperature: float = Field(default=0.7, ge=0.0)
+    temperature: float = 0.7
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0)
+    repetition_penalty: float = Field(default=1.0, gt=0.0, allow_inf_nan=False)
     max_tokens: int = Field(default=512, ge=1)
     seed: int | None = None
     stop: list[str] = []
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, value: float) -> float:
+        return check_temperature(value)
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -55,6 +104,17 @@ class SamplingParams(BaseModel):
         if any(s == "" for s in value):
             raise ValueError("stop strings must be non-empty")
         return value
+
+    @property
+    def greedy(self) -> bool:
+        """True for greedy decoding."""
+        return is_greedy(self.temperature)
+
+    @property
+    def samples_to_draw(self) -> int:
+        """Samples a backend must generate: greedy decoding has one answer,
+        so it is decoded once (as vLLM requires) and repeated `n` times."""
+        return 1 if self.greedy else self.n
 
 
 class GenerationRequest(BaseModel):
@@ -83,13 +143,50 @@ class GenerationRequest(BaseModel):
         return self.messages is not None
 
 
+FinishReason = Literal["stop", "length", "repetition", "abort", "error"]
+# vLLM V1's finish reasons (vllm/v1/engine FINISH_REASON_STRINGS). stop: EOS,
+# a stop string or stop token; length: max_tokens or the context filled;
+# repetition: the engine cut a repeating pattern short. These three are
+# finished samples. abort (the request was aborted) and error (a request-level
+# engine failure) are failed samples: their text is partial or empty.
+FINISHED_OK = ("stop", "length", "repetition")
+FAILED = ("abort", "error")
+
+# What OpenAI-style servers report besides vLLM's own reasons.
+_OPENAI_REASONS = {"tool_calls": "stop", "function_call": "stop", "content_filter": "abort"}
+
+
+def finish_outcome(raw: object) -> tuple[FinishReason, str | None]:
+    """Our finish reason for a backend's raw one, and a detail when it was not
+    reported as is (unknown or missing reasons become "error", never raise)."""
+    reason = str(raw) if raw is not None else None
+    if reason in FINISHED_OK or reason in FAILED:
+        return reason, None  # type: ignore[return-value]
+    if reason in _OPENAI_REASONS:
+        return _OPENAI_REASONS[reason], f"finish_reason {reason!r}"  # type: ignore[return-value]
+    if reason is None:
+        return "error", "the engine returned an unfinished sample (no finish_reason)"
+    return "error", f"unknown finish_reason {reason!r}"
+
+
 class Completion(BaseModel):
     """One sampled continuation. `completion_tokens` counts the generated ids
-    up to and including EOS, or up to the token that completed a stop string."""
+    up to and including EOS, or up to the token that completed a stop string.
+
+    `finish_reason` is one of FINISHED_OK (a usable sample) or FAILED (abort,
+    error: the sample did not finish and its text is partial); `detail` says
+    more when the backend's own reason was mapped or the sample failed.
+    """
 
     text: str
-    finish_reason: Literal["stop", "length"]
+    finish_reason: FinishReason
     completion_tokens: int = Field(ge=0)
+    detail: str | None = None
+
+    @property
+    def failed(self) -> bool:
+        """True when the sample was aborted or hit an engine error."""
+        return self.finish_reason in FAILED
 
 
 class GenerationResult(BaseModel):

@@ -6,11 +6,19 @@ submit their requests and get a future. Each request is split into *units*,
 the pieces the worker can schedule and stop between: a sampled request
 (temperature > 0, no seed) gives one unit per sample, while a seeded or greedy
 request stays one unit (its n samples come from one seeded RNG stream, or are
-one decode repeated). The worker fills each `backend.generate` call with up
-to `max_batch` units taken round-robin from the waiting submissions, so a
-small submission is served in the next batch however big the others are.
+one decode repeated).
 
-Cancelling a future (its client left) drops its queued units; `close` fails
+Each `backend.generate` call is *led* by the submission at the head of a
+round-robin ring; it holds that submission's units plus, round-robin, units of
+other waiting submissions that are no more expensive (max_tokens at most the
+leader's), up to `max_batch` units. The leader rejoins the ring at the back
+when its batch finishes, behind anything that arrived meanwhile. So every
+submission leads a batch once per turn of the ring (no starvation), and a
+small request arriving while a huge one runs leads the very next batch, which
+the huge one's costlier units do not stretch.
+
+At most `max_queued` units wait at once; a submission that would exceed it
+is refused. Cancelling a future (its client left) drops its queued units; `close` fails
 every unfinished future and stops the worker after the batch in progress.
 If a merged batch fails, each submission's units are retried alone, so one
 bad request only fails its own caller.
@@ -30,7 +38,7 @@ from .errors import BackendUnavailableError, GenerationError
 
 @dataclass
 class _Unit:
-    job: "_Job"
+    job: _Job
     index: int  # the request's position in its submission
     first: int  # the first sample slot it fills
     request: GenerationRequest
@@ -79,16 +87,19 @@ def _settle(future: Future, result=None, error: BaseException | None = None) -> 
 class RequestBatcher:
     """Single-threaded, round-robin front of a backend."""
 
-    def __init__(self, backend: ModelBackend, max_batch: int = 64, max_wait_s: float = 0.005):
+    def __init__(self, backend: ModelBackend, max_batch: int = 64, max_wait_s: float = 0.005,
+                 max_queued: int | None = None):
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
         self.backend = backend
         self.max_batch = max_batch
+        self.max_queued = max_queued
         self.max_wait_s = max_wait_s
         self.batches_run = 0
         self.units_run = 0
         self._cond = threading.Condition(threading.RLock())
         self._ready: deque[_Job] = deque()  # jobs with queued units, in round-robin order
+        self._leader: _Job | None = None  # the job leading the batch in progress, out of the ring
         self._live: set[_Job] = set()  # jobs not yet resolved
         self._closing = False
         self._thread = threading.Thread(target=self._run, name="request-batcher", daemon=True)
@@ -96,11 +107,15 @@ class RequestBatcher:
 
     def submit(self, requests: list[GenerationRequest]) -> Future:
         """Queue requests; the future resolves to their results, in order.
-        Cancelling the future drops the units not yet started."""
+        Cancelling the future drops the units not yet started. Raises
+        BackendUnavailableError when closing, or when the units would take
+        the queue past `max_queued`."""
         job = _Job(list(requests))
         with self._cond:
             if self._closing:
                 raise BackendUnavailableError("the server is shutting down")
+            if self.max_queued is not None and self.queued_units() + len(job.pending) > self.max_queued:
+                raise BackendUnavailableError(f"the server is busy ({self.queued_units()} units queued); retry later")
             if not job.pending:
                 job.future.set_result([])
                 return job.future
@@ -113,7 +128,8 @@ class RequestBatcher:
     def queued_units(self) -> int:
         """Units waiting to run (not counting the batch in progress)."""
         with self._cond:
-            return sum(len(job.pending) for job in self._ready)
+            leader = len(self._leader.pending) if self._leader is not None else 0
+            return leader + sum(len(job.pending) for job in self._ready)
 
     def _forget(self, job: _Job) -> None:
         with self._cond:
@@ -134,18 +150,34 @@ class RequestBatcher:
                 self._cond.wait(remaining)
             if self._closing:
                 return None
-            batch: list[_Unit] = []
-            while self._ready and len(batch) < self.max_batch:
-                job = self._ready.popleft()
+            return self._lead_batch()
+
+    def _lead_batch(self) -> list[_Unit]:
+        """The next batch, led by the ring's head (called with the lock held)."""
+        leader = self._leader = self._ready.popleft()
+        cost = leader.pending[0].request.sampling.max_tokens
+        batch = [leader.pending.popleft()]
+        while len(batch) < self.max_batch:
+            eligible = [job for job in (*self._ready, leader) if job.pending and job.pending[0].request.sampling.max_tokens <= cost]
+            if not eligible:
+                break
+            for job in eligible[: self.max_batch - len(batch)]:
                 batch.append(job.pending.popleft())
-                if job.pending:
-                    self._ready.append(job)
-            return batch
+        for job in [job for job in self._ready if not job.pending]:
+            self._ready.remove(job)
+        return batch
+
+    def _rejoin(self) -> None:
+        """Put the leader of the finished batch back at the end of the ring."""
+        with self._cond:
+            leader, self._leader = self._leader, None
+            if leader is not None and leader.pending:
+                self._ready.append(leader)
 
     def _run(self) -> None:
         while (batch := self._next_batch()) is not None:
-            if batch:
-                self._execute(batch)
+            self._execute(batch)
+            self._rejoin()
 
     def _execute(self, batch: list[_Unit]) -> None:
         self.batches_run += 1

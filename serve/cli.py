@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import typer
 
-from stepforge.errors import cli_errors, fail
+from stepforge.errors import ConfigError, cli_errors, fail
 
 
 class BackendChoice(str, Enum):
@@ -47,9 +47,16 @@ def _backend_config(config_file: Optional[Path], overrides: dict[str, Any]):
 
 
 def _run_guarded(fn) -> None:
-    """Run `fn`, turning expected errors into one line on stderr (exit 2)."""
+    """Run `fn`, turning expected errors (and invalid option values) into one line each on stderr (exit 2)."""
+    from pydantic import ValidationError
+
+    from stepforge.config_io import format_problems
+
     with cli_errors():
-        fn()
+        try:
+            fn()
+        except ValidationError as exc:
+            raise ConfigError(format_problems(exc, "options")) from None
 
 
 BACKEND_OPT = typer.Option(None, "--backend", help="Backend kind (default hf).")
@@ -67,6 +74,8 @@ def sample(
     n: int = typer.Option(1, "-n", "--n", help="Completions to sample."),
     temperature: float = typer.Option(0.7, "--temperature"),
     top_p: float = typer.Option(1.0, "--top-p"),
+    top_k: int = typer.Option(0, "--top-k", help="Sample from the k likeliest tokens (0: off)."),
+    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="vLLM-style penalty (1.0: off)."),
     max_tokens: int = typer.Option(128, "--max-tokens"),
     seed: Optional[int] = typer.Option(None, "--seed"),
     stop: Optional[list[str]] = typer.Option(None, "--stop", help="Stop string (repeatable)."),
@@ -81,12 +90,14 @@ def sample(
     def run() -> None:
         from .base import GenerationRequest, SamplingParams, make_backend
 
+        # the sampling settings are checked first: a bad temperature never starts an engine
+        sampling = SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=top_k,
+                                  repetition_penalty=repetition_penalty, max_tokens=max_tokens, seed=seed, stop=stop or [])
         config = _backend_config(
             config_file,
             {"kind": backend.value if backend else None, "model": model, "base_url": base_url,
              "api_key": api_key, "device": device, "lora_path": lora},
         )
-        sampling = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed, stop=stop or [])
         request = (
             GenerationRequest(messages=[{"role": "user", "content": prompt}], sampling=sampling)
             if chat
@@ -109,15 +120,25 @@ def _print_result(result, as_json: bool) -> None:
         payload = {
             "completions": result.texts,
             "finish_reasons": [c.finish_reason for c in result.completions],
+            "details": [c.detail for c in result.completions],
             "completion_tokens": [c.completion_tokens for c in result.completions],
             "usage": usage,
         }
         typer.echo(json.dumps(payload))
         return
     for i, c in enumerate(result.completions):
-        typer.echo(f"--- completion {i} ({c.finish_reason}, {c.completion_tokens} tokens) ---")
+        note = f"; {c.detail}" if c.detail else ""
+        typer.echo(f"--- completion {i} ({c.finish_reason}, {c.completion_tokens} tokens{note}) ---")
         typer.echo(c.text)
     typer.echo(f"--- usage: {usage['prompt_tokens']} prompt + {usage['completion_tokens']} completion tokens ---")
+
+
+def _default_max_batch(config, replicas: int) -> int:
+    """Units per backend call: one round of the hf engine's internal batches
+    (so a small request waits behind at most one round), else 64."""
+    if config.kind == "hf":
+        return config.batch_size * max(replicas, 1)
+    return 64
 
 
 def serve(
@@ -141,19 +162,27 @@ def serve(
     max_completion_tokens: int = typer.Option(4096, "--max-completion-tokens", help="Largest max_tokens a request may ask for."),
     max_prompts: int = typer.Option(64, "--max-prompts", help="Most prompts in one /v1/completions request."),
     max_body_bytes: int = typer.Option(1024**2, "--max-body-bytes", help="Largest request body; bigger ones get 413 unread."),
-    max_batch: int = typer.Option(
-        64, "--max-batch", min=1, help="Most units (samples) per backend batch; smaller is fairer, bigger is faster."),
+    body_timeout: float = typer.Option(30.0, "--body-timeout", help="Seconds a client may take to send its request body (else 408)."),
+    max_queued_units: int = typer.Option(16384, "--max-queued-units", help="Most samples waiting over all requests; more get 503."),
+    max_batch: Optional[int] = typer.Option(
+        None, "--max-batch", min=1,
+        help="Most units (samples) per backend call: smaller is fairer, bigger is faster "
+             "(default: hf batch_size x replicas, else 64)."),
     shutdown_timeout: int = typer.Option(5, "--shutdown-timeout", min=0, help="Seconds running requests get to finish on SIGTERM/SIGINT."),
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions)."""
     _offline_quiet()
 
     def run() -> None:
+        from stepforge.config_io import validate
+
         from .base import make_backend
         from .openai_schema import ServerLimits
         from .server import run_server
 
-        limits = ServerLimits(max_n=max_n, max_tokens=max_completion_tokens, max_prompts=max_prompts, max_body_bytes=max_body_bytes)
+        limits = validate(ServerLimits, {"max_n": max_n, "max_tokens": max_completion_tokens, "max_prompts": max_prompts,
+                                         "max_body_bytes": max_body_bytes, "body_timeout_s": body_timeout,
+                                         "max_queued_units": max_queued_units}, "options", what="server limits")
         config = _backend_config(
             config_file,
             {"kind": backend.value if backend else None, "model": model, "served_model_name": served_model_name,
@@ -168,7 +197,8 @@ def serve(
         else:
             instance = make_backend(config)
         typer.echo(f"serving {config.name} at http://{host}:{port}/v1", err=True)
-        run_server(instance, config.name, host=host, port=port, limits=limits, max_batch=max_batch,
+        run_server(instance, config.name, host=host, port=port, limits=limits,
+                   max_batch=max_batch or _default_max_batch(config, replicas),
                    shutdown_timeout_s=shutdown_timeout)
 
     _run_guarded(run)

@@ -6,13 +6,16 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from stepforge.config_io import StrictModel, read_yaml_file, validate
 
 from .errors import ConfigError
 
 BackendKind = Literal["hf", "vllm", "openai"]
+
+# The `max_lora_rank` values vLLM's LoRAConfig accepts (its MaxLoRARanks).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 
 
 class BackendConfig(StrictModel):
@@ -35,6 +38,10 @@ class BackendConfig(StrictModel):
     timeout_s: float = Field(default=120.0, gt=0)
     max_retries: int = Field(default=3, ge=0)
     backoff_s: float = Field(default=0.5, ge=0)
+    # top_k and repetition_penalty are not OpenAI API fields: they go as extra
+    # body fields (vLLM, stepforge serve and llama.cpp read them). Set false for
+    # servers that reject unknown fields; requests must then leave them off.
+    extra_sampling_fields: bool = True
     # local engines
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -45,10 +52,20 @@ class BackendConfig(StrictModel):
     tensor_parallel_size: int = Field(default=1, ge=1)
     gpu_memory_utilization: float = Field(default=0.9, gt=0, le=1)
     enable_prefix_caching: bool = True
-    max_lora_rank: int | None = Field(default=None, ge=1)
+    max_lora_rank: int | None = None
+    seed: int = Field(default=0, ge=0)  # the engine's global seed (vLLM V1's default is 0)
+    batch_invariant: bool = False  # VLLM_BATCH_INVARIANT=1: outputs independent of batching (NVIDIA, compute capability >= 8)
     engine_kwargs: dict[str, Any] = Field(default_factory=dict)
     # Ray
     num_gpus: float | None = Field(default=None, ge=0)
+    startup_timeout_s: float = Field(default=600.0, gt=0)  # how long a replica may take to load its engine
+
+    @field_validator("max_lora_rank")
+    @classmethod
+    def _lora_rank(cls, value: int | None) -> int | None:
+        if value is not None and value not in VLLM_LORA_RANKS:
+            raise ValueError(f"max_lora_rank must be one of {list(VLLM_LORA_RANKS)} (vLLM's allowed ranks), got {value}")
+        return value
 
     @model_validator(mode="after")
     def _check_kind(self) -> "BackendConfig":

@@ -2,14 +2,21 @@
 
 Requests with the same sampling settings are batched together (left padding,
 `num_return_sequences = n`). A request with a seed is generated on its own
-under a forked RNG seeded with it, so its output depends only on the model,
-the prompt, the seed and its sampling settings, never on the rest of the batch.
+under a forked RNG seeded with it (as is one with a repetition penalty, which
+transformers would apply to the padding ids too), so its output depends only on the model,
+the prompt, the seed and its sampling settings, never on the rest of the batch
+(on one machine and software stack: other hardware or library versions may
+change the numerics and so the tokens).
+
+Generation settings are built from the request alone: the checkpoint's
+generation_config (which may carry its own top_k, repetition_penalty,
+temperature...) contributes only its EOS ids, so a request samples the same
+way here as on vLLM and over the OpenAI API.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import threading
 from collections import defaultdict
 from pathlib import Path
@@ -59,6 +66,19 @@ def resolve_dtype(dtype: str, device: str):
     return getattr(torch, dtype)
 
 
+def _token_ids_only(config):
+    """A GenerationConfig keeping only a checkpoint's special token ids.
+
+    transformers fills every setting a call leaves unset from the model's
+    generation_config; with this one in its place, unset settings get the
+    library's neutral defaults, never the checkpoint's sampling choices.
+    """
+    from transformers import GenerationConfig
+
+    keep = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+    return GenerationConfig(**{k: getattr(config, k) for k in keep if getattr(config, k, None) is not None})
+
+
 class HFBackend(ModelBackend):
     """A transformers model (optionally with a peft LoRA adapter) behind the backend interface."""
 
@@ -79,6 +99,7 @@ class HFBackend(ModelBackend):
             )
         except (OSError, ValueError) as exc:
             raise ModelNotFoundError(f"cannot load a causal LM from {model_dir}: {exc}") from None
+        model.generation_config = _token_ids_only(model.generation_config)
         if adapter_dir is not None:
             from peft import PeftModel
 
@@ -111,10 +132,11 @@ class HFBackend(ModelBackend):
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, (req, budget) in enumerate(zip(requests, budgets)):
             s = req.sampling
-            if s.seed is not None:
-                groups[("seed", i)].append(i)
+            if s.seed is not None or s.repetition_penalty != 1.0:
+                # alone: its own RNG; and transformers' repetition penalty would also hit the padding ids
+                groups[("alone", i)].append(i)
             else:
-                groups[(s.n, s.temperature, s.top_p, tuple(s.stop), budget)].append(i)
+                groups[(s.n, s.temperature, s.top_p, s.top_k, s.repetition_penalty, tuple(s.stop), budget)].append(i)
         with self._lock:
             for members in groups.values():
                 first = requests[members[0]].sampling
@@ -129,17 +151,22 @@ class HFBackend(ModelBackend):
         ]
 
     def _generation_config(self, s: SamplingParams, max_new: int):
-        gc = copy.deepcopy(self.model.generation_config)
-        gc.max_new_tokens = max_new
-        gc.max_length = None
-        gc.num_return_sequences = s.n
-        gc.do_sample = s.temperature > 0
-        gc.temperature = s.temperature if s.temperature > 0 else 1.0
-        gc.top_p = s.top_p
-        gc.pad_token_id = self.tokenizer.pad_token_id
-        gc.eos_token_id = sorted(self.eos_ids)
-        gc.stop_strings = list(s.stop) or None
-        return gc
+        """A fresh GenerationConfig holding exactly the request's settings
+        (every other logits processor off), whatever the checkpoint ships."""
+        from transformers import GenerationConfig
+
+        sampled = {} if s.greedy else {"temperature": s.temperature, "top_p": s.top_p, "top_k": s.top_k}
+        return GenerationConfig(
+            max_new_tokens=max_new,
+            num_return_sequences=s.samples_to_draw,
+            do_sample=not s.greedy,
+            repetition_penalty=s.repetition_penalty,
+            num_beams=1,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=sorted(self.eos_ids),
+            stop_strings=list(s.stop) or None,
+            **sampled,
+        )
 
     def _generate_batch(self, prompts: list[list[int]], s: SamplingParams, max_new: int) -> list[list[Completion]]:
         torch = self._torch
@@ -148,9 +175,8 @@ class HFBackend(ModelBackend):
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
         kwargs = {"tokenizer": self.tokenizer} if s.stop else {}
-        # greedy decoding gives one answer: decode it once and repeat it n times
-        per_prompt = s.n if s.temperature > 0 else 1
-        gc = self._generation_config(s.model_copy(update={"n": per_prompt}), max_new)
+        per_prompt = s.samples_to_draw  # greedy: decoded once, repeated n times
+        gc = self._generation_config(s, max_new)
         with self._rng(s.seed), torch.inference_mode():
             out = self.model.generate(input_ids=ids, attention_mask=mask, generation_config=gc, **kwargs)
         rows = out[:, width:].tolist()

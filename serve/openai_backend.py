@@ -4,6 +4,10 @@ Raw prompts go to the completions endpoint, chat messages to the chat
 endpoint. Requests run concurrently on a bounded thread pool; each call has a
 timeout and is retried with exponential backoff on 429, 5xx and connection
 errors, so a batch never hangs: it finishes or raises a `ServeError`.
+
+A request's seed is forwarded; whether it reproduces is the server's
+property (`vllm serve` repeats outputs only with batch invariance enabled,
+`stepforge serve` as its backend does). Finish reasons are kept per choice.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 
-from .base import BackendConfig, Completion, GenerationRequest, GenerationResult, ModelBackend
+from .base import BackendConfig, Completion, GenerationRequest, GenerationResult, ModelBackend, finish_outcome
 from .errors import (
     BackendUnavailableError,
     ConfigError,
@@ -103,16 +107,30 @@ def call_with_retries(fn: Callable[[], Any], config: BackendConfig, sleep: Calla
     raise AssertionError("unreachable")
 
 
-def completion_api_kwargs(request: GenerationRequest, model: str) -> dict[str, Any]:
-    """Keyword arguments of `client.completions.create` / `client.chat.completions.create`."""
+def completion_api_kwargs(request: GenerationRequest, model: str, extra_fields: bool = True) -> dict[str, Any]:
+    """Keyword arguments of `client.completions.create` / `client.chat.completions.create`.
+
+    Greedy requests ask for one choice at temperature 0 (vLLM's server
+    rejects greedy with n > 1); the result repeats it. top_k and
+    repetition_penalty, which the OpenAI API lacks, go in `extra_body`
+    always, so a vLLM server never substitutes the checkpoint's
+    generation_config values; with `extra_fields` false they must be off.
+    """
     s = request.sampling
     kwargs: dict[str, Any] = {
         "model": model,
-        "n": s.n,
-        "temperature": s.temperature,
+        "n": s.samples_to_draw,
+        "temperature": 0.0 if s.greedy else s.temperature,
         "top_p": s.top_p,
         "max_tokens": s.max_tokens,
     }
+    if extra_fields:
+        kwargs["extra_body"] = {"top_k": s.top_k or -1, "repetition_penalty": s.repetition_penalty}
+    elif s.top_k or s.repetition_penalty != 1.0:
+        raise InvalidRequestError(
+            "top_k / repetition_penalty need extra body fields, which this backend is configured not to send "
+            "(extra_sampling_fields: false)"
+        )
     if s.seed is not None:
         kwargs["seed"] = s.seed
     if s.stop:
@@ -142,10 +160,12 @@ def response_to_result(request: GenerationRequest, response: Any) -> GenerationR
     else:
         total = int(getattr(usage, "completion_tokens", 0) or 0)
         counts = apportion(total, [max(len(t), 1) for t in texts])
-    completions = [
-        Completion(text=t, finish_reason="length" if c.finish_reason == "length" else "stop", completion_tokens=k)
-        for c, t, k in zip(choices, texts, counts)
-    ]
+    completions = []
+    for c, t, k in zip(choices, texts, counts):
+        reason, detail = finish_outcome(c.finish_reason)
+        completions.append(Completion(text=t, finish_reason=reason, completion_tokens=k, detail=detail))
+    if request.sampling.greedy and len(completions) == 1:
+        completions = [completions[0].model_copy() for _ in range(request.sampling.n)]
     if len(completions) != request.sampling.n:
         raise GenerationError(f"server returned {len(completions)} choices, expected {request.sampling.n}")
     return GenerationResult(request_id=request.request_id, prompt_tokens=prompt_tokens, completions=completions)
@@ -170,7 +190,7 @@ class OpenAIBackend(ModelBackend):
         return [f.result() for f in futures]
 
     def _generate_one(self, request: GenerationRequest) -> GenerationResult:
-        kwargs = completion_api_kwargs(request, self.config.model)
+        kwargs = completion_api_kwargs(request, self.config.model, self.config.extra_sampling_fields)
         create = self.client.chat.completions.create if request.is_chat else self.client.completions.create
         response = call_with_retries(lambda: create(**kwargs), self.config)
         return response_to_result(request, response)

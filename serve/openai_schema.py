@@ -13,9 +13,16 @@ from __future__ import annotations
 
 from typing import Annotated, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+)
 
-from .base import GenerationRequest, SamplingParams
+from .base import GenerationRequest, SamplingParams, check_temperature
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
@@ -25,7 +32,8 @@ DEFAULT_CHAT_MAX_TOKENS = 512
 
 
 class ServerLimits(BaseModel):
-    """Per-request bounds a server enforces (set by `stepforge serve` flags)."""
+    """Bounds a server enforces (set by `stepforge serve` flags): per request,
+    and on the units (samples) queued over all requests."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -33,6 +41,8 @@ class ServerLimits(BaseModel):
     max_tokens: int = Field(default=4096, ge=1)
     max_prompts: int = Field(default=64, ge=1)
     max_body_bytes: int = Field(default=1024**2, ge=1024)
+    body_timeout_s: float = Field(default=30.0, gt=0)
+    max_queued_units: int = Field(default=16384, ge=1)
 
 
 DEFAULT_LIMITS = ServerLimits()
@@ -63,8 +73,10 @@ class _Strict(BaseModel):
 class _SamplingBody(_Strict):
     model: Name | None = None
     n: int = Field(default=1, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    temperature: float = 1.0  # checked by check_temperature (vLLM's own range and greedy rule)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=-1)  # vLLM's extra field; 0 or -1 = off
+    repetition_penalty: float = Field(default=1.0, gt=0.0)  # vLLM's extra field
     stop: Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
     seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     stream: bool = False
@@ -73,6 +85,11 @@ class _SamplingBody(_Strict):
     @classmethod
     def _one_or_list(cls, value):
         return [value] if isinstance(value, str) else value
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, value: float) -> float:
+        return check_temperature(value)
 
     @field_validator("n")
     @classmethod
@@ -90,16 +107,18 @@ class _SamplingBody(_Strict):
             raise ValueError(f"must be at most {limit} on this server")
         return value
 
-    @model_validator(mode="after")
-    def _no_stream(self):
-        if self.stream:
+    @field_validator("stream")
+    @classmethod
+    def _no_stream(cls, value: bool) -> bool:
+        if value:
             raise ValueError("stream=true is not supported by this server")
-        return self
+        return value
 
     def sampling(self, max_tokens: int) -> SamplingParams:
         """Our sampling settings for this body."""
         return SamplingParams(
-            n=self.n, temperature=self.temperature, top_p=self.top_p, max_tokens=max_tokens, seed=self.seed, stop=self.stop
+            n=self.n, temperature=self.temperature, top_p=self.top_p, top_k=max(self.top_k, 0),
+            repetition_penalty=self.repetition_penalty, max_tokens=max_tokens, seed=self.seed, stop=self.stop,
         )
 
 

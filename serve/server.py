@@ -5,7 +5,8 @@ plus GET /health and POST /tokenize (as vLLM serves them). Concurrent HTTP
 requests are scheduled round-robin onto the backend by a `RequestBatcher`.
 
 Hostile input is stopped at the edge: bodies over `max_body_bytes` are refused
-before they are read whole (413), every field is validated strictly against
+before they are read whole (413), bodies slower than `body_timeout_s` get 408,
+work past `max_queued_units` gets 503, every field is validated strictly against
 `ServerLimits` (400), and every failure, unexpected ones included, answers
 with OpenAI's body: {"error": {"message", "type", "param", "code"}}. Work of a
 client that disconnects is cancelled, and SIGTERM stops the server within
@@ -20,7 +21,8 @@ import time
 import uuid
 from typing import Any
 
-from fastapi import Request  # at module level: FastAPI resolves the handlers' annotations here
+# at module level: FastAPI resolves the handlers' `request: Request` annotations here
+from fastapi import Request
 from pydantic import ValidationError
 
 from .base import GenerationRequest, GenerationResult, ModelBackend
@@ -95,21 +97,26 @@ def usage(results: list[GenerationResult]) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-async def _send_error(send, status: int, message: str, code: str | None = None) -> None:
+async def _send_error(send, status: int, message: str, code: str | None = None, close: bool = False) -> None:
     raw = json.dumps(error_body(message, code=code)).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode()), (b"connection", b"close")]
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]
+    if close:
+        headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": raw})
 
 
 class BodyLimitMiddleware:
     """ASGI middleware reading each request body up to `max_bytes` before the
-    app sees it: a larger Content-Length is refused unread, and a streamed
-    (chunked) body is refused as soon as its running count passes the limit."""
+    app sees it. A larger Content-Length is refused unread and the connection
+    closed; a streamed (chunked) body is refused as soon as its running count
+    passes the limit, and the server discards the rest as it arrives (closing
+    on a client still sending would reset the connection and lose the 413)."""
 
-    def __init__(self, app, max_bytes: int):
+    def __init__(self, app, max_bytes: int, timeout_s: float):
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -119,25 +126,21 @@ class BodyLimitMiddleware:
         length = dict(scope.get("headers", ())).get(b"content-length")
         if length is not None:
             if not length.isdigit():
-                await _send_error(send, 400, "invalid Content-Length header")
+                await _send_error(send, 400, "invalid Content-Length header", close=True)
                 return
             if int(length) > self.max_bytes:
-                await _send_error(send, 413, too_big, "request_too_large")
+                await _send_error(send, 413, too_big, "request_too_large", close=True)
                 return
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_bytes:
-                await _send_error(send, 413, too_big, "request_too_large")
-                return
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body, replayed = b"".join(chunks), False
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                body = await self._read(receive)
+        except TimeoutError:
+            await _send_error(send, 408, f"the request body did not arrive within {self.timeout_s:g} s", "request_timeout", close=True)
+            return
+        if body is None:
+            await _send_error(send, 413, too_big, "request_too_large")
+            return
+        replayed = False
 
         async def replay():
             nonlocal replayed
@@ -147,6 +150,21 @@ class BodyLimitMiddleware:
             return await receive()  # later messages: http.disconnect
 
         await self.app(scope, replay, send)
+
+    async def _read(self, receive) -> bytes | None:
+        """The whole body, or None once it passes `max_bytes` (or the client left)."""
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
 
 
 class ClientGone(Exception):
@@ -163,11 +181,10 @@ def create_app(backend: ModelBackend, model_name: str, max_batch: int = 64, limi
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI
-    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
-    batcher = RequestBatcher(backend, max_batch=max_batch)
+    batcher = RequestBatcher(backend, max_batch=max_batch, max_queued=limits.max_queued_units)
     created = int(time.time())
 
     @asynccontextmanager
@@ -181,7 +198,7 @@ def create_app(backend: ModelBackend, model_name: str, max_batch: int = 64, limi
     app = FastAPI(title="stepforge serve", lifespan=lifespan)
     app.state.batcher = batcher
     app.state.backend_closed = False
-    app.add_middleware(BodyLimitMiddleware, max_bytes=limits.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=limits.max_body_bytes, timeout_s=limits.body_timeout_s)
 
     def reply(exc: ApiError) -> JSONResponse:
         return JSONResponse(status_code=exc.status, content=error_body(exc.message, exc.type, exc.code, exc.param))
@@ -189,11 +206,6 @@ def create_app(backend: ModelBackend, model_name: str, max_batch: int = 64, limi
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError):
         return reply(exc)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(_request: Request, exc: RequestValidationError):
-        problems = "; ".join(f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg')}" for e in exc.errors())
-        return reply(ApiError(400, problems or "invalid request"))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, exc: StarletteHTTPException):

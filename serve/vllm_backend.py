@@ -6,22 +6,44 @@ Prompts are tokenized here, with the engine's own tokenizer and the model's
 chat template, and handed to `LLM.generate` as token prompts: chat and raw
 requests then share one engine call (prefix caching sees every prompt of a
 round together) and prompt token counts are exact.
+
+Reproducibility, as vLLM documents it (docs: usage/reproducibility, features/
+batch_invariance): a request's `seed` fixes its sampling random numbers, but
+vLLM does not promise the same tokens by default, because the numerics of a
+step depend on which other requests share the batch. Reruns repeat exactly
+only on the same hardware and vLLM version, and only with deterministic
+scheduling (offline: VLLM_ENABLE_V1_MULTIPROCESSING=0) or batch invariance
+(`batch_invariant: true` here, i.e. VLLM_BATCH_INVARIANT=1; beta, on recent
+NVIDIA GPUs: compute capability 8.0+ or 9.0+ depending on the vLLM release). The engine's global `seed` (V1 default 0) seeds
+requests without their own seed.
+
+Every finish reason vLLM reports (stop, length, repetition, abort, error) is
+kept per sample; an aborted or failed sample never fails the batch.
 """
 
 from __future__ import annotations
 
 import gc
 import json
+import os
 from pathlib import Path
 from typing import Any
 
-from .base import BackendConfig, Completion, GenerationRequest, GenerationResult, ModelBackend, SamplingParams
+from .base import (
+    FAILED,
+    BackendConfig,
+    Completion,
+    GenerationRequest,
+    GenerationResult,
+    ModelBackend,
+    SamplingParams,
+    finish_outcome,
+)
+from .config import VLLM_LORA_RANKS
 from .errors import BackendUnavailableError, GenerationError, ModelNotFoundError
 from .hf_backend import check_adapter_dir, check_model_dir
 from .prompts import encode_prompt, new_token_budget
 
-# LoRA ranks vLLM's `max_lora_rank` accepts.
-VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
 LORA_NAME = "stepforge-adapter"
 LORA_ID = 1
 
@@ -60,6 +82,7 @@ def engine_kwargs(config: BackendConfig) -> dict[str, Any]:
         "tensor_parallel_size": config.tensor_parallel_size,
         "gpu_memory_utilization": config.gpu_memory_utilization,
         "enable_prefix_caching": config.enable_prefix_caching,
+        "seed": config.seed,
         "trust_remote_code": False,
     }
     if config.max_model_len is not None:
@@ -78,18 +101,18 @@ def engine_kwargs(config: BackendConfig) -> dict[str, Any]:
     return kwargs
 
 
-def samples_to_request(sampling: SamplingParams) -> int:
-    """How many samples to ask the engine for: greedy decoding has one answer,
-    so it is decoded once and repeated `n` times."""
-    return sampling.n if sampling.temperature > 0 else 1
-
-
 def sampling_kwargs(sampling: SamplingParams, max_tokens: int) -> dict[str, Any]:
-    """Keyword arguments of `vllm.SamplingParams(...)` for one request."""
+    """Keyword arguments of `vllm.SamplingParams(...)` for one request.
+
+    Greedy requests go as temperature 0 and n 1 (vLLM rejects greedy with
+    n > 1); top_k 0 (off) goes as -1, which every vLLM release reads as off.
+    """
     return {
-        "n": samples_to_request(sampling),
-        "temperature": sampling.temperature,
+        "n": sampling.samples_to_draw,
+        "temperature": 0.0 if sampling.greedy else sampling.temperature,
         "top_p": sampling.top_p,
+        "top_k": sampling.top_k or -1,
+        "repetition_penalty": sampling.repetition_penalty,
         "max_tokens": max_tokens,
         "seed": sampling.seed,
         "stop": list(sampling.stop) or None,
@@ -109,16 +132,19 @@ def to_result(request: GenerationRequest, output: Any) -> GenerationResult:
     Token counts come from the engine: `prompt_token_ids` and each
     `CompletionOutput.token_ids` (which end with EOS, or with the token that
     completed a stop string; the stop string itself is not in the text).
+    Each sample keeps its own finish reason: abort, error or an unknown reason
+    marks that sample failed and never raises for the batch.
     """
     completions = []
     for out in sorted(output.outputs, key=lambda o: o.index):
-        if out.finish_reason not in ("stop", "length"):
-            raise GenerationError(
-                f"vLLM request {request.request_id or output.request_id!r} ended with finish_reason {out.finish_reason!r}"
-            )
-        completions.append(Completion(text=out.text, finish_reason=out.finish_reason, completion_tokens=len(out.token_ids)))
+        reason, detail = finish_outcome(out.finish_reason)
+        if reason in FAILED and detail is None:
+            detail = f"vLLM finished the sample with {reason!r}"
+        completions.append(
+            Completion(text=out.text, finish_reason=reason, completion_tokens=len(out.token_ids), detail=detail)
+        )
     n = request.sampling.n
-    if len(completions) == 1 and n > 1:
+    if request.sampling.greedy and len(completions) == 1 and n > 1:
         completions = [completions[0].model_copy() for _ in range(n)]
     if len(completions) != n:
         raise GenerationError(f"vLLM returned {len(completions)} completions, expected {n}")
@@ -152,6 +178,8 @@ class VLLMBackend(ModelBackend):
             ) from None
         self.config = config
         self._sampling_cls = vllm.SamplingParams
+        if config.batch_invariant:
+            os.environ["VLLM_BATCH_INVARIANT"] = "1"  # read when the engine starts
         self.llm = vllm.LLM(**engine_kwargs(config))
         self.tokenizer = self.llm.get_tokenizer()
         self.lora_request = LoRARequest(LORA_NAME, LORA_ID, config.lora_path) if config.lora_path else None

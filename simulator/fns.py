@@ -13,7 +13,6 @@ cached per fn. `StepFn.call` evaluates one element (the naive interpreter).
 
 from __future__ import annotations
 
-import ast
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
@@ -22,6 +21,7 @@ import torch
 
 from stepforge.simulator.batching import fast_batching_enabled, vmap
 from stepforge.simulator.errors import SimulatorError, StepRuntimeError
+from stepforge.simulator.fn_bodies import BodyCompiler, FnSignature, body_returns, compile_trusted_body
 from stepforge.simulator.shapes import SizeSymbol, shape_values
 from stepforge.simulator.types import ElemType, LeafType, parse_dtype
 
@@ -65,54 +65,6 @@ def namespace_binding(ns: Mapping[str, Any]) -> dict[str, int]:
     return dict(ns["ctx"])
 
 
-def _function_module(source: str, label: str) -> ast.Module:
-    tree = ast.parse(source, filename=label)
-    if not tree.body:
-        raise ValueError(f"{label}: empty body")
-    has_return = body_returns(tree)
-    body = tree.body
-    if not has_return:
-        last = body[-1]
-        if not isinstance(last, ast.Expr):
-            raise ValueError(f"{label}: the body needs a `return` or must end with an expression")
-        body = body[:-1] + [ast.Return(value=last.value)]
-    args = ast.arguments(
-        posonlyargs=[],
-        args=[ast.arg("input"), ast.arg("state")],
-        kwonlyargs=[],
-        kw_defaults=[],
-        defaults=[ast.Constant(None)],
-    )
-    fdef = ast.FunctionDef(name="_step_fn", args=args, body=body, decorator_list=[], returns=None, type_params=[])
-    module = ast.Module(body=[fdef], type_ignores=[])
-    return ast.fix_missing_locations(module)
-
-
-def body_returns(body: "str | ast.AST") -> bool:
-    """Whether a fn body (source or parsed) has a `return` of its own, outside nested defs and lambdas."""
-    stack = list(ast.iter_child_nodes(ast.parse(body) if isinstance(body, str) else body))
-    while stack:
-        node = stack.pop()
-        if isinstance(node, ast.Return):
-            return True
-        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
-            stack.extend(ast.iter_child_nodes(node))
-    return False
-
-
-@dataclass(frozen=True)
-class FnSignature:
-    """What a body compiler knows of the fn it compiles."""
-
-    func_name: str
-    input_type: ElemType
-    output_type: ElemType
-    is_fold: bool
-
-
-BodyCompiler = Callable[[str, FnSignature, dict], Callable]
-
-
 @dataclass
 class StepFn:
     """A task function: typed input/output, optional fold init, compiled body.
@@ -130,7 +82,11 @@ class StepFn:
     source: str = ""
     batch_direct: bool = False  # may call the body on whole batches where a trial shows it batches (task-file fns)
     _vmappable: bool | None = field(default=None, repr=False)
-    _direct: dict = field(default_factory=dict, repr=False)  # batch signature -> the body batches by itself
+    # what a fn learns as it runs (not copied by dataclasses.replace, not compared)
+    _direct: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # batch signature -> layout or None
+    _out_dims: list | None = field(default=None, init=False, repr=False, compare=False)  # output element dims
+    _out_symbols: tuple = field(default=(), init=False, repr=False, compare=False)  # ... and their size symbols
+    _out_memo: dict = field(default_factory=dict, init=False, repr=False, compare=False)  # sizes -> out_shapes
 
     @property
     def is_fold(self) -> bool:
@@ -172,7 +128,18 @@ class StepFn:
 
     def out_shapes(self, binding: Mapping[str, int]) -> list[tuple[int, ...]]:
         """The element tensor shape of each output field."""
-        return [shape_values(f.elem_dims(), binding) for f in self.output_type.fields()]
+        dims = self._out_dims
+        if dims is None:
+            dims = self._out_dims = [f.elem_dims() for f in self.output_type.fields()]
+            self._out_symbols = tuple(sorted({name for d in dims for dim in d for name in dim.symbols}))
+        try:
+            key = tuple(binding[name] for name in self._out_symbols)
+        except KeyError:
+            return [shape_values(d, binding) for d in dims]  # raises the unbound size's error
+        shapes = self._out_memo.get(key)
+        if shapes is None:
+            shapes = self._out_memo[key] = [shape_values(d, binding) for d in dims]
+        return list(shapes)
 
     def _check_not_mutated(self, watched: list[torch.Tensor], before: list[int] | None) -> None:
         # An in-place update (`state[0] += x`) would alias every emitted Scan state, a Copy's
@@ -197,8 +164,10 @@ class StepFn:
         n_out = len(self.output_type.fields())
         if len(out) != n_out:
             raise StepRuntimeError(f"fn {self.func_name} returned {len(out)} fields, its output_dtype has {n_out}")
-        return [t if isinstance(t, torch.Tensor) and t.dtype == torch.float32 else torch.as_tensor(t).to(torch.float32)
-                for t in out]
+        for t in out:
+            if type(t) is not torch.Tensor or t.dtype is not torch.float32:
+                return [torch.as_tensor(t).to(torch.float32) for t in out]
+        return list(out)
 
     # -- many elements ------------------------------------------------------
     def map(self, inputs: list[torch.Tensor], binding: Mapping[str, int]) -> list[torch.Tensor]:
@@ -230,21 +199,30 @@ class StepFn:
         body = self._body_for(batch)
 
         def step_loop(xs, st, axis: int, prefix: tuple, layout: Optional[str] = None):
-            columns = [x.unbind(axis) for x in xs]  # every step's slice at once
+            # layout None: one row under vmap; "plain"/"aligned": whole batches (see _batches_itself)
             want = [torch.Size(prefix + s) for s in shapes]
+            inner = want
+            if layout == "aligned":  # align once for the whole fold; outputs may keep the size-1 axes
+                rank = max([x.dim() - 1 for x in xs] + [len(w) for w in want])
+                xs = [x.reshape(x.shape[:2] + (1,) * (rank + 1 - x.dim()) + x.shape[2:]) for x in xs]
+                inner = [torch.Size(w[:1] + (1,) * (rank - len(w)) + w[1:]) for w in want]
+                st = [x.reshape(a) for x, a in zip(st, inner)]
+            columns = [x.unbind(axis) for x in xs]  # every step's slice at once
             history = []
             for t in range(steps):
-                if layout is None:  # under vmap
-                    st = self._normalise(body([c[t] for c in columns], list(st)))
-                else:
-                    st = self._call_whole([c[t] for c in columns], st, layout, want)
-                if st is None or [o.shape for o in st] != want:
-                    raise StepRuntimeError("wrong output shape")  # reported precisely by the step-by-step path
+                step_body = body if layout is None else self.body  # under vmap: the bound per element
+                st = self._normalise(step_body([c[t] for c in columns], list(st)))
+                got = [o.shape for o in st]
+                if got != inner:
+                    if layout != "aligned" or got != want:
+                        raise StepRuntimeError("wrong output shape")  # reported precisely by the step-by-step path
+                    st = [o.reshape(a) for o, a in zip(st, inner)]
                 if keep_all:
                     history.append(st)
             if keep_all:
-                return tuple(torch.stack([h[i] for h in history], axis) for i in range(len(shapes)))
-            return tuple(st)
+                out = [torch.stack([h[i] for h in history], axis) for i in range(len(shapes))]
+                return tuple(o.reshape(w[:1] + (steps,) + w[1:]) if layout == "aligned" else o for o, w in zip(out, want))
+            return tuple(o.reshape(w) for o, w in zip(st, want)) if layout == "aligned" else tuple(st)
 
         # Bodies cannot know the step, and value-dependent ones do not vmap, so an in-place
         # update happens at step 0 too, where it bumps the real input or initial state.
@@ -317,8 +295,8 @@ class StepFn:
     # field times a Buffer field broadcasts as it does for one element; size-1 axes are taken
     # off the outputs again). Whether a body batches, and in which layout, is decided per batch
     # signature (shapes and dtypes of the inputs and state) by a trial on random inputs of that
-    # signature: vmap and the plain call must agree (same shapes, values within float32
-    # rounding). A body that reduces or indexes over the batch axis (`x.mean()`, `x[:h]`)
+    # signature (at most _TRIAL_ROWS rows): vmap and the plain call must agree (same shapes,
+    # values within float32 rounding). A body that reduces or indexes over the batch axis (`x.mean()`, `x[:h]`)
     # disagrees on random data and keeps vmap. Only fns with `batch_direct` (bodies from task
     # files, see `make_fn`) are tried.
 
@@ -329,36 +307,8 @@ class StepFn:
         args = [*inputs, *(state or [])]
         signature = (state is not None,) + tuple((a.shape, a.dtype) for a in args)
         if signature not in self._direct:
-            self._direct[signature] = self._trial(len(inputs), state is not None, args)
+            self._direct[signature] = _trial_layout(self, len(inputs), state is not None, args)
         return self._direct[signature]
-
-    def _trial(self, n_in: int, has_state: bool, like: list[torch.Tensor]) -> Optional[str]:
-        if not like or any(a.dim() == 0 or a.shape[0] < 1 for a in like) or not all(a.is_floating_point() for a in like):
-            return None
-        gen = torch.Generator(device=like[0].device).manual_seed(12345)
-        trial = [torch.randn(a.shape, generator=gen, dtype=a.dtype, device=a.device) for a in like]
-
-        body = self._body_for(like[0].shape[0])
-
-        def element(*args):
-            return tuple(self._normalise(body(list(args[:n_in]), list(args[n_in:]) if has_state else None)))
-
-        try:
-            want = vmap(element, [t.clone() for t in trial])
-        except Exception:
-            return None  # the body does not vmap: the usual path finds out and falls back to elements
-        self._vmappable = True
-        shapes = [w.shape for w in want]
-        layouts = ("plain", "aligned") if len({a.dim() for a in like}) > 1 else ("plain",)
-        for layout in layouts:
-            try:
-                got = self._call_whole(trial[:n_in], trial[n_in:] if has_state else None, layout, shapes)
-            except Exception:
-                continue
-            if got is not None and all(torch.allclose(g, w, rtol=1e-5, atol=1e-6, equal_nan=True)
-                                       for g, w in zip(got, want)):
-                return layout
-        return None
 
     def _call_whole(self, inputs, state, layout: str, shapes) -> list[torch.Tensor] | None:
         """The body called once on the batch in `layout`; None if it modified an input in place
@@ -397,6 +347,61 @@ class StepFn:
         return [torch.stack([r[i] for r in rows]) for i in range(len(rows[0]))]
 
 
+_TRIAL_ROWS = 64  # batch rows of a trial (a body that mixes rows disagrees with vmap on any 2 or more)
+
+
+def _trial_layout(fn: "StepFn", n_in: int, has_state: bool, like: list[torch.Tensor]) -> Optional[str]:
+    """The layout in which `fn`'s body batches by itself on random inputs like `like`, or None."""
+    if not like or any(a.dim() == 0 or a.shape[0] < 1 for a in like) or not all(a.is_floating_point() for a in like):
+        return None
+    gen = torch.Generator(device=like[0].device).manual_seed(12345)
+    rows = min(like[0].shape[0], _TRIAL_ROWS)  # the trial's cost is bounded, whatever the batch
+    trial = [torch.randn((rows,) + a.shape[1:], generator=gen, dtype=a.dtype, device=a.device) for a in like]
+
+    def element(*args):
+        return tuple(fn._normalise(fn.body(list(args[:n_in]), list(args[n_in:]) if has_state else None)))
+
+    try:
+        want = vmap(element, [t.clone() for t in trial])
+    except Exception:
+        return None  # the body does not vmap: the usual path finds out and falls back to elements
+    fn._vmappable = True
+    shapes = [w.shape for w in want]
+    layouts = ("plain", "aligned") if len({a.dim() for a in like}) > 1 else ("plain",)
+    for layout in layouts:
+        try:
+            got = fn._call_whole(trial[:n_in], trial[n_in:] if has_state else None, layout, shapes)
+        except Exception:
+            continue
+        if got is not None and all(torch.allclose(g, w, rtol=1e-5, atol=1e-6, equal_nan=True)
+                                   for g, w in zip(got, want)) and _rows_independent(fn, trial, n_in, has_state,
+                                                                                      layout, shapes, got):
+            return layout
+    return None
+
+def _rows_independent(fn: "StepFn", trial, n_in: int, has_state: bool, layout: str, shapes, got) -> bool:
+    """Row 0 of the outputs stays the same when every other row moves far both ways.
+
+    Agreement with vmap on one random batch is not enough: `maximum(state, x + y.sum())`
+    reduces over the batch yet agrees whenever `state` dominates. A body that mixes rows
+    changes row 0 once the other rows move far.
+    """
+    if trial[0].shape[0] < 2:
+        return True  # one row: nothing to mix
+    for shift in (1e3, -1e3):
+        moved = [t.clone() for t in trial]
+        for t in moved:
+            t[1:] += shift
+        try:
+            again = fn._call_whole(moved[:n_in], moved[n_in:] if has_state else None, layout, shapes)
+        except Exception:
+            return False
+        if again is None or not all(torch.allclose(a[0], g[0], rtol=1e-5, atol=1e-6, equal_nan=True)
+                                    for a, g in zip(again, got)):
+            return False
+    return True
+
+
 def _aligned(tensors: list[torch.Tensor], rank: int) -> list[torch.Tensor]:
     """Each (batch, *elem) tensor as (batch, 1, ..., 1, *elem) of `rank` dims."""
     return [t if t.dim() == rank else t.reshape(t.shape[:1] + (1,) * (rank - t.dim()) + t.shape[1:]) for t in tensors]
@@ -408,15 +413,6 @@ def _versions(tensors: list[torch.Tensor]) -> list[int] | None:
         return [t._version for t in tensors]
     except RuntimeError:
         return None
-
-
-def compile_trusted_body(apply: str, sig: FnSignature, namespace: dict) -> Callable:
-    """A task file's body as a Python function whose globals are `namespace` (task-file code only)."""
-    label = f"<fn {sig.func_name}>"
-    module = _function_module(apply, label)
-    local: dict[str, Any] = {}
-    exec(compile(module, label, "exec"), namespace, local)  # task-file code, run in a worker
-    return local["_step_fn"]
 
 
 def make_fn(

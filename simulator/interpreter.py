@@ -5,12 +5,18 @@ tensors. `run_program` then checks every tensor's size against the element
 budget before anything is allocated and runs each operator on the chosen
 engine. Both engines share this walk, so they can only differ in how an
 operator computes, which is what the differential tests compare.
+
+Running one program many times: `run_program` remembers the type check (and
+the resource check it passed) per (program, input types, fns, binding), and
+`prepare_run` + `run_typed` split the checks from the run for a caller that
+keeps the checked program itself (the verifier, once per size binding).
 """
 
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Union
 
@@ -217,7 +223,8 @@ def _elements(stype, bounds, call: OpCall | None) -> int:
 
 def check_resources(typed: TypedProgram, binding: Mapping[str, int], max_elements: int,
                     max_live_elements: int | None = None, inputs: Mapping[str, StreamType] | None = None) -> None:
-    """Raise ResourceError if a stream would exceed `max_elements`, or the live streams together `max_live_elements`.
+    """Raise ResourceError if a stream would exceed `max_elements`, or the live streams together `max_live_elements`
+    (default `LIVE_FACTOR * max_elements`).
 
     Dynamic route sizes count at their upper bounds, so this sees every size
     before anything is allocated. The live streams at a statement are those
@@ -237,7 +244,7 @@ def check_resources(typed: TypedProgram, binding: Mapping[str, int], max_element
                         f"{op.call.brief()} would make a stream {out} of {format_int(total, grouped=True)} "
                         f"elements (limit {limit})", op.call.line)
     if max_live_elements is None:
-        return
+        max_live_elements = LIVE_FACTOR * max_elements
     unread, drops = liveness(typed.program, inputs or {})
     held = {name: _elements(t, bounds, None) for name, t in (inputs or {}).items() if name not in unread}
     for ts, drop in zip(typed.statements, drops):
@@ -297,14 +304,52 @@ def run_program(
     """
     binding = dict(binding)
     input_types = {n: s.type for n, s in inputs.items()}
-    typed = typecheck_program(program, input_types, fns, binding)
+    checked = _checked_program(program, input_types, fns, binding)
     _check_inputs(inputs, binding)
-    check_resources(typed, binding, max_elements, _live_limit(max_elements, max_live_elements), input_types)
-    return _engine(engine).run(typed, inputs, binding)
+    limits = (max_elements, max_live_elements)
+    if limits not in checked.within:
+        check_resources(checked.typed, binding, max_elements, max_live_elements, input_types)
+        checked.within.add(limits)
+    return _engine(engine).run(checked.typed, inputs, binding)
 
 
-def _live_limit(max_elements: int, max_live_elements: int | None) -> int:
-    return LIVE_FACTOR * max_elements if max_live_elements is None else max_live_elements
+@dataclass
+class _Checked:
+    program: Program
+    statements: tuple
+    fns: dict
+    typed: TypedProgram
+    within: set = field(default_factory=set)  # (stream, live) element limits check_resources passed
+
+
+_CHECKED: "OrderedDict[tuple, _Checked]" = OrderedDict()
+_MAX_CHECKED = 256
+
+
+def _checked_program(program: Program, input_types: Mapping[str, StreamType], fns: Mapping[str, StepFn],
+                     binding: Mapping[str, int]) -> _Checked:
+    """`typecheck_program`, remembered per (program, input types, fns, binding) for repeated runs.
+
+    The entry holds the program and fns it was made for, so it is used only for
+    those very objects, and only while the program's statements are unchanged.
+    Failures are not remembered: they raise again each time.
+    """
+    try:
+        key = (id(program), tuple(sorted(input_types.items())), tuple(sorted((n, id(f)) for n, f in fns.items())),
+               tuple(sorted(binding.items())))
+        hash(key)
+    except TypeError:  # an unhashable type or binding value: no caching
+        return _Checked(program, (), dict(fns), typecheck_program(program, input_types, fns, binding))
+    hit = _CHECKED.get(key)
+    if hit is not None and hit.program is program and hit.statements == tuple(program.statements) \
+            and all(hit.fns.get(n) is f for n, f in fns.items()):
+        _CHECKED.move_to_end(key)
+        return hit
+    checked = _Checked(program, tuple(program.statements), dict(fns), typecheck_program(program, input_types, fns, binding))
+    _CHECKED[key] = checked
+    while len(_CHECKED) > _MAX_CHECKED:
+        _CHECKED.popitem(last=False)
+    return checked
 
 
 def prepare_run(
@@ -322,7 +367,7 @@ def prepare_run(
     this once and calls `run_typed` for each.
     """
     typed = typecheck_program(program, input_types, fns, dict(binding))
-    check_resources(typed, binding, max_elements, _live_limit(max_elements, max_live_elements), dict(input_types))
+    check_resources(typed, binding, max_elements, max_live_elements, dict(input_types))
     return typed
 
 

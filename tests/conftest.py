@@ -6,6 +6,7 @@ Helpers that are not fixtures live in `support.py` and `program_gen.py` beside t
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,27 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+STAND_INS = Path(__file__).resolve().parent / "stand_ins"
+
 _BACKENDS: dict[str, object] = {}
+
+def _drop_vllm_modules() -> None:
+    for name in [m for m in sys.modules if m == "vllm" or m.startswith("vllm.")]:
+        del sys.modules[name]
+
+
+@pytest.fixture(scope="module")
+def stand_in_vllm():
+    """The stand-in `vllm` package (tests/stand_ins), importable for one test
+    module only: sys.path and sys.modules are restored afterwards."""
+    with pytest.MonkeyPatch.context() as mp:
+        _drop_vllm_modules()
+        mp.syspath_prepend(str(STAND_INS))
+        import vllm
+
+        assert vllm.__file__.startswith(str(STAND_INS)), vllm.__file__
+        yield vllm
+        _drop_vllm_modules()
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ every stream it made that nothing consumed.
 
 from __future__ import annotations
 
+import os
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -72,15 +73,22 @@ def run(text: str, inputs: dict, fns: dict, binding: dict, engine: str, **kw) ->
     return run_program(parse_program(text), inputs, fns, binding, engine=engine, **kw)
 
 
+# Where run_both runs the engines: $STEPFORGE_TEST_DEVICE (e.g. cuda), default cpu.
+# Inputs are still generated on the CPU, so every device sees the same programs and data.
+TEST_DEVICE = os.environ.get("STEPFORGE_TEST_DEVICE", "cpu")
+
+
 def run_both(text: str, inputs: dict, fns: dict, binding: dict) -> tuple[list, list]:
-    """Run on both engines (each on its own copy of the inputs)."""
-    vec = run(text, _clone_inputs(inputs), fns, dict(binding), "vectorised")
-    nai = run(text, _clone_inputs(inputs), fns, dict(binding), "naive")
+    """Run on both engines (each on its own copy of the inputs), on TEST_DEVICE."""
+    with torch.device(TEST_DEVICE):
+        vec = run(text, _clone_inputs(inputs), fns, dict(binding), "vectorised")
+        nai = run(text, _clone_inputs(inputs), fns, dict(binding), "naive")
     return vec, nai
 
 
 def _clone_inputs(inputs: dict) -> dict:
-    return {n: Stream(s.type, [t.clone() for t in s.data] if isinstance(s.data, list) else s.data.clone())
+    move = lambda t: t.to(TEST_DEVICE, copy=True)  # noqa: E731
+    return {n: Stream(s.type, [move(t) for t in s.data] if isinstance(s.data, list) else move(s.data))
             for n, s in inputs.items()}
 
 

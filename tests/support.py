@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 from pathlib import Path
 
 STEPFORGE = str(Path(sys.executable).parent / "stepforge")
+STAND_INS = Path(__file__).resolve().parent / "stand_ins"
+
+
+def stand_in_env(**extra: str) -> dict[str, str]:
+    """The environment for a CLI subprocess that imports the stand-in `vllm` (tests/stand_ins)."""
+    path = os.pathsep.join(p for p in (str(STAND_INS), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": path, **extra}
 
 
 def free_port() -> int:
@@ -46,3 +54,34 @@ class ServerThread:
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+_MINIMAL_TASK = """\
+test_name: {name}
+inputs:
+  - {{name: E0, dtype: fp32, dims: [D, N], data_gen: torch.rand}}
+fns:
+  - name: add
+    func_name: fn_add
+    input_dtype: fp32
+    output_dtype: fp32
+    init: 0
+    apply: |
+      return [state[0] + input[0]]
+outputs:
+  - name: S0
+    dtype: fp32
+    dims: [N]
+    data_transform: |
+      input_data['E0'].sum(dim=-1)
+impl: |
+  S0 = step.Accum(fn=fn_add, b=1).apply(E0)
+  return S0
+"""
+
+
+def make_task(name: str):
+    """A small valid task named `name` (row sums), for tests whose proposers never read the task."""
+    from stepforge.benchmark.schema import Task
+
+    return Task.from_yaml(_MINIMAL_TASK.format(name=name))

@@ -35,7 +35,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 from stepforge.errors import StepforgeError
 
@@ -125,22 +125,15 @@ class PromptBuilder:
             self._knowledge = load_knowledge(variant=self.knowledge_variant)
         return self._knowledge
 
-    def messages(self, task_ir: str, demonstrations: Sequence[Any] = (), task_key: str = "task") -> list[dict[str, str]]:
+    def messages(self, task: Any, demonstrations: Sequence[Any] = (), task_key: str = "task") -> list[dict[str, str]]:
         """The chat prompt the loop's LLM proposer sends for this task and these demonstrations."""
         from stepforge.loop.agents.proposer import LLMProposer
         from stepforge.loop.interfaces import ProposalRequest
 
         if self._proposer is None:
             self._proposer = LLMProposer(None, self.knowledge, style=self.style)
-        request = ProposalRequest(task_key=task_key, task_ir=task_ir, demonstrations=list(demonstrations))
+        request = ProposalRequest(task_key=task_key, task=task, demonstrations=list(demonstrations))
         return self._proposer.messages_for(request)
-
-
-def task_irs(keys: Iterable[str] | None = None) -> dict[str, str]:
-    """Task key -> structural IR without impl, as `stepforge improve` gives it to the proposer."""
-    tasks = benchmark_tasks()
-    chosen = list(tasks) if keys is None else list(keys)
-    return {k: tasks[k].to_yaml(include_impl=False, include_meta=False) for k in chosen}
 
 
 def benchmark_tasks() -> dict[str, Any]:
@@ -218,7 +211,7 @@ def buffer_examples(entries: Sequence[Any], data: DataSettings, builder: PromptB
             skipped.append(f"{e.task_key} (demonstrations {', '.join(missing)} are not in the buffer)")
             continue
         if irs is None:
-            irs = task_irs()
+            irs = benchmark_tasks()
         if e.task_key not in irs:
             raise DatasetError(f"buffer entry {e.task_key}: not a benchmark task")
         from stepforge.loop.buffer import ExperienceBuffer
@@ -232,7 +225,7 @@ def buffer_examples(entries: Sequence[Any], data: DataSettings, builder: PromptB
 def extra_examples(keys: Sequence[str], builder: PromptBuilder) -> list[SFTExample]:
     """Reference solutions of benchmark tasks, with the round-0 prompt the loop would build."""
     tasks = benchmark_tasks()
-    irs = task_irs(keys)
+    irs = {k: tasks[k] for k in keys}
     out = []
     for key in keys:
         impl = tasks[key].impl
@@ -301,6 +294,5 @@ __all__ = [
     "read_dataset",
     "resolve_prompt",
     "select_task_keys",
-    "task_irs",
     "write_dataset",
 ]

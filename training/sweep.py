@@ -116,7 +116,7 @@ def load_sweep_config(path: Optional[str | Path], overrides: list[str], cli_grid
     """The sweep config of `path` (None: defaults) with `--set` overrides and grid values from the command line."""
     where = str(path) if path else "sweep"
     try:
-        data = read_mapping(path, "sweep settings (name, command, config, grid, ...)") if path is not None else {}
+        data = read_mapping(path, "sweep settings (name, command, config, grid, ...)", noun="sweep config") if path is not None else {}
         data, keys = apply_overrides(data, overrides)
     except ConfigError as exc:
         raise SweepError(str(exc)) from None

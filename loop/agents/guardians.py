@@ -72,7 +72,7 @@ class LLMGuardian(Guardian):
             r = requests[i]
             temperature = self.temperature if self.temperature is not None else r.temperature
             gen.append(GenerationRequest(
-                messages=guardian_messages(r.task_ir, r.program, self.knowledge),
+                messages=guardian_messages(r.task, r.program, self.knowledge),
                 sampling=SamplingParams(n=1, temperature=temperature, seed=r.seed, max_tokens=self.max_tokens),
                 request_id=f"{r.task_key}#guard{i}",
             ))

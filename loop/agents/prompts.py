@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import yaml
 
-from stepforge.loop.interfaces import Demonstration
+from stepforge.loop.interfaces import Demonstration, task_ir
 from stepforge.simulator.fns import body_returns
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -234,7 +234,7 @@ def render_task(task: "Task | str | dict", style: str = "ir") -> str:
     """
     _check_style(style)
     if style == "ir":
-        text = strip_impl(task) if isinstance(task, str) else render_task_ir(task)
+        text = strip_impl(task) if isinstance(task, str) else task_ir(as_task(task))
         return fill("task_ir", task=text.rstrip("\n")).rstrip("\n")
     return fill("task_python", task=task_as_python(task).rstrip("\n")).rstrip("\n")
 
@@ -259,7 +259,7 @@ def render_demonstrations(demonstrations: Sequence[Demonstration], style: str = 
     if not demonstrations:
         return ""
     items = [
-        fill("demonstration", number=i, task=render_task(strip_impl(d.task_ir), style),
+        fill("demonstration", number=i, task=render_task(d.task, style),
              impl=d.impl.strip("\n")).rstrip("\n")
         for i, d in enumerate(demonstrations, 1)
     ]
@@ -269,27 +269,27 @@ def render_demonstrations(demonstrations: Sequence[Demonstration], style: str = 
 def proposer_messages(
     knowledge: "Knowledge",
     demonstrations: Sequence[Demonstration],
-    task_ir: str,
+    task: "Task",
     style: str = "ir",
 ) -> list[dict[str, str]]:
-    """Chat messages asking for the `impl` of `task_ir` (task YAML; an `impl` key is dropped)."""
+    """Chat messages asking for the `impl` of `task` (its own impl is never shown)."""
     _check_style(style)
     task_form = "written in STeP's structural IR (YAML)" if style == "ir" else "written as a Python module"
     system = fill("proposer_system", task_form=task_form, knowledge=knowledge.render(style).rstrip("\n"))
     demos = render_demonstrations(demonstrations, style)
-    user = fill("proposer_user", demonstrations=demos, task=render_task(strip_impl(task_ir), style))
+    user = fill("proposer_user", demonstrations=demos, task=render_task(task, style))
     return [{"role": "system", "content": system.rstrip("\n") + "\n"},
             {"role": "user", "content": user.lstrip("\n").rstrip("\n") + "\n"}]
 
 
-def guardian_messages(task_ir: str, program: str, knowledge: "Knowledge | None" = None) -> list[dict[str, str]]:
+def guardian_messages(task: "Task", program: str, knowledge: "Knowledge | None" = None) -> list[dict[str, str]]:
     """Chat messages asking the guardian to make `program` obey the affine rule."""
     from stepforge.loop.agents.knowledge import load_knowledge
 
     knowledge = knowledge or load_knowledge()
     rule = " ".join(knowledge.section("The affine rule").text.split())
     system = fill("guardian_system", affine_rule=rule, examples=knowledge.render_guardian_examples().rstrip("\n"))
-    user = fill("guardian_user", task=strip_impl(task_ir).rstrip("\n"), program=program.strip("\n"))
+    user = fill("guardian_user", task=task_ir(as_task(task)).rstrip("\n"), program=program.strip("\n"))
     return [{"role": "system", "content": system.rstrip("\n") + "\n"},
             {"role": "user", "content": user.rstrip("\n") + "\n"}]
 

@@ -102,11 +102,11 @@ class SearchProposer(Proposer):
             self._priors[digest] = prior
         return prior
 
-    def _task(self, task_ir: str) -> SearchTask:
-        key = hashlib.sha256(task_ir.encode()).hexdigest()
+    def _task(self, request: ProposalRequest) -> SearchTask:
+        key = hashlib.sha256(request.task_ir.encode()).hexdigest()
         task = self._tasks.get(key)
         if task is None:
-            task = SearchTask.from_ir(task_ir)
+            task = SearchTask.from_task(request.task)
             if len(self._tasks) > 64:
                 self._tasks.clear()
             self._tasks[key] = task
@@ -115,7 +115,7 @@ class SearchProposer(Proposer):
     def iter_candidates(self, request: ProposalRequest, stats: Optional[SearchStats] = None) -> Iterator[Candidate]:
         """The candidates of one request, lazily (for callers that verify as they go)."""
         prior = self._prior(request.demonstrations, request.task_ir)
-        return search_programs(self._task(request.task_ir), n=request.n, temperature=request.temperature,
+        return search_programs(self._task(request), n=request.n, temperature=request.temperature,
                                seed=request.seed, config=self.config, prior=prior, stats=stats)
 
     def propose(self, requests: list[ProposalRequest]) -> list[list[Proposal]]:

@@ -58,6 +58,11 @@ class SearchTask:
         return cls.from_dict(data)
 
     @classmethod
+    def from_task(cls, task: Any) -> "SearchTask":
+        """From a parsed benchmark `Task`."""
+        return cls.from_dict(task.model_dump(mode="python", by_alias=True))
+
+    @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SearchTask":
         for key in ("inputs", "fns", "outputs"):
             if not isinstance(data.get(key), list) or not data[key]:

@@ -273,32 +273,13 @@ def test_random_program_mutations_always_get_a_verdict():
     """Token-level mutations of every reference: verify returns a verdict, never raises, and only
     programs that are still correct at every binding pass."""
     import random
-    import re
+
+    from mutations import mutations
 
     rng = random.Random(7)
-    ops = list(sim.program.OPS)
     seen_stages = set()
     for _key, task in TASKS.items():
-        lines = task.impl.splitlines()
-        names = sorted(set(re.findall(r"\b[A-Za-z_]\w*\b", task.impl)) - {"step", "apply", "return"})
-        for _ in range(6):
-            ls = list(lines)
-            i = rng.randrange(len(ls) - 1)
-            r = rng.random()
-            if r < 0.3:
-                ls[i] = re.sub(r"\b\d+\b", str(rng.choice([0, 1, 2, 3, 16])), ls[i])
-            elif r < 0.6:
-                toks = re.findall(r"\b[A-Za-z_]\w*\b", ls[i])
-                ls[i] = ls[i].replace(rng.choice(toks), rng.choice(names), 1)
-            elif r < 0.75:
-                ls[i] = re.sub(r"step\.\w+", "step." + rng.choice(ops), ls[i], count=1)
-            elif r < 0.85:
-                del ls[i]
-            else:  # a statement repeated: often a stream consumed twice, sometimes harmless
-                ls.insert(rng.randrange(len(ls)), ls[i])
-            impl = "\n".join(ls) + "\n"
-            if impl == task.impl:
-                continue
+        for impl in mutations(task.impl, rng, 6):
             verdict = verify(task, impl, seeds=(0,), bindings=[{}])
             seen_stages.add(verdict.stage)
             if verdict.passed:  # an equivalent program (e.g. a repeated fn list): right at every binding too

@@ -12,6 +12,7 @@ import threading
 import time
 
 import pytest
+from support import make_task
 from test_loop_scripted import ScriptedProposer, ok_verify
 
 from stepforge.benchmark.verdict import Verdict
@@ -21,7 +22,7 @@ from stepforge.loop.executor import Executor, SampleJob, derive_seed
 from stepforge.loop.interfaces import BufferEntry, Proposal, Proposer
 from stepforge.loop.verifiers import InlineVerifier
 
-TASKS = {k: f"test_name: {k}\n" for k in "ABCDEFG"}
+TASKS = {k: make_task(k) for k in "ABCDEFG"}
 T2 = (0.4, 1.0)
 
 
@@ -71,7 +72,7 @@ def test_exact_sequence_of_rounds_steps_and_demonstrations():
     assert seen[14:22] == [(t, ("B",), temp, 2) for t in "DEFG" for temp in T2]
     # a demonstration carries the task's IR and the earned program
     demo = next(r for r in proposer.requests if r.demonstrations).demonstrations[0]
-    assert (demo.task_key, demo.task_ir, demo.impl, demo.success_rate) == ("B", TASKS["B"], "ok", 0.25)
+    assert (demo.task_key, demo.task, demo.impl, demo.success_rate) == ("B", TASKS["B"], "ok", 0.25)
 
 
 def test_temperature_sweep_keeps_best_per_task():
@@ -98,7 +99,7 @@ def test_shortest_after_dedup_across_temperatures():
         return Verdict(passed=good, stage="ok" if good else "value", message="", affine_ok=True,
                                functional_ok=good)
 
-    result, _ = run(script, LoopSettings(granularity=3, temperatures=T2, n=2), tasks={"A": "x"}, verify=verify)
+    result, _ = run(script, LoopSettings(granularity=3, temperatures=T2, n=2), tasks={"A": make_task("A")}, verify=verify)
     a = entry(result, "A")
     # `same_as_short` and `short_ok` are isomorphic; the first of the class (temperature 0.4) is kept
     assert a.impl == same_as_short and a.temperature == 0.4
@@ -108,7 +109,7 @@ def test_shortest_after_dedup_across_temperatures():
 
 
 def test_empty_buffer_resamples_once_with_base_knowledge_then_stops():
-    result, _ = run({}, LoopSettings(granularity=3, temperatures=T2, n=1), tasks={"A": "a", "B": "b"})
+    result, _ = run({}, LoopSettings(granularity=3, temperatures=T2, n=1), tasks={"A": make_task("A"), "B": make_task("B")})
     assert plans(result) == [(0, 0, (), "AB"), (1, 0, (), "AB")]
     assert result.stop_reason == "a full pass over the demonstration groups solved nothing new"
     assert result.buffer == []
@@ -116,7 +117,7 @@ def test_empty_buffer_resamples_once_with_base_knowledge_then_stops():
 
 def test_round_limit_and_non_adaptive_variants():
     script = {("A", (), 0.4): ["ok"], ("B", ("A",), 0.4): ["ok"], ("C", ("A", "B"), 0.4): ["ok"]}
-    tasks = {k: k for k in "ABCD"}
+    tasks = {k: make_task(k) for k in "ABCD"}
     full, _ = run(script, LoopSettings(temperatures=(0.4,), n=1), tasks=tasks)
     # equal success rates: the earlier-earned entry counts as harder
     assert plans(full) == [(0, 0, (), "ABCD"), (1, 0, ("A",), "BCD"), (2, 0, ("A",), "CD"), (2, 1, ("A", "B"), "CD"),
@@ -134,7 +135,7 @@ def test_round_limit_and_non_adaptive_variants():
 def test_demonstration_cap_keeps_the_hardest_and_skips_repeats():
     script = {("A", (), 0.4): ["ok", "no", "no", "no"], ("B", (), 0.4): ["ok", "ok", "no", "no"],
               ("C", (), 0.4): ["ok", "ok", "ok", "ok"]}
-    tasks = {k: k for k in "ABCD"}
+    tasks = {k: make_task(k) for k in "ABCD"}
     result, _ = run(script, LoopSettings(granularity=3, temperatures=(0.4,), n=4, max_demonstrations=2), tasks=tasks)
     # groups [A], [B], [C]; capped sets: (A), (A, B), (A, B) -> the repeat is skipped
     assert plans(result) == [(0, 0, (), "ABCD"), (1, 0, ("A",), "D"), (1, 1, ("A", "B"), "D")]
@@ -142,7 +143,7 @@ def test_demonstration_cap_keeps_the_hardest_and_skips_repeats():
 
 def test_seeds_derive_from_config_seed_and_sample_position():
     proposer = ScriptedProposer({})
-    run_algorithm1({"A": "a"}, proposer, None, ok_verify, LoopSettings(temperatures=T2, n=1, seed=7,
+    run_algorithm1({"A": make_task("A")}, proposer, None, ok_verify, LoopSettings(temperatures=T2, n=1, seed=7,
                                                                          rounds_limit=1), extract=lambda r: r)
     assert [r.seed for r in proposer.requests] == [derive_seed(7, 0, 0, "A", t) for t in T2]
     assert len({r.seed for r in proposer.requests}) == 2
@@ -192,7 +193,7 @@ def test_generation_overlaps_verification_and_batches_reach_the_sink():
     batches = []
     executor = Executor(proposer, None, InlineVerifier(slow_verify), extract=lambda r: r, chunk_size=1,
                         sink=lambda recs: batches.append(len(recs)))
-    jobs = [SampleJob(round=0, step=0, task=k, task_ir=k, temperature=0.4, n=1, seed=i) for i, k in enumerate("ABC")]
+    jobs = [SampleJob(round=0, step=0, task=k, spec=make_task(k), temperature=0.4, n=1, seed=i) for i, k in enumerate("ABC")]
     try:
         records = executor.run(jobs)
     finally:
@@ -238,14 +239,14 @@ def _seeded(key, rate, rnd=0, impl="ok_seed"):
 
 
 def test_seeded_entries_are_round1_demonstrations_and_are_not_counted():
-    tasks = {k: k for k in "ABC"}
-    seed_irs = {"S": "test_name: S\n", "T": "test_name: T\n"}
+    tasks = {k: make_task(k) for k in "ABC"}
+    seed_tasks = {"S": make_task("S"), "T": make_task("T")}
     seed = [_seeded("S", 0.25), _seeded("T", 1.0)]
     # A is solved in round 0; B only with the seeded S shown; C never
     script = {("A", (), 0.4): ["ok"], ("B", ("S",), 0.4): ["ok"]}
     proposer = ScriptedProposer(script)
     result = run_algorithm1(tasks, proposer, None, ok_verify, LoopSettings(granularity=3, temperatures=(0.4,), n=1),
-                            extract=lambda raw: raw, seed=seed, seed_irs=seed_irs)
+                            extract=lambda raw: raw, seed=seed, seed_tasks=seed_tasks)
     assert plans(result) == [
         (0, 0, (), "ABC"),                  # round 0: base knowledge only, whatever D holds
         (1, 0, ("S",), "BC"),               # D = {S .25, A 1, T 1}: the seeded S is the hardest group
@@ -255,7 +256,7 @@ def test_seeded_entries_are_round1_demonstrations_and_are_not_counted():
     ]
     # a seeded demonstration carries its task's IR and its program, as an earned one does
     demo = next(r for r in proposer.requests if r.demonstrations).demonstrations[0]
-    assert (demo.task_key, demo.task_ir, demo.impl, demo.success_rate) == ("S", seed_irs["S"], "ok_seed", 0.25)
+    assert (demo.task_key, demo.task, demo.impl, demo.success_rate) == ("S", seed_tasks["S"], "ok_seed", 0.25)
     # only what this run earned is its buffer; the seed is reported apart and never re-verified or re-sampled
     assert [e.task_key for e in result.buffer] == ["A", "B"] and all(e.source is None for e in result.buffer)
     assert [e.task_key for e in result.seeded] == ["S", "T"]
@@ -267,9 +268,9 @@ def test_seeded_entry_of_a_task_of_this_run_is_left_out():
     """The seed never shows a task its own answer, and never removes it from X."""
     script = {("A", (), 0.4): ["no"], ("B", (), 0.4): ["ok"], ("A", ("B",), 0.4): ["ok"]}
     proposer = ScriptedProposer(script)
-    result = run_algorithm1({"A": "A", "B": "B"}, proposer, None, ok_verify,
+    result = run_algorithm1({"A": make_task("A"), "B": make_task("B")}, proposer, None, ok_verify,
                             LoopSettings(temperatures=(0.4,), n=1), extract=lambda raw: raw,
-                            seed=[_seeded("A", 0.1)], seed_irs={"A": "A"})
+                            seed=[_seeded("A", 0.1)], seed_tasks={"A": make_task("A")})
     assert plans(result) == [(0, 0, (), "AB"), (1, 0, ("B",), "A")]
     assert result.seeded == [] and [e.task_key for e in result.buffer] == ["B", "A"]
 

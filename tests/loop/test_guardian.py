@@ -254,7 +254,7 @@ def test_the_printer_reads_back_to_the_same_program():
 
 
 def _req(program: str, **kw) -> GuardRequest:
-    return GuardRequest(task_key="knowledge/kb_repeat", task_ir=KNOWLEDGE.example_map["kb_repeat"].text,
+    return GuardRequest(task_key="knowledge/kb_repeat", task=KNOWLEDGE.example_map["kb_repeat"].task,
                         program=program, **kw)
 
 

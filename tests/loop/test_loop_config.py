@@ -158,7 +158,7 @@ def test_knowledge_option_reaches_the_llm_proposer(monkeypatch):
     from stepforge.benchmark.schema import load_benchmark
 
     task = load_benchmark()["bmm/bmm_0"]
-    request = ProposalRequest(task_key="bmm/bmm_0", task_ir=task.to_yaml(include_impl=False, include_meta=False))
+    request = ProposalRequest(task_key="bmm/bmm_0", task=task)
     systems = {}
     for variant in ("full", "none"):
         cfg = load_config(None, base + [f"proposer.knowledge={variant}"])
@@ -212,3 +212,15 @@ def test_cli_errors_are_one_line_and_exit_2(tmp_path):
     assert res.exit_code == 2 and "--config" in res.output
     res = runner.invoke(app, ["report", str(tmp_path)])
     assert res.exit_code == 2 and "not a run directory" in res.output
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("temperatures=[0.005]", "neither greedy"),
+    ("temperatures=[-1]", "finite number >= 0"),
+    ("guardian.temperature=3", "at most 2"),
+])
+def test_temperatures_every_backend_samples_alike_or_a_config_error(override, message):
+    """vLLM quietly raises temperatures in (0, 0.01) to 0.01: such a config fails before any engine starts."""
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+    assert load_config(None, ["temperatures=[0, 0.01, 2.0]"]).temperatures == [0, 0.01, 2.0]

@@ -20,6 +20,8 @@ import os
 import time
 from typing import Any, Optional
 
+from support import make_task
+
 from stepforge.benchmark.verdict import Verdict
 from stepforge.loop.interfaces import Proposal, ProposalRequest, Proposer
 
@@ -109,15 +111,15 @@ def test_scripted_proposer_is_a_function_of_the_request():
     from stepforge.loop.interfaces import Demonstration
 
     p = ScriptedProposer({("A", ("B",), 0.4): ["ok", "no"]})
-    demo = Demonstration(task_key="B", task_ir="x", impl="ok")
-    req = ProposalRequest(task_key="A", task_ir="", demonstrations=[demo], n=2, temperature=0.4)
+    demo = Demonstration(task_key="B", task=make_task("B"), impl="ok")
+    req = ProposalRequest(task_key="A", task=make_task("A"), demonstrations=[demo], n=2, temperature=0.4)
     assert [x.raw for x in p.propose([req])[0]] == ["ok", "no"]
     assert [x.raw for x in p.propose([req.model_copy(update={"demonstrations": []})])[0]] == ["no", "no"]
 
 
 def test_benchmark_scripted_depends_on_seed_only():
     p = BenchmarkScripted({"t": "return E0\n"}, every=2)
-    a = [x.raw for x in p.propose([ProposalRequest(task_key="t", task_ir="", n=8, seed=5)])[0]]
-    b = [x.raw for x in p.propose([ProposalRequest(task_key="t", task_ir="", n=8, seed=5)])[0]]
-    c = [x.raw for x in p.propose([ProposalRequest(task_key="t", task_ir="", n=8, seed=6)])[0]]
+    a = [x.raw for x in p.propose([ProposalRequest(task_key="t", task=make_task("t"), n=8, seed=5)])[0]]
+    b = [x.raw for x in p.propose([ProposalRequest(task_key="t", task=make_task("t"), n=8, seed=5)])[0]]
+    c = [x.raw for x in p.propose([ProposalRequest(task_key="t", task=make_task("t"), n=8, seed=6)])[0]]
     assert a == b and a != c

@@ -39,7 +39,7 @@ def tokens(text: str) -> int:
 
 def demo(name: str, rate: float) -> Demonstration:
     task = KB[name].task
-    return Demonstration(task_key=f"knowledge/{name}", task_ir=render_task_ir(task), impl=task.impl, success_rate=rate)
+    return Demonstration(task_key=f"knowledge/{name}", task=task, impl=task.impl, success_rate=rate)
 
 
 DEMOS = [demo("kb_partition_merge", 0.1), demo("kb_repeat", 0.3), demo("kb_map", 0.9)]  # hardest first
@@ -241,7 +241,7 @@ class ScriptedBackend:
 
 
 def _request(key: str, **kw) -> ProposalRequest:
-    return ProposalRequest(task_key=key, task_ir=target(key), demonstrations=DEMOS, **kw)
+    return ProposalRequest(task_key=key, task=TASKS[key], demonstrations=DEMOS, **kw)
 
 
 def test_llm_proposer_sends_one_batch_and_returns_proposals_with_costs():

@@ -50,7 +50,7 @@ def _config(path: Path) -> Path:
 
 def _env(delay: float) -> dict:
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(TESTS) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), str(TESTS.parent), env.get("PYTHONPATH", "")])
     env["STEPFORGE_TEST_DELAY_S"] = str(delay)
     env.pop("RAY_ADDRESS", None)
     return env

@@ -202,7 +202,7 @@ def test_solves_a_small_task_cold():
 def test_demonstrations_reduce_expansions_to_the_first_correct_program(bench):
     # bmm_2 broadcasts both operands; bmm_1 (another bmm task) shows the Bufferize/Repeat/Streamify shape
     target = bench["bmm/bmm_2"]
-    demos = [Demonstration(task_key=k, task_ir=_ir(bench[k]), impl=bench[k].impl) for k in ("bmm/bmm_1", "bmm/bmm_0")]
+    demos = [Demonstration(task_key=k, task=bench[k], impl=bench[k].impl) for k in ("bmm/bmm_1", "bmm/bmm_0")]
     cfg = SearchConfig(max_expansions=8000, max_seconds=60.0)
     cold, _ = _first_correct(target, n=150, config=cfg)
     warm, _ = _first_correct(target, demos=demos, n=150, config=cfg)
@@ -234,8 +234,8 @@ def test_proposer_contract_pickle_and_config():
     assert proposer.config.max_expansions == 2000
     clone = pickle.loads(pickle.dumps(proposer))
     assert clone.config == proposer.config
-    reqs = [ProposalRequest(task_key="many", task_ir=MANY, n=4, temperature=0.7, seed=1),
-            ProposalRequest(task_key="scale_sum", task_ir=SCALE_SUM, n=2)]
+    reqs = [ProposalRequest(task_key="many", task=Task.from_yaml(MANY), n=4, temperature=0.7, seed=1),
+            ProposalRequest(task_key="scale_sum", task=Task.from_yaml(SCALE_SUM), n=2)]
     out = clone.propose(reqs)
     assert [len(x) for x in out] == [4, 2]
     for props, req in zip(out, reqs):

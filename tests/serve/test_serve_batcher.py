@@ -7,9 +7,19 @@ import time
 
 import pytest
 
-from stepforge.serve.base import Completion, GenerationRequest, GenerationResult, ModelBackend, SamplingParams
+from stepforge.serve.base import (
+    Completion,
+    GenerationRequest,
+    GenerationResult,
+    ModelBackend,
+    SamplingParams,
+)
 from stepforge.serve.batcher import RequestBatcher
-from stepforge.serve.errors import BackendUnavailableError, GenerationError, PromptTooLongError
+from stepforge.serve.errors import (
+    BackendUnavailableError,
+    GenerationError,
+    PromptTooLongError,
+)
 
 
 class EchoBackend(ModelBackend):
@@ -167,4 +177,53 @@ def test_a_backend_returning_too_few_results_fails_its_caller():
     batcher = RequestBatcher(ShortBackend(), max_wait_s=0.01)
     with pytest.raises(GenerationError, match="returned 1 results for 2"):
         batcher.submit(reqs("a", "b")).result(5)
+    batcher.close()
+
+
+def test_submissions_past_the_queue_bound_are_refused():
+    gate = threading.Event()
+    batcher = RequestBatcher(SampleBackend(gate), max_batch=1, max_wait_s=0.01, max_queued=4)
+    first = batcher.submit([sampled("a", 1)])
+    wait_taken(batcher)  # running, so no longer queued
+    queued = batcher.submit([sampled("b", 3, temperature=1.0)])
+    with pytest.raises(BackendUnavailableError, match="busy"):
+        batcher.submit([sampled("c", 2, temperature=1.0)])  # 3 + 2 > 4
+    last = batcher.submit([sampled("d", 1)])  # 3 + 1 fits
+    gate.set()
+    assert [len(f.result(5)[0].completions) for f in (first, queued, last)] == [1, 3, 1]
+    batcher.close()
+
+
+class SteppedBackend(SampleBackend):
+    """Runs one batch per released step and records each batch's prompts as it starts."""
+
+    def __init__(self):
+        super().__init__()
+        self.steps = threading.Semaphore(0)
+        self.started: list[list[str]] = []
+
+    def generate(self, requests):
+        self.started.append([r.prompt for r in requests])
+        assert self.steps.acquire(timeout=10), "the test never released this batch"
+        return super().generate(requests)
+
+
+def test_small_requests_lead_the_next_batch_without_starving_a_big_one():
+    backend = SteppedBackend()
+    batcher = RequestBatcher(backend, max_batch=2, max_wait_s=0.01)
+    big = batcher.submit([sampled("B", 6, temperature=1.0, max_tokens=100)])
+    smalls = []
+    for k in range(4):  # a stream of small requests, one arriving during each batch
+        deadline = time.monotonic() + 5
+        while len(backend.started) <= k:
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        smalls.append(batcher.submit([sampled(f"s{k}", 1, max_tokens=1)]))
+        backend.steps.release()
+    for _ in range(4):
+        backend.steps.release()
+    assert [len(f.result(5)[0].completions) for f in smalls] == [1] * 4 and len(big.result(5)[0].completions) == 6
+    # a small request leads the batch after the one it arrived in; the big one still leads every other batch,
+    # and small requests behind it in the ring ride along in its batches
+    assert backend.started[:5] == [["B", "B"], ["s0"], ["B", "s1"], ["s2"], ["B", "s3"]]
     batcher.close()

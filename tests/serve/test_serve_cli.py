@@ -10,13 +10,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-from support import STEPFORGE, free_port
+from support import STEPFORGE, free_port, stand_in_env
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
-def stepforge(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([STEPFORGE, *args], capture_output=True, text=True, timeout=timeout, env=ENV)
+def stepforge(*args: str, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([STEPFORGE, *args], capture_output=True, text=True, timeout=timeout, env=env or ENV)
 
 
 @pytest.fixture(scope="module")
@@ -61,23 +61,31 @@ def test_sample_hf_json(cli_model, hf_sample):
     assert all(k <= 12 for k in data["completion_tokens"])
 
 
-def test_sample_openai_against_stepforge_serve(cli_model, hf_sample):
+def start_server(backend: str, model: Path, env: dict) -> tuple[subprocess.Popen, int]:
+    """`stepforge serve` on a free port, once /health answers."""
     port = free_port()
     server = subprocess.Popen(
-        [STEPFORGE, "serve", "--backend", "hf", "--model", str(cli_model), "--port", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV,
+        [STEPFORGE, "serve", "--backend", backend, "--model", str(model), "--port", str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )
+    deadline = time.monotonic() + 90
+    while True:
+        if server.poll() is not None:
+            raise AssertionError(server.stderr.read())
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return server, port
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            server.terminate()
+            raise AssertionError("server did not come up")
+        time.sleep(0.3)
+
+
+def test_sample_openai_against_stepforge_serve(cli_model, hf_sample):
+    server, port = start_server("hf", cli_model, ENV)
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert server.poll() is None, server.stderr.read()
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "server did not come up"
-            time.sleep(0.3)
         remote = stepforge("sample", "--backend", "openai", "--base-url", f"http://127.0.0.1:{port}/v1",
                            "--model", str(cli_model), *SAMPLE_ARGS)
         assert remote.returncode == 0, remote.stderr
@@ -95,3 +103,52 @@ def test_expected_errors_are_one_line(tmp_path):
     assert proc.stderr.strip().splitlines() == [f"error: model path does not exist: {tmp_path / 'none'}"]
     proc = stepforge("sample", "--backend", "openai", "--model", "m", "--prompt", "x")
     assert proc.returncode == 2 and "base_url" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(("flag", "value", "field"), [("--max-n", "0", "max_n"), ("--max-body-bytes", "10", "max_body_bytes")])
+def test_serve_limit_flags_are_validated_before_loading(tmp_path, flag, value, field):
+    proc = stepforge("serve", "--model", str(tmp_path / "none"), flag, value)
+    assert proc.returncode == 2 and field in proc.stderr and "Traceback" not in proc.stderr
+
+
+GREEDY_ARGS = ["--prompt", "E1 = step.", "-n", "2", "--temperature", "0", "--max-tokens", "12", "--repetition-penalty", "1.3",
+               "--stop", "t", "--json"]
+
+
+def test_sample_vllm_through_the_stand_in(cli_model):
+    """`stepforge sample --backend vllm` runs serve/vllm_backend.py against the
+    stand-in engine; greedy answers equal the transformers backend's."""
+    vllm = stepforge("sample", "--backend", "vllm", "--model", str(cli_model), *GREEDY_ARGS, env=stand_in_env())
+    assert vllm.returncode == 0, vllm.stderr
+    hf = stepforge("sample", "--backend", "hf", "--model", str(cli_model), *GREEDY_ARGS)
+    assert hf.returncode == 0, hf.stderr
+    assert json.loads(vllm.stdout) == json.loads(hf.stdout)
+    sampled = stepforge("sample", "--backend", "vllm", "--model", str(cli_model), *SAMPLE_ARGS,
+                        env=stand_in_env(STAND_IN_VLLM_FINISH=json.dumps({"0/2": "abort", "0/3": "repetition"})))
+    assert sampled.returncode == 0, sampled.stderr
+    data = json.loads(sampled.stdout)
+    assert data["finish_reasons"][2:] == ["abort", "repetition"] and "abort" in data["details"][2]
+    assert len(set(data["completions"])) > 1 and data["usage"]["completion_tokens"] == sum(data["completion_tokens"])
+
+
+def test_bad_temperature_fails_before_any_engine_starts(cli_model, tmp_path):
+    proc = stepforge("sample", "--backend", "vllm", "--model", str(tmp_path / "no-model"), "--prompt", "x",
+                     "--temperature", "0.005", env=stand_in_env())
+    assert proc.returncode == 2 and "neither greedy" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_serve_vllm_through_the_stand_in(cli_model):
+    """`stepforge serve --backend vllm` on the stand-in, sampled over HTTP: the
+    same answers as sampling the vLLM backend directly."""
+    env = stand_in_env()
+    direct = stepforge("sample", "--backend", "vllm", "--model", str(cli_model), *SAMPLE_ARGS, env=env)
+    assert direct.returncode == 0, direct.stderr
+    server, port = start_server("vllm", cli_model, env)
+    try:
+        remote = stepforge("sample", "--backend", "openai", "--base-url", f"http://127.0.0.1:{port}/v1",
+                           "--model", str(cli_model), *SAMPLE_ARGS)
+        assert remote.returncode == 0, remote.stderr
+        assert json.loads(remote.stdout) == json.loads(direct.stdout)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

@@ -42,3 +42,17 @@ def test_cross_field_rules():
         BackendConfig(kind="hf", model="m", tensor_parallel_size=2)
     assert BackendConfig(kind="hf", model="m", device="cuda").actor_num_gpus() == 1.0
     assert BackendConfig(kind="openai", model="m", base_url="http://x/v1", api_key="k").resolved_api_key() == "k"
+
+
+def test_vllm_lora_ranks_and_startup_timeout(tmp_path):
+    assert BackendConfig(kind="vllm", model="m", max_lora_rank=1).max_lora_rank == 1  # vLLM allows rank 1
+    path = tmp_path / "lora.yaml"
+    path.write_text("backend:\n  kind: vllm\n  model: /m\n  max_lora_rank: 4\n")
+    with pytest.raises(ConfigError, match=r"max_lora_rank: .*must be one of \[1, 8, 16"):
+        load_backend_config(path)
+    path.write_text("backend:\n  kind: vllm\n  model: /m\n  startup_timeout_s: 45\n  seed: 3\n")
+    cfg = load_backend_config(path)
+    assert (cfg.startup_timeout_s, cfg.seed) == (45.0, 3)
+    assert BackendConfig(kind="vllm", model="m").startup_timeout_s == 600.0
+    with pytest.raises(ValidationError, match="startup_timeout_s"):
+        BackendConfig(kind="vllm", model="m", startup_timeout_s=0)

@@ -27,7 +27,7 @@ from stepforge.serve.errors import GenerationError
 from stepforge.serve.openai_schema import MAX_STOP_CHARS, MAX_STOP_STRINGS, ServerLimits
 from stepforge.serve.server import create_app
 
-LIMITS = ServerLimits(max_n=8, max_tokens=64, max_prompts=4, max_body_bytes=64 * 1024)
+LIMITS = ServerLimits(max_n=8, max_tokens=64, max_prompts=4, max_body_bytes=64 * 1024, body_timeout_s=0.5, max_queued_units=12)
 CHAT = [{"role": "user", "content": "hi"}]
 
 
@@ -133,7 +133,7 @@ HOSTILE = [
     ("/v1/completions", b'{"prompt": "x", "top_p": Infinity}', 400, "top_p"),
     ("/v1/completions", obj(prompt="x", top_p=0), 400, "top_p"),
     ("/v1/completions", obj(prompt="x", stream="false"), 400, "stream"),
-    ("/v1/completions", obj(prompt="x", stream=True), 400, None),
+    ("/v1/completions", obj(prompt="x", stream=True), 400, "stream"),
     ("/v1/completions", obj(prompt="x", model=5), 400, "model"),
     ("/v1/completions", obj(prompt="x", model="other"), 404, None),
     # prompts and messages
@@ -175,6 +175,8 @@ def test_boundary_values_are_accepted(echo):
     r = httpx.post(f"{srv.base_url}/chat/completions", json={"messages": CHAT, "seed": -(2**63), "stop": "é\U0001f600"}, timeout=10)
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["message"]["content"] == "ih"
+    r = post_raw(srv.port, "/v1/completions", b'{"prompt": "a\\ud83d\\ude00", "max_tokens": 1}')  # an escaped surrogate pair
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == "\U0001f600a"
 
 
 def test_unexpected_failures_and_unknown_routes_get_envelopes(echo):
@@ -214,15 +216,21 @@ def raw_request(port: int, path: str, headers: dict[str, str], body: bytes = b""
 
 
 def read_response(sock: socket.socket) -> tuple[int, dict]:
-    """Status and JSON body of the one response on `sock` (read until close)."""
+    """Status and JSON body of the next response on `sock`, which it then closes."""
     data = b""
-    while chunk := sock.recv(65536):
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk and len(data) < 65536, f"no complete response head: {data!r}"
         data += chunk
-        if len(data) > 1024**2:
-            break
-    sock.close()
     head, _, body = data.partition(b"\r\n\r\n")
-    return int(head.split()[1]), json.loads(body)
+    lines = head.decode("latin-1").split("\r\n")
+    length = int(next(v for k, _, v in (line.partition(": ") for line in lines[1:]) if k.lower() == "content-length"))
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "connection closed inside the response body"
+        body += chunk
+    sock.close()
+    return int(lines[0].split()[1]), json.loads(body[:length])
 
 
 def test_a_huge_content_length_is_refused_unread(echo):
@@ -242,8 +250,17 @@ def test_a_streamed_body_is_cut_off_at_the_limit(echo):
     chunk = b"a" * 8192
     for _ in range(LIMITS.max_body_bytes // len(chunk) + 1):  # one chunk past the limit, then stop sending
         sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-    status, body = read_response(sock)
+    status, body = read_response(sock)  # answered mid-body; the rest need never be sent
     assert status == 413 and body["error"]["code"] == "request_too_large"
+    assert len(backend.started) == before
+
+
+def test_a_body_sent_too_slowly_gets_408(echo):
+    srv, backend = echo
+    before = len(backend.started)
+    sock = raw_request(srv.port, "/v1/completions", {"content-length": "40"}, b'{"prompt": ')  # and then nothing
+    status, body = read_response(sock)
+    assert status == 408 and body["error"]["code"] == "request_timeout"
     assert len(backend.started) == before
 
 
@@ -318,7 +335,7 @@ def test_a_small_request_is_served_while_a_huge_one_runs(stepped):
     thread, small = post_in_thread(f"{srv.base_url}/completions", {"prompt": "SMALL", "max_tokens": 2})
     wait_for(lambda: batcher.queued_units() == BIG_N - MAX_BATCH + 1, "the small request to be queued")
     assert release_until_started(backend, "SMALL") == 1  # only the batch running when it arrived
-    assert backend.started[1] == ["BIG", "SMALL"]  # round-robin, not first-come-first-served
+    assert backend.started[1] == ["SMALL"]  # it leads the next batch, unslowed by the big one's costlier units
     backend.steps.release()
     thread.join(20)
     assert small["r"].status_code == 200 and small["r"].json()["choices"][0]["text"] == "LLAMS"
@@ -341,7 +358,7 @@ def test_work_of_an_abandoned_request_is_cancelled(stepped):
     assert backend.started == [["BIG"] * MAX_BATCH, ["SMALL"]]  # nothing of the big request ran after it left
 
 
-def test_sigterm_during_generation_stops_the_server_promptly(tiny_model_dir):
+def test_sigterm_during_generation_stops_the_server_promptly(tiny_model_dir):  # noqa: F811 - the fixture
     """A real `stepforge serve` on the tiny model, busy with a request of
     n * max_tokens far beyond what it can finish, exits soon after SIGTERM."""
     port = free_port()
@@ -375,3 +392,20 @@ def test_sigterm_during_generation_stops_the_server_promptly(tiny_model_dir):
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
+
+
+def test_work_past_the_queue_bound_gets_503(stepped):
+    srv, backend, batcher = stepped
+    big = big_request(srv.port)
+    wait_for(lambda: batcher.queued_units() == BIG_N - MAX_BATCH, "the big request to be queued")
+    more = {"prompt": "MORE", "n": BIG_N, "temperature": 1.0}  # BIG_N - MAX_BATCH + BIG_N > max_queued_units
+    err = assert_envelope(httpx.post(f"{srv.base_url}/completions", json=more, timeout=10), 503)
+    assert "busy" in err["message"] and batcher.queued_units() == BIG_N - MAX_BATCH
+    thread, small = post_in_thread(f"{srv.base_url}/completions", {"prompt": "SMALL", "max_tokens": 2})  # still fits
+    wait_for(lambda: batcher.queued_units() == BIG_N - MAX_BATCH + 1, "the small request to be queued")
+    big.close()
+    wait_for(lambda: batcher.queued_units() == 1, "the abandoned units to be dropped")
+    release_until_started(backend, "SMALL")
+    backend.steps.release()
+    thread.join(20)
+    assert small["r"].status_code == 200 and backend.units("MORE") == 0

@@ -75,6 +75,6 @@ def test_pool_surfaces_typed_load_errors(ray_local, tmp_path):
 
 
 def test_unplaceable_pool_fails_instead_of_hanging(ray_local, tiny_model_dir):
-    config = BackendConfig(kind="hf", model=str(tiny_model_dir), num_gpus=1)  # this cluster has no GPU
+    config = BackendConfig(kind="hf", model=str(tiny_model_dir), num_gpus=1, startup_timeout_s=2)  # this cluster has no GPU
     with pytest.raises(BackendUnavailableError, match="not ready after 2s"):
-        ModelPool(config, replicas=1, startup_timeout_s=2)
+        ModelPool(config, replicas=1)  # the timeout comes from the config

@@ -1,19 +1,19 @@
-"""The vLLM backend's mapping to vLLM's API, tested without vLLM installed;
-plus one real-engine test that runs only where vLLM and CUDA exist."""
+"""The vLLM backend's mapping to vLLM's API, tested without vLLM installed
+(pure mappings, and the backend driving the stand-in engine of
+tests/stand_ins); plus one real-engine test that runs only where vLLM and CUDA exist."""
 
 from __future__ import annotations
 
 import importlib.util
 import json
 import sys
-import types
 from types import SimpleNamespace
 
 import pytest
 
 from stepforge.serve import vllm_backend as vb
 from stepforge.serve.base import BackendConfig, GenerationRequest, SamplingParams, make_backend
-from stepforge.serve.errors import BackendUnavailableError, GenerationError, PromptTooLongError
+from stepforge.serve.errors import BackendUnavailableError, GenerationError, ModelNotFoundError, PromptTooLongError
 
 
 def out(index, text, token_ids, finish="length"):
@@ -23,7 +23,7 @@ def out(index, text, token_ids, finish="length"):
 def test_engine_kwargs_defaults(tiny_model_dir):
     kw = vb.engine_kwargs(BackendConfig(kind="vllm", model=str(tiny_model_dir), max_model_len=512))
     assert kw["model"] == kw["tokenizer"] == str(tiny_model_dir)
-    assert kw["enable_prefix_caching"] is True
+    assert kw["enable_prefix_caching"] is True and kw["seed"] == 0
     assert kw["tensor_parallel_size"] == 1 and kw["max_model_len"] == 512
     assert "enable_lora" not in kw and "distributed_executor_backend" not in kw
 
@@ -44,13 +44,16 @@ def test_engine_kwargs_lora_tp_and_overrides(tmp_path):
 
 
 def test_sampling_kwargs():
-    s = SamplingParams(n=4, temperature=0.4, top_p=0.9, max_tokens=100, seed=3, stop=["\n\n", "```"])
+    s = SamplingParams(n=4, temperature=0.4, top_p=0.9, top_k=7, repetition_penalty=1.2, max_tokens=100, seed=3,
+                       stop=["\n\n", "```"])
     assert vb.sampling_kwargs(s, 60) == {
-        "n": 4, "temperature": 0.4, "top_p": 0.9, "max_tokens": 60, "seed": 3, "stop": ["\n\n", "```"],
-        "include_stop_str_in_output": False, "skip_special_tokens": True,
+        "n": 4, "temperature": 0.4, "top_p": 0.9, "top_k": 7, "repetition_penalty": 1.2, "max_tokens": 60, "seed": 3,
+        "stop": ["\n\n", "```"], "include_stop_str_in_output": False, "skip_special_tokens": True,
     }
     greedy = vb.sampling_kwargs(SamplingParams(n=3, temperature=0.0), 10)
-    assert greedy["n"] == 1 and greedy["stop"] is None
+    assert greedy["n"] == 1 and greedy["stop"] is None and greedy["top_k"] == -1
+    tiny = vb.sampling_kwargs(SamplingParams(n=2, temperature=5e-6), 10)  # greedy by vLLM's rule: sent as 0, n 1
+    assert (tiny["temperature"], tiny["n"]) == (0.0, 1)
 
 
 def test_to_result_maps_outputs_in_index_order():
@@ -61,12 +64,37 @@ def test_to_result_maps_outputs_in_index_order():
     assert [(c.text, c.finish_reason, c.completion_tokens) for c in res.completions] == [("a", "length", 2), ("b", "stop", 3)]
 
 
-def test_to_result_greedy_repeats_and_rejects_aborts():
+@pytest.mark.parametrize(
+    ("raw", "reason", "failed"),
+    [("stop", "stop", False), ("length", "length", False), ("repetition", "repetition", False),
+     ("abort", "abort", True), ("error", "error", True), (None, "error", True), ("mystery", "error", True)],
+)
+def test_every_finish_reason_is_a_per_sample_outcome(raw, reason, failed):
+    """vLLM V1's finish reasons (and unknown or missing ones) never raise for the batch."""
+    req = GenerationRequest(prompt="p", sampling=SamplingParams(n=2))
+    res = vb.to_result(req, SimpleNamespace(request_id="0", prompt_token_ids=[1], outputs=[out(0, "x", [9], raw), out(1, "y", [8, 7])]))
+    first, second = res.completions
+    assert (first.finish_reason, first.failed, first.text) == (reason, failed, "x")
+    assert (first.detail is not None) == failed
+    assert (second.finish_reason, second.failed) == ("length", False)
+
+
+def test_to_result_greedy_repeats():
     req = GenerationRequest(prompt="p", sampling=SamplingParams(n=3, temperature=0.0))
     res = vb.to_result(req, SimpleNamespace(request_id="0", prompt_token_ids=[1], outputs=[out(0, "x", [9])]))
     assert res.texts == ["x", "x", "x"]
-    with pytest.raises(GenerationError, match="abort"):
-        vb.to_result(req, SimpleNamespace(request_id="0", prompt_token_ids=[1], outputs=[out(0, "", [], "abort")]))
+    sampled = GenerationRequest(prompt="p", sampling=SamplingParams(n=3))
+    with pytest.raises(GenerationError, match="expected 3"):
+        vb.to_result(sampled, SimpleNamespace(request_id="0", prompt_token_ids=[1], outputs=[out(0, "x", [9])]))
+
+
+def test_lora_rank_rounds_up_to_vllm_ranks(tmp_path):
+    for r, expected in [(1, 1), (2, 8), (12, 16), (320, 320), (400, 512)]:
+        (tmp_path / "adapter_config.json").write_text(json.dumps({"r": r}))
+        assert vb.max_lora_rank(BackendConfig(kind="vllm", model="/m", lora_path=str(tmp_path))) == expected
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 1024}))
+    with pytest.raises(ModelNotFoundError, match="exceeds"):
+        vb.max_lora_rank(BackendConfig(kind="vllm", model="/m", lora_path=str(tmp_path)))
 
 
 def test_missing_vllm_is_a_clear_error(tiny_model_dir, monkeypatch):
@@ -75,47 +103,19 @@ def test_missing_vllm_is_a_clear_error(tiny_model_dir, monkeypatch):
         make_backend(BackendConfig(kind="vllm", model=str(tiny_model_dir)))
 
 
-class FakeLLM:
-    """Records how the backend drives vllm.LLM; answers like the real engine."""
+def test_backend_drives_engine(stand_in_vllm, tiny_model_dir, tmp_path, monkeypatch):
+    """The real backend against the stand-in engine: token prompts, one engine
+    call per batch, per-request SamplingParams, the LoRA request, the context cap."""
+    adapter = make_adapter(tiny_model_dir, tmp_path / "adapter", r=8)
+    backend = make_backend(BackendConfig(kind="vllm", model=str(tiny_model_dir), lora_path=str(adapter), max_model_len=64))
+    calls = []
+    real_generate = backend.llm.generate
 
-    def __init__(self, **kwargs):
-        from transformers import AutoTokenizer
+    def spy(prompts, params, **kwargs):
+        calls.append((prompts, params, kwargs))
+        return real_generate(prompts, params, **kwargs)
 
-        self.kwargs = kwargs
-        self.calls = []
-        self._tok = AutoTokenizer.from_pretrained(kwargs["tokenizer"], local_files_only=True)
-        self.llm_engine = SimpleNamespace(model_config=SimpleNamespace(max_model_len=64))
-
-    def get_tokenizer(self):
-        return self._tok
-
-    def generate(self, prompts, params, use_tqdm=True, lora_request=None):
-        self.calls.append((prompts, params, use_tqdm, lora_request))
-        return [
-            SimpleNamespace(
-                request_id=str(i), prompt_token_ids=p["prompt_token_ids"],
-                outputs=[out(k, f"s{k}", [7] * (k + 1)) for k in range(sp.kwargs["n"])],
-            )
-            for i, (p, sp) in enumerate(zip(prompts, params))
-        ]
-
-
-@pytest.fixture
-def fake_vllm(monkeypatch):
-    mod = types.ModuleType("vllm")
-    mod.LLM = FakeLLM
-    mod.SamplingParams = lambda **kw: SimpleNamespace(kwargs=kw)
-    lora_mod = types.ModuleType("vllm.lora.request")
-    lora_mod.LoRARequest = lambda name, int_id, path: SimpleNamespace(name=name, id=int_id, path=path)
-    monkeypatch.setitem(sys.modules, "vllm", mod)
-    monkeypatch.setitem(sys.modules, "vllm.lora", types.ModuleType("vllm.lora"))
-    monkeypatch.setitem(sys.modules, "vllm.lora.request", lora_mod)
-    return mod
-
-
-def test_backend_drives_engine(fake_vllm, tiny_model_dir, tmp_path):
-    (tmp_path / "adapter_config.json").write_text(json.dumps({"r": 8}))
-    backend = make_backend(BackendConfig(kind="vllm", model=str(tiny_model_dir), lora_path=str(tmp_path)))
+    monkeypatch.setattr(backend.llm, "generate", spy)
     tok = backend.tokenizer
     chat = [{"role": "user", "content": "E1 = step."}]
     reqs = [
@@ -123,18 +123,33 @@ def test_backend_drives_engine(fake_vllm, tiny_model_dir, tmp_path):
         GenerationRequest(messages=chat, request_id="b", sampling=SamplingParams(n=1, max_tokens=8)),
     ]
     results = backend.generate(reqs)
-    prompts, params, use_tqdm, lora = backend.llm.calls[0]
+    (prompts, params, kwargs), = calls
     assert prompts[0]["prompt_token_ids"] == tok("E1 = step.")["input_ids"]
     assert prompts[1]["prompt_token_ids"] == tok.apply_chat_template(chat, add_generation_prompt=True)["input_ids"]
-    assert params[0].kwargs["seed"] == 5 and params[0].kwargs["n"] == 2
-    assert params[0].kwargs["max_tokens"] == 64 - len(prompts[0]["prompt_token_ids"])  # capped by the context
-    assert use_tqdm is False and (lora.name, lora.id, lora.path) == (vb.LORA_NAME, vb.LORA_ID, str(tmp_path))
-    assert backend.llm.kwargs["enable_lora"] is True
+    assert isinstance(params[0], stand_in_vllm.SamplingParams) and params[0].seed == 5 and params[0].n == 2
+    assert params[0].max_tokens == 64 - len(prompts[0]["prompt_token_ids"])  # capped by the context
+    lora = kwargs["lora_request"]
+    assert kwargs["use_tqdm"] is False and (lora.lora_name, lora.lora_int_id, lora.lora_path) == (vb.LORA_NAME, vb.LORA_ID, str(adapter))
+    assert backend.llm.enable_lora and backend.llm.max_lora_rank == 8
     assert [r.request_id for r in results] == ["a", "b"]
-    assert results[0].texts == ["s0", "s1"] and [c.completion_tokens for c in results[0].completions] == [1, 2]
+    assert len(results[0].completions) == 2 and results[0].texts[0] != results[0].texts[1]
+    assert all(c.completion_tokens >= 1 and not c.failed for r in results for c in r.completions)
     assert results[1].prompt_tokens == len(prompts[1]["prompt_token_ids"])
     with pytest.raises(PromptTooLongError):
         backend.generate([GenerationRequest(prompt="step " * 100)])
+
+
+def make_adapter(model_dir, out, r: int):
+    """A random (non-zero) peft LoRA adapter of rank `r` for the tiny model."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
+    torch.manual_seed(0)
+    config = LoraConfig(r=r, lora_alpha=64, target_modules=["q_proj", "v_proj", "o_proj"], init_lora_weights=False)
+    get_peft_model(base, config).save_pretrained(out)
+    return out
 
 
 @pytest.mark.gpu

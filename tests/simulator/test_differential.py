@@ -4,7 +4,8 @@ on random well-typed programs (tests/program_gen.py).
 Stratified by operator: each of the 14 operators gets its own hypothesis run
 in which every program contains it (40 programs each, 560 per suite run), plus
 150 seeded programs; the generator's coverage of operators and features is
-asserted separately.
+asserted separately. STEPFORGE_TEST_DEVICE=cuda runs both engines on the GPU
+(scripts/gpu_check.sh does).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections import Counter
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from program_gen import OPS, DataChooser, RandomChooser, assert_same_streams, generate, run_both
+from program_gen import OPS, TEST_DEVICE, DataChooser, RandomChooser, assert_same_streams, generate, run_both
 
 from stepforge.simulator import check_affine, parse_program, typecheck
 
@@ -34,6 +35,8 @@ def check_program(g):
     # the static types agree with what ran (route sizes are dynamic symbols, renamed per run)
     assert [str(t.elem) for t in types] == [str(s.type.elem) for s in vec], context
     assert [len(t.shape) for t in types] == [len(s.type.shape) for s in vec], context
+    # both engines ran where $STEPFORGE_TEST_DEVICE says (cpu unless set)
+    assert {t.device.type for s in vec + nai for t in s.field_tensors()} <= {TEST_DEVICE.split(":")[0]}, context
     return vec
 
 

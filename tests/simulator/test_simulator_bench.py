@@ -54,3 +54,14 @@ def test_script_prints_the_speedup_line_last(bench, capsys, monkeypatch):
     assert lines[0].startswith("programs: built-in representative set")
     assert sum(" ok" in line for line in lines) == 8  # 4 programs x 2 sizes, engines agree
     assert re.fullmatch(r"speedup \d+\.\dx at M=2 N=2 K=3 D=2 \(naive \d+\.\d{3}s, vectorised \d+\.\d{3}s\)", lines[-1])
+
+
+def test_device_option(bench, capsys, monkeypatch):
+    monkeypatch.setitem(bench.SIZES, "default", {"M": 2, "N": 2, "K": 3, "D": 2})
+    assert bench.main(["--builtin", "--repeats", "1", "--sizes", "default", "--only", "bmm", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "device cpu" in out and " ok" in out
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            bench.main(["--builtin", "--device", "cuda"])
+        assert "CUDA is not available" in capsys.readouterr().err

@@ -21,6 +21,7 @@ from stepforge.simulator import (
     ScalarType,
     StepRuntimeError,
     TupleType,
+    batching,
     parse_dims,
     parse_dtype,
 )
@@ -597,3 +598,22 @@ def test_fold_output_of_wrong_shape_is_reported(engine):
             fns, B, engine)
     assert "line 1: Accum(fn=bad, b=1): fn bad returned a tensor of shape (1,)" in err.value.message
     assert "needs ()" in err.value.message
+
+
+def test_bodies_that_batch_by_themselves_skip_vmap_and_others_keep_it():
+    fns = fns_for(B)
+    x, row = torch.randn(6), torch.randn(6, 2)
+    expected = {"times2p1": [x * 2.0 + 1.0], "scale_buf": [x[:, None] * row],
+                "minus_first": [row - row[:, :1]], "rowsum": [row.sum(-1)]}
+    args = {"times2p1": [x], "scale_buf": [x, row], "minus_first": [row], "rowsum": [row]}
+    layouts = {}
+    for name, want in expected.items():
+        f = fns[name]
+        for _ in range(2):  # the first call makes the trial, the second uses its decision
+            got = f.map([a.clone() for a in args[name]], B)
+            assert all(torch.allclose(g, w) for g, w in zip(got, want)), name
+        layouts[name] = set(f._direct.values())
+    # elementwise: plain; a scalar times a Buffer: aligned; a body mixing batch rows: vmap
+    assert layouts == {"times2p1": {"plain"}, "scale_buf": {"aligned"}, "minus_first": {None}, "rowsum": {None}}
+    with batching.fast_batching(False):
+        assert not fns_for(B)["times2p1"]._batches_itself([x], None)

@@ -105,7 +105,7 @@ def _irs(keys):
     from stepforge.benchmark.schema import load_benchmark
 
     tasks = load_benchmark()
-    return {k: tasks[k].to_yaml(include_impl=False, include_meta=False) for k in keys}
+    return {k: tasks[k] for k in keys}
 
 
 def _expected_messages(entry: BufferEntry, buffer: dict[str, BufferEntry], knowledge=None):
@@ -115,7 +115,7 @@ def _expected_messages(entry: BufferEntry, buffer: dict[str, BufferEntry], knowl
     from stepforge.loop.interfaces import Demonstration
 
     irs = _irs(list(buffer))
-    demos = [Demonstration(task_key=k, task_ir=irs[k], impl=buffer[k].impl, success_rate=buffer[k].success_rate,
+    demos = [Demonstration(task_key=k, task=irs[k], impl=buffer[k].impl, success_rate=buffer[k].success_rate,
                            round=buffer[k].round) for k in entry.demonstrations]
     return proposer_messages(knowledge or load_knowledge(), demos, irs[entry.task_key], "ir")
 
@@ -266,7 +266,7 @@ def test_settings_errors_name_the_file_and_key(tmp_path):
     with pytest.raises(TrainingConfigError) as err:
         load_sft_settings(path)
     text = str(err.value)
-    assert f"{path}: lora.r: " in text and "greater than or equal to 1" in text
+    assert f"{path}: lora.r: expected a number >= 1, got 0" in text
     assert "unknown key 'alphaa'; expected one of: r, alpha" in text
     assert f"{path}: learning_rate: " in text
     s = load_sft_settings(None, ["lora.target_modules=all-linear", "data.extra_tasks=gemm/*", "max_steps=3"])
@@ -275,7 +275,7 @@ def test_settings_errors_name_the_file_and_key(tmp_path):
         load_sft_settings(None, ["max_steps=abc"])
     with pytest.raises(TrainingConfigError, match=r"prompt.knowledge \(from --set\): .*'full' or 'none'"):
         load_sft_settings(None, ["prompt.knowledge=some"])
-    with pytest.raises(TrainingConfigError, match="options: replaced by prompt.knowledge"):
+    with pytest.raises(TrainingConfigError, match=r"prompt.options \(from --set\): replaced by prompt.knowledge"):
         load_sft_settings(None, ["prompt.options.knowledge=none"])
 
 
