@@ -24,7 +24,8 @@ from stepforge.errors import StepforgeError
 TASKS_ROOT = Path(__file__).resolve().parent / "tasks"
 
 # Groups in the order docs/benchmark.md lists them; other groups follow alphabetically.
-GROUP_ORDER = ("attention", "bmm", "gemm", "norm", "rope", "moe-index", "moe-expert", "moe-end-to-end")
+GROUP_ORDER = ("attention", "bmm", "gemm", "norm", "rope", "moe-index", "moe-expert", "moe-end-to-end",
+               "norm-ext", "similarity", "mlp", "attention-ext", "pooling", "decode", "routing", "moe-ext")
 
 DATA_GENS = ("torch.rand", "torch.randn", "torch.ones", "binary")
 INIT_WORDS = ("-inf",)

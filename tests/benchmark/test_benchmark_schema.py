@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from support import PUBLISHED_GROUPS, added_task_keys
 
 from stepforge.benchmark.schema import (
     GROUP_ORDER,
@@ -34,10 +35,20 @@ TASKS = load_benchmark()
 
 def test_benchmark_has_the_26_tasks_of_benchmark_md_keyed_by_group_and_id():
     expected = {f"{g}/{i}" for g, ids in BENCHMARK_IDS.items() for i in ids}
-    assert set(TASKS) == expected
-    assert len(TASKS) == 26
+    published = {key for key, task in TASKS.items() if task.group in BENCHMARK_IDS}
+    assert published == expected
+    assert len(published) == 26
     for key, task in TASKS.items():
         assert key == f"{task.group}/{task.test_name}"
+
+
+def test_added_tasks_live_in_their_own_groups_listed_in_the_group_order():
+    added = added_task_keys(TASKS)
+    assert len(added) >= 30
+    groups = {TASKS[key].group for key in added}
+    assert len(groups) >= 6
+    assert groups.isdisjoint(BENCHMARK_IDS) and groups <= set(GROUP_ORDER)
+    assert tuple(GROUP_ORDER[:len(PUBLISHED_GROUPS)]) == PUBLISHED_GROUPS == tuple(BENCHMARK_IDS)
 
 
 def test_benchmark_order_is_stable_and_follows_the_group_order():
