@@ -108,8 +108,9 @@ def read_yaml_text(text: str | bytes, source: str = "<yaml>") -> Any:
         text = decode_text(text, source)
     if len(text) > MAX_YAML_BYTES:
         raise YamlError(source, "(file)", f"larger than {MAX_YAML_BYTES // (1024 * 1024)} MiB")
-    loader = _BoundedLoader(text)
+    loader = None
     try:
+        loader = _BoundedLoader(text)  # the reader refuses unprintable characters here already
         node = loader.get_single_node()
         if node is None:
             return None
@@ -118,12 +119,15 @@ def read_yaml_text(text: str | bytes, source: str = "<yaml>") -> Any:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "(YAML)"
+        if isinstance(exc, yaml.reader.ReaderError):
+            where = f"character {exc.position + 1}"
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise YamlError(source, where, f"not valid YAML: {problem}") from None
     except RecursionError:
         raise YamlError(source, "(YAML)", f"nested more than {MAX_YAML_DEPTH} levels deep") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def decode_text(data: bytes, source: str) -> str:

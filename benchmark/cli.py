@@ -19,7 +19,7 @@ from typing import Optional
 
 import typer
 
-from stepforge.errors import fail
+from stepforge.errors import cli_errors, fail
 
 
 def _task_error_line(exc) -> str:
@@ -39,14 +39,19 @@ def _load_task(key_or_file: str, root: Optional[Path]):
 
 
 def read_impl(path: Path) -> str:
-    """A program from a file: plain STeP text, or a task-like YAML with an `impl:` key; `-` reads stdin."""
-    text = sys.stdin.read() if str(path) == "-" else path.read_text(encoding="utf-8")
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
+    """A program from a file: plain STeP text, or a task-like YAML with an `impl:` key; `-` reads stdin.
 
+    `ConfigError` naming the file when it is not UTF-8 or its YAML is refused (see `config_io.read_yaml_text`).
+    """
+    from stepforge.config_io import YamlError, decode_text, read_text_file, read_yaml_text
+
+    text = decode_text(sys.stdin.buffer.read(), "<stdin>") if str(path) == "-" else read_text_file(path, "program file")
+    if path.suffix in (".yaml", ".yml"):
         try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError:
+            data = read_yaml_text(text, str(path))
+        except YamlError as exc:
+            if not exc.problem.startswith("not valid YAML"):
+                raise  # refused by the reader's bounds (an alias bomb, a duplicate key): not a program either
             data = None
         if isinstance(data, dict) and isinstance(data.get("impl"), str):
             return data["impl"]
@@ -108,7 +113,8 @@ def _program(task, impl: Optional[Path]) -> str:
     if impl is not None:
         if str(impl) != "-" and not impl.is_file():
             fail(f"--impl {impl}: no such file")
-        return read_impl(impl)
+        with cli_errors():
+            return read_impl(impl)
     if not task.impl:
         fail(f"task {task.key} has no reference impl; pass the program with --impl")
     return task.impl

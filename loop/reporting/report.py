@@ -24,8 +24,6 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from stepforge.loop.reporting import metrics as M
 from stepforge.loop.runstore import REPORT, RunStore
 
@@ -49,7 +47,7 @@ def _inputs_by_task(keys: list[str]) -> dict[str, list[str]]:
 
 def build_summary(store: RunStore) -> dict[str, Any]:
     """The run's metrics from its files."""
-    config = yaml.safe_load(store.config_text()) or {}
+    config = store.config_data()
     state = store.load_state()
     samples = store.sample_dicts()
     steps = [s.model_dump() for s in store.load_steps()]
@@ -171,7 +169,7 @@ def _table(headers: list[str], rows: list[list[Any]]) -> str:
 
 
 def render_markdown(store: RunStore, summary: dict[str, Any]) -> str:
-    config = yaml.safe_load(store.config_text()) or {}
+    config = store.config_data()
     run = summary["run"]
     proposer = config.get("proposer") or {}
     backend = proposer.get("backend") or {}
