@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Optional
@@ -49,9 +50,9 @@ def read_impl(path: Path) -> str:
     if path.suffix in (".yaml", ".yml"):
         try:
             data = read_yaml_text(text, str(path))
-        except YamlError as exc:
-            if not exc.problem.startswith("not valid YAML"):
-                raise  # refused by the reader's bounds (an alias bomb, a duplicate key): not a program either
+        except YamlError:
+            if re.search(r"^impl[ \t]*:", text, re.M):
+                raise  # a task-like file that the reader refuses (bad YAML, a duplicate key, an alias bomb)
             data = None
         if isinstance(data, dict) and isinstance(data.get("impl"), str):
             return data["impl"]
