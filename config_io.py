@@ -44,7 +44,7 @@ def _at(node: yaml.Node) -> str:
 
 
 class _BoundedLoader(yaml.SafeLoader):
-    """SafeLoader with duplicate keys refused and nesting bounded while composing."""
+    """SafeLoader with duplicate keys refused and nesting bounded while scanning and composing."""
 
     def __init__(self, stream):
         super().__init__(stream)
@@ -59,6 +59,13 @@ class _BoundedLoader(yaml.SafeLoader):
             return super().compose_node(parent, index)
         finally:
             self._depth -= 1
+
+    def fetch_flow_collection_start(self, TokenClass):
+        # the scanner reads a run of `[` or `{` to its end before composing starts: bound it here
+        if self.flow_level >= MAX_YAML_DEPTH:
+            raise yaml.scanner.ScannerError(None, None, f"nested more than {MAX_YAML_DEPTH} levels deep",
+                                            self.get_mark())
+        super().fetch_flow_collection_start(TokenClass)
 
     def construct_mapping(self, node, deep=False):
         if isinstance(node, yaml.MappingNode):

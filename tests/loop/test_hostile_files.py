@@ -162,6 +162,12 @@ for levels in (9, 12, 20):
     except ConfigError:
         pass
     assert extract_program_with_reason("```yaml\\n" + yaml_bomb(levels) + "impl: " + top + "\\n```")[0] is None
+for text in ("[" * 4_000_000, "x: " + "{a: " * 1_000_000):  # the scanner stops at the depth bound
+    try:
+        read_yaml_text(text, "deep")
+        sys.exit("a deep document was read")
+    except ConfigError:
+        pass
 try:
     read_seed_buffer(sys.argv[1])
     sys.exit("a nested seed buffer was read")
@@ -200,7 +206,8 @@ def test_undecodable_config_program_and_seed_buffer(tmp_path, kind):
     assert not (tmp_path / "r").exists()
 
 
-@pytest.mark.parametrize("text", [f"tasks: {DEEP_FLOW}\n", DEEP_BLOCK, "x: " + "{a: " * 3_000 + "}" * 3_000 + "\n"])
+@pytest.mark.parametrize("text", [f"tasks: {DEEP_FLOW}\n", DEEP_BLOCK, "x: " + "{a: " * 3_000 + "}" * 3_000 + "\n",
+                                  "tasks: " + "[" * 1_000_000])
 def test_config_nested_thousands_deep(tmp_path, text):
     path = write(tmp_path / "c.yaml", text)
     one_line_error(*cli("improve", "--config", str(path), "--run-dir", str(tmp_path / "r")), str(path),
