@@ -53,7 +53,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from stepforge.config_io import StrictModel, apply_overrides, format_problems, parse_override, read_mapping
-from stepforge.errors import ConfigError
+from stepforge.errors import ConfigError, short_repr
 from stepforge.serve.base import check_temperature
 from stepforge.serve.config import BackendConfig
 
@@ -133,7 +133,7 @@ class ProposerConfig(StrictModel):
         if self.kind == "custom" and not self.factory:
             raise ValueError("kind 'custom' needs factory: 'package.module:function'")
         if self.factory and ":" not in self.factory:
-            raise ValueError(f"factory: expected 'package.module:function', got {self.factory!r}")
+            raise ValueError(f"factory: expected 'package.module:function', got {short_repr(self.factory)}")
         return self
 
     @property
@@ -271,18 +271,18 @@ def select_tasks(patterns: list[str], keys: list[str], where: str = "config") ->
     chosen: set[str] = set()
     for i, pattern in enumerate(patterns):
         if not isinstance(pattern, str) or not pattern.strip():
-            raise ConfigError(f"{where}: tasks[{i}]: expected a task key or glob such as attention/*, got {pattern!r}")
+            raise ConfigError(f"{where}: tasks[{i}]: expected a task key or glob such as attention/*, got {short_repr(pattern)}")
         pattern = pattern.strip()
         if any(ch in pattern for ch in "*?["):
             hits = [k for k in keys if fnmatch.fnmatchcase(k, pattern)]
         else:
             hits = [k for k in keys if k == pattern or k.rsplit("/", 1)[-1] == pattern]
             if len(hits) > 1 and pattern not in keys:
-                raise ConfigError(f"{where}: tasks[{i}]: {pattern!r} names {len(hits)} tasks ({', '.join(hits)}); "
+                raise ConfigError(f"{where}: tasks[{i}]: {short_repr(pattern)} names {len(hits)} tasks ({', '.join(hits)}); "
                                   f"expected a unique key such as {hits[0]}")
         if not hits:
             sample = ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
-            raise ConfigError(f"{where}: tasks[{i}]: {pattern!r} matches no task; expected a key or glob over "
+            raise ConfigError(f"{where}: tasks[{i}]: {short_repr(pattern)} matches no task; expected a key or glob over "
                               f"the benchmark's keys ({sample})")
         chosen.update(hits)
     return [k for k in keys if k in chosen]

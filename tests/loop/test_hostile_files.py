@@ -298,3 +298,10 @@ def test_resume_refuses_a_duplicate_key_in_the_run_config_and_changes_nothing(ru
     before = snapshot(run_copy)
     one_line_error(*cli("improve", "--resume", str(run_copy)), "config.yaml: line ", "duplicate key 'tasks'")
     assert snapshot(run_copy) == before
+
+
+def test_a_huge_value_in_the_config_is_shown_short(tmp_path):
+    config = write(tmp_path / "c.yaml", config_text(tasks=["x" * 1_000_000 + "]"]))
+    line = one_line_error(*cli("improve", "--config", str(config), "--run-dir", str(tmp_path / "r")),
+                          f"{config}: tasks[0]: ")
+    assert len(line) < 400
