@@ -94,12 +94,22 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"  not written: {c.key} ({c.mode}, {c.run.name}): {c.problem}")
 
     @app.command("report")
-    def report_cmd(run_dir: Path = typer.Argument(..., help="a run directory of `stepforge improve`")) -> None:
-        """Write summary.json, report.md and plots (PNG) for a run directory."""
+    def report_cmd(
+        run_dirs: list[Path] = typer.Argument(..., help="run directories of `stepforge improve`"),
+        compare: Optional[Path] = typer.Option(None, "--compare", help="also write families.md/.png comparing the runs here"),
+    ) -> None:
+        """Write summary.json, report.md and plots (PNG) for each run; with --compare, solved per family across runs."""
         from stepforge.loop.reporting.report import PLOTS, write_report
 
-        with cli_errors():
-            summary = write_report(run_dir)
-        typer.echo(f"wrote {run_dir / 'report.md'}, {run_dir / 'summary.json'}, "
-                   + ", ".join(str(run_dir / p) for p in PLOTS))
-        print_summary(summary, run_dir)
+        for run_dir in run_dirs:
+            with cli_errors():
+                summary = write_report(run_dir)
+            typer.echo(f"wrote {run_dir / 'report.md'}, {run_dir / 'summary.json'}, "
+                       + ", ".join(str(run_dir / p) for p in PLOTS))
+            print_summary(summary, run_dir)
+        if compare is not None:
+            from stepforge.loop.reporting.families import compare_runs
+
+            with cli_errors():
+                path = compare_runs(run_dirs, compare)
+            typer.echo(f"wrote {path} and its plot")

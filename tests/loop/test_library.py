@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import yaml
+from support import edited_run_copy as _edited_copy
 from typer.testing import CliRunner
 
 from stepforge.benchmark.schema import load_benchmark, load_task
@@ -18,9 +17,7 @@ from stepforge.cli import app
 from stepforge.loop.library import INDEX, PROVENANCE, LibraryError, build_library, read_run
 from stepforge.loop.runstore import load_jsonl
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 PACKAGE_PARENT = str(Path(__file__).resolve().parents[3])
-TASKS = ["bmm/bmm_0", "rope/G_0_3_02", "moe-index/G_0_3_03"]
 # bmm/bmm_0 with a needless Bufferize/Streamify round trip: correct, two statements longer than the search's
 LONG_BMM0 = """\
 buf1 = step.Bufferize(a=1).apply(E1)
@@ -39,30 +36,6 @@ def _env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = PACKAGE_PARENT + os.pathsep + env.get("PYTHONPATH", "")
     return env
-
-
-@pytest.fixture(scope="module")
-def search_run(tmp_path_factory) -> Path:
-    from stepforge.loop.job import run_improve
-
-    run = tmp_path_factory.mktemp("lib") / "run"
-    run_improve(CONFIGS / "default.yaml", run_dir=run, progress=False,
-                overrides=[f"tasks=[{', '.join(TASKS)}]", "max_rounds=1", "n=1", "temperatures=[0.4]",
-                           "verifier.workers=1"])
-    assert load_jsonl(run / "buffer.jsonl"), "the search solved nothing"
-    return run
-
-
-def _edited_copy(run: Path, dest: Path, impls: dict[str, str], name: str, **config) -> Path:
-    shutil.copytree(run, dest)
-    entries = load_jsonl(dest / "buffer.jsonl")
-    for e in entries:
-        e["impl"] = impls.get(e["task_key"], e["impl"])
-    (dest / "buffer.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
-    cfg = yaml.safe_load((dest / "config.yaml").read_text())
-    cfg.update(name=name, **config)
-    (dest / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return dest
 
 
 @pytest.mark.slow
