@@ -325,58 +325,8 @@ class StepFn:
         args = [*inputs, *(state or [])]
         signature = (state is not None,) + tuple((a.shape, a.dtype) for a in args)
         if signature not in self._direct:
-            self._direct[signature] = self._trial(len(inputs), state is not None, args)
+            self._direct[signature] = _trial_layout(self, len(inputs), state is not None, args)
         return self._direct[signature]
-
-    def _trial(self, n_in: int, has_state: bool, like: list[torch.Tensor]) -> Optional[str]:
-        if not like or any(a.dim() == 0 or a.shape[0] < 1 for a in like) or not all(a.is_floating_point() for a in like):
-            return None
-        gen = torch.Generator(device=like[0].device).manual_seed(12345)
-        rows = min(like[0].shape[0], _TRIAL_ROWS)  # the trial's cost is bounded, whatever the batch
-        trial = [torch.randn((rows,) + a.shape[1:], generator=gen, dtype=a.dtype, device=a.device) for a in like]
-
-        def element(*args):
-            return tuple(self._normalise(self.body(list(args[:n_in]), list(args[n_in:]) if has_state else None)))
-
-        try:
-            want = vmap(element, [t.clone() for t in trial])
-        except Exception:
-            return None  # the body does not vmap: the usual path finds out and falls back to elements
-        self._vmappable = True
-        shapes = [w.shape for w in want]
-        layouts = ("plain", "aligned") if len({a.dim() for a in like}) > 1 else ("plain",)
-        for layout in layouts:
-            try:
-                got = self._call_whole(trial[:n_in], trial[n_in:] if has_state else None, layout, shapes)
-            except Exception:
-                continue
-            if got is not None and all(torch.allclose(g, w, rtol=1e-5, atol=1e-6, equal_nan=True)
-                                       for g, w in zip(got, want)) and self._rows_independent(trial, n_in, has_state,
-                                                                                          layout, shapes, got):
-                return layout
-        return None
-
-    def _rows_independent(self, trial, n_in: int, has_state: bool, layout: str, shapes, got) -> bool:
-        """Row 0 of the outputs stays the same when every other row moves far both ways.
-
-        Agreement with vmap on one random batch is not enough: `maximum(state, x + y.sum())`
-        reduces over the batch yet agrees whenever `state` dominates. A body that mixes rows
-        changes row 0 once the other rows move far.
-        """
-        if trial[0].shape[0] < 2:
-            return True  # one row: nothing to mix
-        for shift in (1e3, -1e3):
-            moved = [t.clone() for t in trial]
-            for t in moved:
-                t[1:] += shift
-            try:
-                again = self._call_whole(moved[:n_in], moved[n_in:] if has_state else None, layout, shapes)
-            except Exception:
-                return False
-            if again is None or not all(torch.allclose(a[0], g[0], rtol=1e-5, atol=1e-6, equal_nan=True)
-                                        for a, g in zip(again, got)):
-                return False
-        return True
 
     def _call_whole(self, inputs, state, layout: str, shapes) -> list[torch.Tensor] | None:
         """The body called once on the batch in `layout`; None if it modified an input in place
@@ -416,6 +366,58 @@ class StepFn:
 
 
 _TRIAL_ROWS = 64  # batch rows of a trial (a body that mixes rows disagrees with vmap on any 2 or more)
+
+
+def _trial_layout(fn: "StepFn", n_in: int, has_state: bool, like: list[torch.Tensor]) -> Optional[str]:
+    """The layout in which `fn`'s body batches by itself on random inputs like `like`, or None."""
+    if not like or any(a.dim() == 0 or a.shape[0] < 1 for a in like) or not all(a.is_floating_point() for a in like):
+        return None
+    gen = torch.Generator(device=like[0].device).manual_seed(12345)
+    rows = min(like[0].shape[0], _TRIAL_ROWS)  # the trial's cost is bounded, whatever the batch
+    trial = [torch.randn((rows,) + a.shape[1:], generator=gen, dtype=a.dtype, device=a.device) for a in like]
+
+    def element(*args):
+        return tuple(fn._normalise(fn.body(list(args[:n_in]), list(args[n_in:]) if has_state else None)))
+
+    try:
+        want = vmap(element, [t.clone() for t in trial])
+    except Exception:
+        return None  # the body does not vmap: the usual path finds out and falls back to elements
+    fn._vmappable = True
+    shapes = [w.shape for w in want]
+    layouts = ("plain", "aligned") if len({a.dim() for a in like}) > 1 else ("plain",)
+    for layout in layouts:
+        try:
+            got = fn._call_whole(trial[:n_in], trial[n_in:] if has_state else None, layout, shapes)
+        except Exception:
+            continue
+        if got is not None and all(torch.allclose(g, w, rtol=1e-5, atol=1e-6, equal_nan=True)
+                                   for g, w in zip(got, want)) and _rows_independent(fn, trial, n_in, has_state,
+                                                                                      layout, shapes, got):
+            return layout
+    return None
+
+def _rows_independent(fn: "StepFn", trial, n_in: int, has_state: bool, layout: str, shapes, got) -> bool:
+    """Row 0 of the outputs stays the same when every other row moves far both ways.
+
+    Agreement with vmap on one random batch is not enough: `maximum(state, x + y.sum())`
+    reduces over the batch yet agrees whenever `state` dominates. A body that mixes rows
+    changes row 0 once the other rows move far.
+    """
+    if trial[0].shape[0] < 2:
+        return True  # one row: nothing to mix
+    for shift in (1e3, -1e3):
+        moved = [t.clone() for t in trial]
+        for t in moved:
+            t[1:] += shift
+        try:
+            again = fn._call_whole(moved[:n_in], moved[n_in:] if has_state else None, layout, shapes)
+        except Exception:
+            return False
+        if again is None or not all(torch.allclose(a[0], g[0], rtol=1e-5, atol=1e-6, equal_nan=True)
+                                    for a, g in zip(again, got)):
+            return False
+    return True
 
 
 def _aligned(tensors: list[torch.Tensor], rank: int) -> list[torch.Tensor]:
