@@ -29,8 +29,11 @@ run given wins ties); the others are listed as superseded.
 
 An open entry carries `fns` (task-file fn entries written by the model)
 besides `impl`; it is verified as an open candidate (the fn-language
-interpreter, never exec) where this stepforge has open mode
-(benchmark/open_mode.py), else listed as not verifiable.
+interpreter, never exec) where this stepforge has open mode (the module
+`stepforge.benchmark.open_mode`), else listed as not verifiable. Its YAML
+holds the earned fns as the task's fns, so `stepforge verify FILE` and its
+pytest file check them as task fns; they are written only after they passed
+the fn language.
 """
 
 from __future__ import annotations
