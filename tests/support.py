@@ -105,3 +105,12 @@ def edited_run_copy(run, dest, impls: dict, name: str, **config):
     cfg.update(name=name, **config)
     (dest / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
     return dest
+
+
+# The 8 groups of the published 26-task benchmark (docs/benchmark.md); every other group holds added tasks.
+PUBLISHED_GROUPS = ("attention", "bmm", "gemm", "norm", "rope", "moe-index", "moe-expert", "moe-end-to-end")
+
+
+def added_task_keys(tasks) -> list[str]:
+    """The keys of the tasks outside the published benchmark's groups, in benchmark order."""
+    return [key for key, task in tasks.items() if task.group not in PUBLISHED_GROUPS]

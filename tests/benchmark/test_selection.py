@@ -31,11 +31,13 @@ def test_published_split_is_the_26_shipped_tasks_and_new_is_the_rest():
     assert len(PUBLISHED) == 26 and set(PUBLISHED) <= set(TASKS)
     assert select("published", TASKS) == [k for k in TASKS if k in PUBLISHED]
     assert select("all", TASKS) == list(TASKS)
-    extra = {**TASKS, "norm/extra_rms": TASKS["norm/G_0_8_01"], "pooling/p1": TASKS["bmm/bmm_0"]}
+    published = {k: TASKS[k] for k in PUBLISHED}
+    extra = {**published, "norm/extra_rms": TASKS["norm/G_0_8_01"], "pooling/p1": TASKS["bmm/bmm_0"]}
     assert select("new", extra) == ["norm/extra_rms", "pooling/p1"]
     assert select({"split": "new", "groups": ["norm"]}, extra) == ["norm/extra_rms"]
+    assert select("new", TASKS) == [k for k in TASKS if k not in PUBLISHED]
     with pytest.raises(ConfigError, match="selects no task"):
-        select(["new"], TASKS)
+        select(["new"], published)
 
 
 def test_difficulty_rule_on_programs():
@@ -71,7 +73,7 @@ def test_a_mapping_selects_the_intersection_of_its_filters(spec):
 
     def keeps(key):
         t = TASKS[key]
-        ok = spec.get("split", "all") in ("all", "published")
+        ok = spec.get("split", "all") in ("all", "published" if key in PUBLISHED else "new")
         if "groups" in spec:
             ok &= any(fnmatch.fnmatchcase(t.group, g) for g in spec["groups"])
         if "difficulty" in spec:
@@ -125,7 +127,9 @@ def test_tasks_command_filters_and_reports_difficulty_and_split():
     assert res.exit_code == 0, res.output
     rows = [json.loads(line) for line in res.output.splitlines()]
     assert rows and all(r["group"].startswith("moe-") and r["difficulty"] == "hard" for r in rows)
-    assert all(r["split"] == "published" for r in rows)
+    assert all(r["split"] == ("published" if r["key"] in PUBLISHED else "new") for r in rows)
+    res = runner.invoke(app, ["tasks", "--json", "--open", "--mode", "closed"])
+    assert res.exit_code == 2 and "contradicts --mode closed" in res.output
     res = runner.invoke(app, ["tasks", "--json", "rope/*", "bmm_0"])
     assert [json.loads(line)["key"] for line in res.output.splitlines()] == \
         ["bmm/bmm_0", "rope/G_0_3_02", "rope/G_0_3_03", "rope/G_0_4_01"]

@@ -100,6 +100,8 @@ def test_open_entries_are_verified_as_open_candidates_or_listed(search_run, tmp_
     entries = load_jsonl(run / "buffer.jsonl")
     for e in entries:  # the task's own fns as the model-written ones
         e["fns"] = [f.model_dump(mode="json", by_alias=True, exclude_none=True) for f in bench[e["task_key"]].fns]
+    bad = next(e for e in entries if e["task_key"] == "moe-index/G_0_3_03")
+    bad["fns"][0]["apply"] = "import os\nreturn [input[0]]"  # outside the fn language: never run
     (run / "buffer.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
     info, read = read_run(run)
     assert info.mode == "open" and all(e["fns"] for e in read)
@@ -109,7 +111,9 @@ def test_open_entries_are_verified_as_open_candidates_or_listed(search_run, tmp_
     except ImportError:
         assert not lib.written and all("open mode is not available" in c.problem for c in lib.rejected)
         return
-    assert sorted(c.key for c in lib.written) == sorted(e["task_key"] for e in entries)
+    assert sorted(c.key for c in lib.written) == sorted(e["task_key"] for e in entries if e is not bad)
+    assert [c.key for c in lib.rejected] == [bad["task_key"]] and "FAIL fns" in lib.rejected[0].problem
+    assert not (tmp_path / "lib" / "open" / "moe-index").exists()
     for c in lib.written:
         assert (tmp_path / "lib" / "open" / c.task.group / f"{c.task.test_name}.yaml").is_file()
 
