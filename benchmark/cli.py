@@ -151,22 +151,38 @@ def register(app: typer.Typer) -> None:
 
     @app.command("tasks")
     def tasks_cmd(
+        patterns: Optional[list[str]] = typer.Argument(None, help="task keys, globs or split names (published, new, all)"),
+        split: Optional[str] = typer.Option(None, "--split", help="published, new or all"),
+        groups: Optional[list[str]] = typer.Option(None, "--group", help="a group name or glob (repeatable)"),
+        difficulty: Optional[list[str]] = typer.Option(None, "--difficulty", help="easy, medium or hard (repeatable)"),
+        mode: Optional[str] = typer.Option(None, "--mode", help="closed or open: the tasks posable in that mode"),
         root: Optional[Path] = typer.Option(None, help="benchmark folder (default: the packaged tasks)"),
         as_json: bool = typer.Option(False, "--json", help="one JSON object per task"),
         open_mode: bool = typer.Option(False, "--open", help="only the tasks that can be posed in open mode"),
     ) -> None:
-        """List the benchmark tasks: key, group, number of fns, reference lines and Copies."""
+        """List the benchmark tasks: key, group, split, difficulty, number of fns, reference lines and Copies."""
         from stepforge.benchmark.schema import TaskFileError, load_benchmark
+        from stepforge.benchmark.selection import select, split_of, task_difficulty
+        from stepforge.errors import ConfigError
 
         try:
             tasks = load_benchmark(root)
         except TaskFileError as exc:
             fail(_task_error_line(exc))
+        if open_mode:  # --open is --mode open
+            if mode not in (None, "open"):
+                fail(f"--open selects the open-mode tasks; it contradicts --mode {mode}")
+            mode = "open"
+        spec = {k: v for k, v in dict(split=split, keys=patterns, groups=groups, difficulty=difficulty,
+                                      mode=mode).items() if v}
+        try:
+            tasks = {k: tasks[k] for k in select(spec, tasks, "tasks")} if spec else tasks
+        except ConfigError as exc:
+            fail(str(exc).splitlines()[0])
         rows = []
         for key, t in tasks.items():
-            if open_mode and not t.open:
-                continue
-            rows.append({"key": key, "group": t.group, "test_name": t.test_name, "fns": len(t.fns),
+            rows.append({"key": key, "group": t.group, "test_name": t.test_name, "split": split_of(key),
+                         "difficulty": task_difficulty(t), "fns": len(t.fns),
                          "lines": t.reference_lines(), "copies": (t.impl or "").count("step.Copy()"),
                          "bindings": len(t.bindings)})
         if as_json:
@@ -176,12 +192,13 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.table import Table
 
-        table = Table(title=f"{len(rows)} tasks" + (" (open mode)" if open_mode else ""))
-        for col in ("key", "group", "fns", "lines", "copies", "bindings"):
-            table.add_column(col, justify="left" if col in ("key", "group") else "right")
+        table = Table(title=f"{len(rows)} tasks" + (" (open mode)" if mode == "open" else ""))
+        cols = ("key", "group", "split", "difficulty", "fns", "lines", "copies", "bindings")
+        for col in cols:
+            table.add_column(col, justify="right" if col in ("fns", "lines", "copies", "bindings") else "left")
         for r in rows:
-            table.add_row(r["key"], r["group"], str(r["fns"]), str(r["lines"]), str(r["copies"]), str(r["bindings"]))
-        Console().print(table)
+            table.add_row(*(str(r[c] if r[c] is not None else "-") for c in cols))
+        Console(width=160).print(table)
 
     @app.command("verify")
     def verify_cmd(

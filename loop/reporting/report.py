@@ -15,7 +15,10 @@ entries: demonstrations only, never counted as solved). Keys whose name contains
 are timings; everything else is a deterministic function of the config.
 
 Plots (PNG, matplotlib Agg): `tasks_solved.png` (tasks solved, cumulative,
-after each round) and `tokens.png` (prompt and completion tokens per round).
+after each round), `tokens.png` (prompt and completion tokens per round) and
+`families.png` (solved fraction per task family). `families` in summary.json:
+per group, the mode, tasks, solved, round-0 pass@1 and solved per difficulty
+(loop/reporting/families.py).
 """
 
 from __future__ import annotations
@@ -24,10 +27,11 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from stepforge.loop.reporting import families as F
 from stepforge.loop.reporting import metrics as M
 from stepforge.loop.runstore import REPORT, RunStore
 
-PLOTS = ("tasks_solved.png", "tokens.png")
+PLOTS = ("tasks_solved.png", "tokens.png", "families.png")
 
 
 def _group_of(task: str) -> str:
@@ -76,7 +80,7 @@ def build_summary(store: RunStore) -> dict[str, Any]:
     run["tasks_solved"] = len(earned)
     run["task_completion"] = len(earned) / n_tasks if n_tasks else 0.0
     programs = M.program_metrics(buffer, _inputs_by_task(list(earned)))
-    return {
+    summary = {
         "name": config.get("name"),
         "variant": config.get("variant"),
         "status": state.get("status", "unknown"),
@@ -94,6 +98,8 @@ def build_summary(store: RunStore) -> dict[str, Any]:
         "buffer": [e["task_key"] for e in buffer],
         "seeded": [e["task_key"] for e in seeded],
     }
+    summary["families"] = F.family_summary(summary, config.get("mode") or "closed")
+    return summary
 
 
 # ---------------------------------------------------------------------------
@@ -141,6 +147,10 @@ def write_plots(store: RunStore, summary: dict[str, Any]) -> list[Path]:
     path = store.path(PLOTS[1])
     fig.savefig(path)
     plt.close(fig)
+    out.append(path)
+
+    path = store.path(PLOTS[2])
+    F.plot_families(path, list(summary["families"]), [(summary.get("name") or "run", summary["families"])])
     out.append(path)
     return out
 
@@ -209,6 +219,7 @@ def render_markdown(store: RunStore, summary: dict[str, Any]) -> str:
         ", ".join(s["solved"]) or "-", s["samples"], s["correct"], _f(s["seconds"], 1)] for s in summary["steps"]]))
     out += ["", "## Per task group", ""]
     out.append(_table(["group", "tasks", "solved"], [[g, v["tasks"], v["solved"]] for g, v in summary["groups"].items()]))
+    out += [""] + F.render_families(summary) + ["![solved per family](families.png)"]
     out += ["", "## Per task", "",
             "pass@1 and pass@n use the unbiased estimator over the task's samples of one step (all temperatures); "
             "`round 0` is base knowledge only, `at solve` the step that solved it.", ""]
