@@ -45,15 +45,15 @@ self-improvement round); `single` and `agent` always stop after round 0.
 
 from __future__ import annotations
 
-import fnmatch
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Mapping, Optional, Sequence
 
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from stepforge.benchmark.selection import TaskSpec, as_spec
 from stepforge.config_io import StrictModel, apply_overrides, format_problems, parse_override, read_mapping
-from stepforge.errors import ConfigError
+from stepforge.errors import ConfigError, short_repr
 from stepforge.serve.base import check_temperature
 from stepforge.serve.config import BackendConfig
 
@@ -134,7 +134,7 @@ class ProposerConfig(StrictModel):
         if self.kind == "custom" and not self.factory:
             raise ValueError("kind 'custom' needs factory: 'package.module:function'")
         if self.factory and ":" not in self.factory:
-            raise ValueError(f"factory: expected 'package.module:function', got {self.factory!r}")
+            raise ValueError(f"factory: expected 'package.module:function', got {short_repr(self.factory)}")
         return self
 
     @property
@@ -201,7 +201,7 @@ class ImproveConfig(StrictModel):
     """The whole experiment (see the module docstring)."""
 
     name: str = "improve"
-    tasks: list[str] = Field(default_factory=lambda: ["*"], min_length=1)
+    tasks: TaskSpec = Field(default_factory=lambda: ["*"])  # keys/globs/splits, or {split, groups, difficulty, mode}
     variant: Variant = "agent+si"
     proposer: ProposerConfig = Field(default_factory=ProposerConfig)
     guardian: GuardianConfig = Field(default_factory=GuardianConfig)
@@ -222,8 +222,9 @@ class ImproveConfig(StrictModel):
     @field_validator("tasks", mode="before")
     @classmethod
     def _tasks(cls, v):
-        if isinstance(v, str):
-            return [v]
+        v = as_spec(v)
+        if isinstance(v, list) and not v:
+            raise ValueError("expected at least one task key, glob or split")
         return v
 
     @field_validator("temperatures")
@@ -275,29 +276,13 @@ class ImproveConfig(StrictModel):
 # task selection
 
 
-def select_tasks(patterns: list[str], keys: list[str], where: str = "config") -> list[str]:
-    """Task keys matching `patterns` (exact keys, test names or globs), in benchmark order.
+def select_tasks(spec: Any, tasks: Sequence[str] | Mapping[str, Any], where: str = "config") -> list[str]:
+    """Task keys that `spec` selects (keys, test names, globs, splits, or a mapping of groups, difficulty,
+    mode; see benchmark/selection.py), in benchmark order. `tasks`: the keys, or key -> Task (needed by
+    difficulty and mode filters). A pattern that matches nothing is an error naming it."""
+    from stepforge.benchmark.selection import select
 
-    A pattern that matches nothing is an error naming it.
-    """
-    chosen: set[str] = set()
-    for i, pattern in enumerate(patterns):
-        if not isinstance(pattern, str) or not pattern.strip():
-            raise ConfigError(f"{where}: tasks[{i}]: expected a task key or glob such as attention/*, got {pattern!r}")
-        pattern = pattern.strip()
-        if any(ch in pattern for ch in "*?["):
-            hits = [k for k in keys if fnmatch.fnmatchcase(k, pattern)]
-        else:
-            hits = [k for k in keys if k == pattern or k.rsplit("/", 1)[-1] == pattern]
-            if len(hits) > 1 and pattern not in keys:
-                raise ConfigError(f"{where}: tasks[{i}]: {pattern!r} names {len(hits)} tasks ({', '.join(hits)}); "
-                                  f"expected a unique key such as {hits[0]}")
-        if not hits:
-            sample = ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
-            raise ConfigError(f"{where}: tasks[{i}]: {pattern!r} matches no task; expected a key or glob over "
-                              f"the benchmark's keys ({sample})")
-        chosen.update(hits)
-    return [k for k in keys if k in chosen]
+    return select(spec, tasks, f"{where}: tasks")
 
 
 # ---------------------------------------------------------------------------

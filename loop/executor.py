@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import queue
+import re
 import threading
 import time
 from concurrent.futures import Future
@@ -37,7 +38,8 @@ from typing import Any, Callable, Optional
 
 from stepforge.benchmark.schema import Task
 from stepforge.benchmark.verdict import Verdict, failed
-from stepforge.loop.interfaces import Demonstration, Guardian, GuardRequest, Proposal, ProposalRequest, Proposer, RepairTurn
+from stepforge.errors import short_text
+from stepforge.loop.interfaces import Demonstration, Guardian, GuardRequest, GuardResult, Proposal, ProposalRequest, Proposer, RepairTurn
 from stepforge.loop.progress import Events
 from stepforge.loop.runstore import SampleRecord
 from stepforge.loop.verifiers import VerifierBackend
@@ -114,6 +116,33 @@ def _extracted(value: Any) -> tuple[Optional[str], str]:
 
 
 # ---------------------------------------------------------------------------
+# one candidate's failure stays that candidate's verdict
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def storable(text: str) -> str:
+    """`text` with lone surrogates (which UTF-8 cannot hold) replaced by U+FFFD, so its record can be written."""
+    return _SURROGATE.sub("\ufffd", text) if _SURROGATE.search(text) else text
+
+
+def _storable_proposal(proposal: Proposal) -> Proposal:
+    raw, error = storable(proposal.raw), storable(proposal.error) if proposal.error is not None else None
+    return proposal if (raw, error) == (proposal.raw, proposal.error) else \
+        proposal.model_copy(update={"raw": raw, "error": error})
+
+
+def contained(what: str, fn: Callable, *args) -> tuple[Any, Optional[str]]:
+    """`(fn(*args), None)`, or `(None, one-line reason)` when it raises: for work on one candidate, whose
+    failure must end as that candidate's failed sample, never as the run's end."""
+    try:
+        return fn(*args), None
+    except Exception as exc:  # noqa: BLE001 - any failure of untrusted input or a plug-in is the candidate's
+        detail = short_text(exc)
+        return None, storable(f"{what} failed: {type(exc).__name__}" + (f": {detail}" if detail else ""))
+
+
+# ---------------------------------------------------------------------------
 # the executor
 
 
@@ -171,6 +200,7 @@ class _Generated:
     programs: list[list[Optional[str]]]
     reasons: list[list[str]]  # why extraction failed, per proposal ("" when it did not)
     guarded: list[list[Optional[Any]]]
+    guard_errors: list[list[Optional[str]]]  # why the guardian gave no result, per proposal (None when it did)
     generate_s: float
     guard_s: float
     n_guarded: int
@@ -207,12 +237,13 @@ class Executor:
         if len(proposals) != len(jobs):
             raise RuntimeError(f"proposer {getattr(self.proposer, 'name', '?')} returned {len(proposals)} lists "
                                f"for {len(jobs)} requests")
-        proposals = [list(p)[: j.n] for p, j in zip(proposals, jobs)]
-        extracted = [[(None, p.error) if p.error is not None else _extracted(self.extract(p.raw)) for p in props]
+        proposals = [[_storable_proposal(p) for p in list(props)[: j.n]] for props, j in zip(proposals, jobs)]
+        extracted = [[(None, p.error) if p.error is not None else self._extract_one(p.raw) for p in props]
                      for props in proposals]
         programs = [[prog for prog, _ in row] for row in extracted]
         reasons = [[why for _, why in row] for row in extracted]
         guarded: list[list[Optional[Any]]] = [[None] * len(props) for props in proposals]
+        guard_errors: list[list[Optional[str]]] = [[None] * len(props) for props in proposals]
         guard_s, n_guarded = 0.0, 0
         if self.guardian is not None:
             requests, where = [], []
@@ -225,14 +256,37 @@ class Executor:
                         where.append((a, b))
             if requests:
                 t1 = time.perf_counter()
-                results = self.guardian.repair(requests)
+                results = self._guard(requests)
                 guard_s = time.perf_counter() - t1
-                if len(results) != len(requests):
-                    raise RuntimeError(f"guardian returned {len(results)} results for {len(requests)} requests")
-                for (a, b), res in zip(where, results):
-                    guarded[a][b] = res
+                for (a, b), (res, error) in zip(where, results):
+                    guarded[a][b], guard_errors[a][b] = res, error
                 n_guarded = len(requests)
-        return _Generated(jobs, proposals, programs, reasons, guarded, generate_s, guard_s, n_guarded)
+        return _Generated(jobs, proposals, programs, reasons, guarded, guard_errors, generate_s, guard_s, n_guarded)
+
+    def _extract_one(self, raw: str) -> tuple[Optional[str], str]:
+        """(program, "") or (None, reason) for one reply; an extractor that raises is that reply's reason."""
+        value, error = contained("reading the reply", lambda text: _extracted(self.extract(text)), raw)
+        return (None, error) if error is not None else value
+
+    def _guard(self, requests: list[GuardRequest]) -> list[tuple[Optional[GuardResult], Optional[str]]]:
+        """(result, None) or (None, reason) per request. When the guardian fails on the batch, each
+        request is guarded alone, so one request it cannot handle fails only that request's samples."""
+        results, error = contained(f"the {self.guardian.name} guardian", self._guard_batch, requests)
+        if error is None:
+            return [(res, None) for res in results]
+        if len(requests) == 1:
+            return [(None, error)]
+        out: list[tuple[Optional[GuardResult], Optional[str]]] = []
+        for req in requests:
+            one, error = contained(f"the {self.guardian.name} guardian", self._guard_batch, [req])
+            out.append((one[0], None) if error is None else (None, error))
+        return out
+
+    def _guard_batch(self, requests: list[GuardRequest]) -> list[GuardResult]:
+        results = list(self.guardian.repair(requests))
+        if len(results) != len(requests) or not all(isinstance(r, GuardResult) for r in results):
+            raise RuntimeError(f"returned {len(results)} results for {len(requests)} requests")
+        return [r.model_copy(update={"program": storable(r.program)}) for r in results]
 
     # -- main thread ------------------------------------------------------
     def run(self, jobs: list[SampleJob]) -> list[SampleRecord]:
@@ -278,12 +332,13 @@ class Executor:
         prompts: dict[str, list[dict[str, str]]] = {}
         n_props = sum(len(p) for p in gen.proposals) or 1
         now = time.time()
-        for job, props, progs, whys, guards in zip(gen.jobs, gen.proposals, gen.programs, gen.reasons, gen.guarded):
+        for job, props, progs, whys, guards, guard_errors in zip(gen.jobs, gen.proposals, gen.programs, gen.reasons,
+                                                                 gen.guarded, gen.guard_errors):
             if not props:  # nothing came back (a search that found no program): n failed samples
                 why = f"the {getattr(self.proposer, 'name', 'proposer')} returned no proposal"
                 props = [Proposal(raw="", error=why)] * job.n
-                progs, whys, guards = [None] * job.n, [why] * job.n, [None] * job.n
-            for b, (prop, prog, why, guard) in enumerate(zip(props, progs, whys, guards)):
+                progs, whys, guards, guard_errors = [None] * job.n, [why] * job.n, [None] * job.n, [None] * job.n
+            for b, (prop, prog, why, guard, guard_error) in enumerate(zip(props, progs, whys, guards, guard_errors)):
                 if b in job.skip:
                     continue
                 pid = prompt_id(prop.messages)
@@ -303,6 +358,8 @@ class Executor:
                     verdict = failed("generate", prop.error)
                 elif prog is None:
                     verdict = failed("parse", why)
+                elif guard_error is not None:  # the guardian failed on this candidate: not verified
+                    verdict, guarded = failed("generate", guard_error), None
                 else:
                     verdict = Verdict(passed=False, stage="pending")
                 out.append(SampleRecord(

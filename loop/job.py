@@ -328,7 +328,7 @@ def run_improve(config_path: Optional[str | Path] = None, *, run_dir: Optional[s
                 cfg = C.resolve_model_paths(C.load_config(config_path, overrides))
                 where = str(config_path) if config_path is not None else "config"
             tasks_all = load_benchmark()
-            keys = C.select_tasks(cfg.tasks, list(tasks_all), where)
+            keys = C.select_tasks(cfg.tasks, tasks_all, where)
             if cfg.proposer.tiny_model and cfg.proposer.backend is not None:
                 ensure_tiny_model(cfg.proposer.backend.model)
             C.check_model_paths(cfg, where)

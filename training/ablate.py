@@ -27,7 +27,9 @@ seeded buffer. The config each arm ran is kept in RUN_DIR/configs/<arm>.yaml.
 
 Split (`split`): `source_run` names an improve run whose buffer is the earned
 experience: train = the tasks it earned, test = the other tasks of
-`split.tasks`. Or `split.train` / `split.test` name them (keys or globs).
+`split.tasks`. Or `split.train` / `split.test` name them: keys or globs, a split name
+(`published`, `new`, `all`), or a selection mapping (benchmark/selection.py), e.g.
+`split: {train: published, test: new}` for train-on-published, test-on-new.
 
 Seeded in-context arms (`seed_si: true`, the default, with a source run): the
 train split's earned entries are written to RUN_DIR/seed_buffer.jsonl and the
@@ -69,6 +71,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import Field, field_validator, model_validator
 
+from stepforge.benchmark.selection import TaskSpec, as_spec
 from stepforge.config_io import StrictModel
 from stepforge.errors import StepforgeError
 from stepforge.training.ablate_report import render_markdown, write_csv, write_plot
@@ -89,20 +92,20 @@ class AblationError(StepforgeError):
 
 class SplitSettings(StrictModel):
     source_run: Optional[str] = None
-    tasks: list[str] = Field(default_factory=lambda: ["*"], min_length=1)
-    train: Optional[list[str]] = None
-    test: Optional[list[str]] = None
+    tasks: TaskSpec = Field(default_factory=lambda: ["*"])
+    train: Optional[TaskSpec] = None  # a split name (published, new), keys/globs, or a selection mapping
+    test: Optional[TaskSpec] = None
 
     @field_validator("tasks", "train", "test", mode="before")
     @classmethod
     def _listify(cls, v):
-        return [v] if isinstance(v, str) else v
+        return as_spec(v)
 
     @model_validator(mode="after")
     def _one_kind(self) -> "SplitSettings":
         if self.source_run is None and not self.test:
             raise ValueError("give source_run (an improve run: train = the tasks it solved, test = the rest of "
-                             "tasks) or test (and optionally train) as task keys or globs")
+                             "tasks) or test (and optionally train) as task keys, globs, a split name or a selection")
         if self.source_run is not None and (self.train is not None or self.test is not None):
             raise ValueError("give either source_run or train/test, not both")
         return self

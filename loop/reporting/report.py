@@ -15,7 +15,10 @@ entries: demonstrations only, never counted as solved). Keys whose name contains
 are timings; everything else is a deterministic function of the config.
 
 Plots (PNG, matplotlib Agg): `tasks_solved.png` (tasks solved, cumulative,
-after each round) and `tokens.png` (prompt and completion tokens per round).
+after each round), `tokens.png` (prompt and completion tokens per round) and
+`families.png` (solved fraction per task family). `families` in summary.json:
+per group, the mode, tasks, solved, round-0 pass@1 and solved per difficulty
+(loop/reporting/families.py).
 """
 
 from __future__ import annotations
@@ -24,12 +27,11 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from stepforge.loop.reporting import families as F
 from stepforge.loop.reporting import metrics as M
 from stepforge.loop.runstore import REPORT, RunStore
 
-PLOTS = ("tasks_solved.png", "tokens.png")
+PLOTS = ("tasks_solved.png", "tokens.png", "families.png")
 
 
 def _group_of(task: str) -> str:
@@ -49,7 +51,7 @@ def _inputs_by_task(keys: list[str]) -> dict[str, list[str]]:
 
 def build_summary(store: RunStore) -> dict[str, Any]:
     """The run's metrics from its files."""
-    config = yaml.safe_load(store.config_text()) or {}
+    config = store.config_data()
     state = store.load_state()
     samples = store.sample_dicts()
     steps = [s.model_dump() for s in store.load_steps()]
@@ -78,7 +80,7 @@ def build_summary(store: RunStore) -> dict[str, Any]:
     run["tasks_solved"] = len(earned)
     run["task_completion"] = len(earned) / n_tasks if n_tasks else 0.0
     programs = M.program_metrics(buffer, _inputs_by_task(list(earned)))
-    return {
+    summary = {
         "name": config.get("name"),
         "variant": config.get("variant"),
         "status": state.get("status", "unknown"),
@@ -97,6 +99,8 @@ def build_summary(store: RunStore) -> dict[str, Any]:
         "seeded": [e["task_key"] for e in seeded],
         "repair": M.repair_metrics(samples),
     }
+    summary["families"] = F.family_summary(summary, config.get("mode") or "closed")
+    return summary
 
 
 # ---------------------------------------------------------------------------
@@ -145,6 +149,10 @@ def write_plots(store: RunStore, summary: dict[str, Any]) -> list[Path]:
     fig.savefig(path)
     plt.close(fig)
     out.append(path)
+
+    path = store.path(PLOTS[2])
+    F.plot_families(path, list(summary["families"]), [(summary.get("name") or "run", summary["families"])])
+    out.append(path)
     return out
 
 
@@ -172,7 +180,7 @@ def _table(headers: list[str], rows: list[list[Any]]) -> str:
 
 
 def render_markdown(store: RunStore, summary: dict[str, Any]) -> str:
-    config = yaml.safe_load(store.config_text()) or {}
+    config = store.config_data()
     run = summary["run"]
     proposer = config.get("proposer") or {}
     backend = proposer.get("backend") or {}
@@ -213,6 +221,7 @@ def render_markdown(store: RunStore, summary: dict[str, Any]) -> str:
         ", ".join(s["solved"]) or "-", s["samples"], s["correct"], _f(s["seconds"], 1)] for s in summary["steps"]]))
     out += ["", "## Per task group", ""]
     out.append(_table(["group", "tasks", "solved"], [[g, v["tasks"], v["solved"]] for g, v in summary["groups"].items()]))
+    out += [""] + F.render_families(summary) + ["![solved per family](families.png)"]
     out += ["", "## Per task", "",
             "pass@1 and pass@n use the unbiased estimator over the task's samples of one step (all temperatures); "
             "`round 0` is base knowledge only, `at solve` the step that solved it.", ""]
