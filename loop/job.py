@@ -289,18 +289,22 @@ def _config_of_resumed(store: RunStore, overrides: list[str]):
     return cfg, where
 
 
-def check_budget(cfg, proposer: Proposer, tasks: dict[str, Any], settings, where: str = "config") -> None:
-    """Print the estimate of round 0 (stderr) and refuse a budget that cannot cover it (BudgetError)."""
+def check_budget(cfg, proposer: Proposer, tasks: dict[str, Any], settings, where: str = "config"):
+    """Round 0's estimate; BudgetError (with the numbers) when the budget cannot cover round 0."""
     from stepforge.loop.budget import check_covers_round0, estimate
 
     est = estimate(proposer, tasks, settings, cfg.proposer.max_tokens if cfg.proposer.resolved_kind == "llm" else None)
+    check_covers_round0(est, cfg.budget, where)
+    return est
+
+
+def print_estimate(est, budget) -> None:
+    """The estimate and the budget on stderr (before the first request)."""
     for line in est.lines():
         print(line, file=sys.stderr)
-    b = cfg.budget
-    if any(v is not None for v in (b.tokens, b.samples, b.wall_s)):
-        print(f"budget: tokens {b.tokens or '-'}, samples {b.samples or '-'}, wall_s {b.wall_s or '-'}",
+    if any(v is not None for v in (budget.tokens, budget.samples, budget.wall_s)):
+        print(f"budget: tokens {budget.tokens or '-'}, samples {budget.samples or '-'}, wall_s {budget.wall_s or '-'}",
               file=sys.stderr)
-    check_covers_round0(est, b, where)
 
 
 # ---------------------------------------------------------------------------
@@ -344,11 +348,12 @@ def run_improve(config_path: Optional[str | Path] = None, *, run_dir: Optional[s
                 stack.callback(_shutdown_ray_if_started, _ray_running())
                 components = build_components(cfg, tasks, stack, where)
                 settings = settings_from_config(cfg)
-                check_budget(cfg, components.proposer, tasks, settings, where)  # before the first request
+                est = check_budget(cfg, components.proposer, tasks, settings, where)  # before the run dir is made
                 if store is None:
                     store = run_files.enter_context(RunStore.create(new_dir, cfg.to_yaml()))
                 _save_seed(store, seed)
                 cached, _ = store.prepare_resume()
+                print_estimate(est, cfg.budget)  # the run files are sound: the first request follows
                 events = stack.enter_context(contextlib.closing(make_events(cfg, len(keys), progress)))
                 executor = Executor(components.proposer, components.guardian, components.verifier,
                                     chunk_size=cfg.chunk_size, guard_temperature=cfg.guardian.temperature,
@@ -374,6 +379,7 @@ __all__ = [
     "build_components",
     "build_verifier",
     "check_budget",
+    "print_estimate",
     "check_proposer_options",
     "default_run_dir",
     "ensure_tiny_model",
