@@ -17,6 +17,9 @@ class SearchConfig(BaseModel):
     expansion_schedule: list[int] = Field(default_factory=list, description="max_expansions by Algorithm 1's "
                                           "round: round r uses entry min(r, len - 1), so tasks still unsolved get "
                                           "a larger budget later (empty: max_expansions in every round)")
+    candidate_schedule: list[int] = Field(default_factory=list, description="programs per request by "
+                                          "Algorithm 1's round (at most the request's n): round r uses entry "
+                                          "min(r, len - 1) (empty: the request's n)")
     max_seconds: float = Field(default=15.0, gt=0, description="per sample and search of the portfolio: seconds "
                                "(of its own work) allowed after its previous program")
     heuristic_weights: list[float] = Field(default_factory=lambda: [2.0, 4.0], min_length=1,
@@ -39,12 +42,18 @@ class SearchConfig(BaseModel):
                               "what the base prior finds (0: learned prior only)")
 
 
-    @field_validator("expansion_schedule")
+    @field_validator("expansion_schedule", "candidate_schedule")
     @classmethod
     def _schedule(cls, v: list[int]) -> list[int]:
         if any(int(x) < 1 for x in v):
-            raise ValueError(f"expected expansion counts >= 1, got {v}")
+            raise ValueError(f"expected counts >= 1, got {v}")
         return v
+
+    def candidates(self, round_: int, n: int) -> int:
+        """Programs a request of round `round_` asking for `n` gets at most (`candidate_schedule`)."""
+        if not self.candidate_schedule:
+            return n
+        return min(n, self.candidate_schedule[min(max(round_, 0), len(self.candidate_schedule) - 1)])
 
     def for_round(self, round_: int) -> "SearchConfig":
         """These settings with the round's `max_expansions` (from `expansion_schedule`)."""

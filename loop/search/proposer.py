@@ -71,7 +71,8 @@ class SearchProposer(StreamingProposer):
     `last_stats` holds each request's `SearchStats` of the latest call.
     `iter_proposals` gives the same proposals lazily (the executor stops it
     once a sample is correct). A request of round r searches with
-    `SearchConfig.for_round(r)`'s budget.
+    `SearchConfig.for_round(r)`'s expansion budget and at most
+    `SearchConfig.candidates(r, n)` programs.
     """
 
     name = "search"
@@ -118,7 +119,8 @@ class SearchProposer(StreamingProposer):
     def iter_candidates(self, request: ProposalRequest, stats: Optional[SearchStats] = None) -> Iterator[Candidate]:
         """The candidates of one request, lazily (for callers that verify as they go)."""
         prior = self._prior(request.demonstrations, request.task_ir)
-        return search_programs(self._task(request), n=request.n, temperature=request.temperature,
+        n = self.config.candidates(request.round, request.n)
+        return search_programs(self._task(request), n=n, temperature=request.temperature,
                                seed=request.seed, config=self.config.for_round(request.round), prior=prior,
                                stats=stats)
 

@@ -254,7 +254,7 @@ def test_proposer_contract_pickle_and_config():
         SearchProposer({"max_expansion": 1})  # a typo is an error, not a silent default
 
 
-def test_expansion_schedule_gives_later_rounds_more_expansions(bench):
+def test_budget_schedules_give_later_rounds_more_expansions_and_candidates(bench):
     task = bench["norm/G_0_16_01"]  # beyond every budget here: each request spends its whole budget
     proposer = SearchProposer({"max_expansions": 999, "expansion_schedule": [30, 60, 90], "heuristic_weights": [2.0]})
     spent = []
@@ -265,6 +265,10 @@ def test_expansion_schedule_gives_later_rounds_more_expansions(bench):
         spent.append((stats.expansions, stats.stopped))
     assert spent == [(30, "expansions"), (60, "expansions"), (90, "expansions"), (90, "expansions")]
     assert SearchConfig(max_expansions=7).for_round(3).max_expansions == 7  # no schedule: max_expansions
+    many = SearchProposer({"max_expansions": 2000, "candidate_schedule": [2, 5]})
+    counts = [len(list(many.iter_proposals(ProposalRequest(task_key="many", task=Task.from_yaml(MANY), n=4,
+                                                           round=r)))) for r in (0, 1, 3)]
+    assert counts == [2, 4, 4]  # the schedule's count, never more than the request's n
     with pytest.raises(ValueError):
         SearchConfig(expansion_schedule=[10, 0])
 
