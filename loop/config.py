@@ -203,6 +203,8 @@ class ImproveConfig(StrictModel):
     max_demonstrations: Optional[int] = Field(default=None, ge=0)
     seed_buffer: Optional[str] = None  # a run dir or buffer.jsonl whose entries start D (see the module docstring)
     chunk_size: int = Field(default=8, ge=1)
+    # a streaming proposer (search) stops sampling a task in a step once a sample is correct (loop/early_stop.py)
+    stop_when_solved: bool = True
     verifier: VerifierConfig = Field(default_factory=VerifierConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     progress: bool = True

@@ -335,6 +335,7 @@ def run_improve(config_path: Optional[str | Path] = None, *, run_dir: Optional[s
                 events = stack.enter_context(contextlib.closing(make_events(cfg, len(keys), progress)))
                 executor = Executor(components.proposer, components.guardian, components.verifier,
                                     chunk_size=cfg.chunk_size, guard_temperature=cfg.guardian.temperature,
+                                    stop_when_solved=cfg.stop_when_solved,
                                     sink=store.append_samples, prompt_sink=store.add_prompts, events=events)
                 stack.callback(executor.close)
                 loop = SelfImprovementLoop(tasks, executor, settings_from_config(cfg), store=store,
