@@ -38,9 +38,14 @@ How a job finds the project (`ray.code`):
 - `installed`: the nodes' Python has stepforge installed (same image or
   venv); the working dir holds only the configs.
 
-`ray.python` is the interpreter of the entrypoint (default `python`, the one
-on the nodes' PATH, usually the Python that started Ray); `ray.env_vars` are
-added to the job's runtime environment (HF offline flags are always set).
+`ray.python` is the interpreter of the entrypoint; by default the one running
+this script (`sys.executable`: the project's venv, where typer, torch and the
+rest are installed), which is right for a head on this machine and for nodes
+that share the venv's path (one image, or a shared file system). Set it when
+the nodes' environment lives elsewhere (e.g. `/opt/venv/bin/python`); a bare
+`python` is whatever the job's PATH finds first, usually not the venv.
+`ray.env_vars` are added to the job's runtime environment (HF offline flags
+are always set).
 
 Jobs are submitted with the `ray job submit --no-wait` CLI (so the commands
 printed by `plan` are exactly what runs); their status and logs are followed
@@ -100,7 +105,9 @@ from stepforge.training.sweep import (  # noqa: F401 - the script's library, re-
 
 
 def resolve_address(cfg: SweepConfig, cli_address: Optional[str]) -> str:
-    address = cli_address or cfg.ray.address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
+    env = os.environ.get("RAY_ADDRESS")
+    env = None if env == "local" else env  # a driver's "private instance" setting names no Jobs API
+    address = cli_address or cfg.ray.address or os.environ.get("RAY_API_SERVER_ADDRESS") or env
     if not address:
         raise SweepError("no Ray cluster: give --address http://HEAD:8265 (the dashboard), ray.address, or set RAY_ADDRESS")
     return address
@@ -163,7 +170,7 @@ def stage_working_dir(cfg: SweepConfig, into: Path) -> str:
 
 def entrypoint(cfg: SweepConfig, job: Job, config_rel: str) -> list[str]:
     """The job's command: an ordinary `stepforge improve` (new or --resume) or `stepforge ablate`."""
-    base = [cfg.ray.python, "-m", "stepforge.cli"]
+    base = [cfg.ray.python or sys.executable, "-m", "stepforge.cli"]
     if cfg.command == "improve":
         if (Path(job.run_dir) / "config.yaml").is_file():
             return base + ["improve", "--resume", job.run_dir, "--no-progress"]
