@@ -68,6 +68,9 @@ class Proposal(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     seconds: float = 0.0
+    # what a proposer without tokens spent on this proposal (the search: its share of the request's
+    # expansions and candidates); summed per round by the report
+    cost: dict[str, float] = Field(default_factory=dict)
 
 
 class Proposer(ABC):

@@ -100,6 +100,7 @@ class SampleRecord(BaseModel):
     guard_prompt_tokens: int = 0
     guard_completion_tokens: int = 0
     timings: dict[str, float] = Field(default_factory=dict)  # generate_s, guard_s, verify_s
+    cost: dict[str, float] = Field(default_factory=dict)  # Proposal.cost (the search's expansions, candidates)
     time: float = 0.0  # unix time the sample was recorded
 
     @property

@@ -9,7 +9,7 @@ from stepforge.loop.interfaces import Demonstration, Proposal, ProposalRequest, 
 from stepforge.loop.search.config import SearchConfig, as_config
 from stepforge.loop.search.portfolio import interleave, portfolio_members
 from stepforge.loop.search.prior import OpPrior
-from stepforge.loop.search.results import Candidate, SearchStats
+from stepforge.loop.search.results import Candidate, SearchStats, search_cost
 from stepforge.loop.search.tables import TaskTables
 from stepforge.loop.search.task import SearchTask
 
@@ -132,6 +132,8 @@ class SearchProposer(Proposer):
             if proposals and stats.seconds > last:  # the search after the last program counts too
                 tail = proposals[-1]
                 proposals[-1] = tail.model_copy(update={"seconds": round(tail.seconds + stats.seconds - last, 6)})
+            for p in proposals:  # the request's spending, shared equally: per-round sums are the totals
+                p.cost = search_cost(stats, len(proposals))
             self.last_stats.append(stats)
             results.append(proposals)
         return results

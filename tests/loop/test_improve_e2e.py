@@ -120,6 +120,8 @@ def test_ray_verifier_sends_a_tasks_candidates_to_the_actor_that_holds_it(ray_lo
     a, b = tasks["rope/G_0_3_02"], tasks["moe-index/G_0_3_04"]
     verifier = RayVerifier(2, timeout_s=120, verify_kwargs={"seeds": (0,)}, num_cpus=0.5)
     try:
+        while any(slot.ready_ref is not None for slot in verifier.slots):  # both actors up first
+            verifier.poll(0.5)
         items = [(i, (a if i % 2 else b).key, (a if i % 2 else b).impl) for i in range(8)]
         verifier.submit(items)
         got = {}
