@@ -87,6 +87,7 @@ class SampleRecord(BaseModel):
     of: int  # how many proposals the request returned (index < of)
     seed: int
     demonstrations: list[str] = Field(default_factory=list)
+    dropped_demonstrations: list[str] = Field(default_factory=list)  # not in the prompt: it would not fit the context
     prompt_id: Optional[str] = None
     raw: str
     program: Optional[str] = None  # extracted from the reply (None: nothing parsable found, stage `parse`)

@@ -187,6 +187,14 @@ class ModelActor:
         """Count tokens with the hosted backend."""
         return self.backend.count_tokens(text)
 
+    def count_prompts(self, requests: list[GenerationRequest]) -> list[int]:
+        """Prompt tokens of each request under the hosted backend."""
+        return self.backend.count_prompts(requests)
+
+    def context_length(self) -> int | None:
+        """The hosted model's context window."""
+        return self.backend.context_length()
+
     def close(self) -> None:
         """Release the hosted backend."""
         if self.backend is not None:
@@ -427,14 +435,27 @@ class ModelPool(ModelBackend):
 
     def count_tokens(self, text: str) -> int:
         """Count tokens on the first replica (replacing it if it died)."""
+        return self._ask_first("count_tokens", text)
+
+    def count_prompts(self, requests: list[GenerationRequest]) -> list[int]:
+        """Prompt tokens of each request, counted in one call on the first replica."""
+        return self._ask_first("count_prompts", requests) if requests else []
+
+    def context_length(self) -> int | None:
+        """The served model's context window (asked once)."""
+        if not hasattr(self, "_context"):
+            self._context = self._ask_first("context_length")
+        return self._context
+
+    def _ask_first(self, method: str, *args: Any) -> Any:
         import ray
         from ray.exceptions import RayActorError
 
         actor = self.actors[0]
         try:
-            return ray.get(actor.count_tokens.remote(text))
+            return ray.get(getattr(actor, method).remote(*args))
         except RayActorError:
-            return ray.get(self._replace(0, actor).count_tokens.remote(text))
+            return ray.get(getattr(self._replace(0, actor), method).remote(*args))
 
     def close(self) -> None:
         """Stop every replica: its engine shut down (or its processes reaped), then the actor
