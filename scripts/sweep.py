@@ -105,9 +105,7 @@ from stepforge.training.sweep import (  # noqa: F401 - the script's library, re-
 
 
 def resolve_address(cfg: SweepConfig, cli_address: Optional[str]) -> str:
-    env = os.environ.get("RAY_ADDRESS")
-    env = None if env == "local" else env  # a driver's "private instance" setting names no Jobs API
-    address = cli_address or cfg.ray.address or os.environ.get("RAY_API_SERVER_ADDRESS") or env
+    address = cli_address or cfg.ray.address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
     if not address:
         raise SweepError("no Ray cluster: give --address http://HEAD:8265 (the dashboard), ray.address, or set RAY_ADDRESS")
     return address
@@ -330,6 +328,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
+    if os.environ.get("RAY_ADDRESS") == "local":
+        # a driver's "start a private instance" setting names no Jobs API, and Ray's job client would
+        # take it to mean "find the cluster running here" (failing when several run)
+        del os.environ["RAY_ADDRESS"]
     log = lambda msg: print(f"[sweep] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     overrides = list(args.overrides)
     for key, value in (("config", args.base_config), ("command", args.command), ("runs_root", args.runs_root),
