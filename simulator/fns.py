@@ -1,15 +1,18 @@
-"""Task functions (`fns`): compiled from a task file's `apply` source.
+"""Task functions (`fns`): built from a fn entry's `apply` source by one builder, `make_fn`.
 
-Bodies come from task files (not from model output) and are written for one
-element. `StepFn.map`/`StepFn.fold` evaluate them over a batch of elements with
-vmap (`batching.vmap`: `torch.func.vmap` without its per-call overhead); a
-body that cannot be vmapped (it branches on a value, calls `.item()`, ...) falls back to element-by-element evaluation, and that choice is
+A body is written for one element. `make_fn` turns its source into a callable
+with a body compiler: by default `compile_trusted_body` (task-file code, run
+as Python in a worker); model-written bodies use the fn-language interpreter
+(`fnlang.OpenCompiler`), which never runs them as Python. Either way the fn
+is a `StepFn`: `StepFn.map`/`StepFn.fold` evaluate it over a batch of elements
+with vmap (`batching.vmap`: `torch.func.vmap` without its per-call overhead); a
+body that cannot be vmapped (it branches on a value, calls `.item()`, ...)
+falls back to element-by-element evaluation, and that choice is
 cached per fn. `StepFn.call` evaluates one element (the naive interpreter).
 """
 
 from __future__ import annotations
 
-import ast
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
@@ -17,7 +20,8 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 
 from stepforge.simulator.batching import fast_batching_enabled, vmap
-from stepforge.simulator.errors import StepRuntimeError
+from stepforge.simulator.errors import SimulatorError, StepRuntimeError
+from stepforge.simulator.fn_bodies import BodyCompiler, FnSignature, body_returns, compile_trusted_body
 from stepforge.simulator.shapes import SizeSymbol, shape_values
 from stepforge.simulator.types import ElemType, LeafType, parse_dtype
 
@@ -61,44 +65,13 @@ def namespace_binding(ns: Mapping[str, Any]) -> dict[str, int]:
     return dict(ns["ctx"])
 
 
-def _compile_body(source: str, label: str) -> ast.Module:
-    tree = ast.parse(source, filename=label)
-    if not tree.body:
-        raise ValueError(f"{label}: empty body")
-    has_return = body_returns(tree)
-    body = tree.body
-    if not has_return:
-        last = body[-1]
-        if not isinstance(last, ast.Expr):
-            raise ValueError(f"{label}: the body needs a `return` or must end with an expression")
-        body = body[:-1] + [ast.Return(value=last.value)]
-    args = ast.arguments(
-        posonlyargs=[],
-        args=[ast.arg("input"), ast.arg("state")],
-        kwonlyargs=[],
-        kw_defaults=[],
-        defaults=[ast.Constant(None)],
-    )
-    fdef = ast.FunctionDef(name="_step_fn", args=args, body=body, decorator_list=[], returns=None, type_params=[])
-    module = ast.Module(body=[fdef], type_ignores=[])
-    return ast.fix_missing_locations(module)
-
-
-def body_returns(body: "str | ast.AST") -> bool:
-    """Whether a fn body (source or parsed) has a `return` of its own, outside nested defs and lambdas."""
-    stack = list(ast.iter_child_nodes(ast.parse(body) if isinstance(body, str) else body))
-    while stack:
-        node = stack.pop()
-        if isinstance(node, ast.Return):
-            return True
-        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
-            stack.extend(ast.iter_child_nodes(node))
-    return False
-
-
 @dataclass
 class StepFn:
-    """A task function: typed input/output, optional fold init, compiled body."""
+    """A task function: typed input/output, optional fold init, compiled body.
+
+    A body may define `for_batch(n)`, the body to use when `n` elements are
+    evaluated at once (interpreted bodies divide their allocation bound by it).
+    """
 
     name: str
     func_name: str
@@ -143,6 +116,8 @@ class StepFn:
         before = _versions(watched)
         try:
             out = self.body(list(inputs), None if state is None else list(state))
+        except SimulatorError:
+            raise
         except Exception as exc:
             raise StepRuntimeError(f"fn {self.func_name} raised {type(exc).__name__}: {exc}") from None
         self._check_not_mutated(watched, before)
@@ -221,6 +196,7 @@ class StepFn:
             return None
         shapes = self.out_shapes(binding)
         n_in = len(inputs)
+        body = self._body_for(batch)
 
         def step_loop(xs, st, axis: int, prefix: tuple, layout: Optional[str] = None):
             # layout None: one row under vmap; "plain"/"aligned": whole batches (see _batches_itself)
@@ -234,7 +210,8 @@ class StepFn:
             columns = [x.unbind(axis) for x in xs]  # every step's slice at once
             history = []
             for t in range(steps):
-                st = self._normalise(self.body([c[t] for c in columns], list(st)))
+                step_body = body if layout is None else self.body  # under vmap: the bound per element
+                st = self._normalise(step_body([c[t] for c in columns], list(st)))
                 got = [o.shape for o in st]
                 if got != inner:
                     if layout != "aligned" or got != want:
@@ -284,13 +261,18 @@ class StepFn:
         self._check_shapes(result, (batch,), out_shapes)
         return result
 
+    def _body_for(self, batch: int) -> Callable:
+        scaled = getattr(self.body, "for_batch", None)
+        return scaled(batch) if scaled is not None else self.body
+
     def _try_vmap(self, inputs, state) -> list[torch.Tensor] | None:
         n_in = len(inputs)
+        body = self._body_for(inputs[0].shape[0])
 
         def element(*args):
             ins = list(args[:n_in])
             st = list(args[n_in:]) if state is not None else None
-            return tuple(self._normalise(self.body(ins, st)))
+            return tuple(self._normalise(body(ins, st)))
 
         watched = list(inputs) + list(state or [])
         before = _versions(watched)
@@ -325,58 +307,8 @@ class StepFn:
         args = [*inputs, *(state or [])]
         signature = (state is not None,) + tuple((a.shape, a.dtype) for a in args)
         if signature not in self._direct:
-            self._direct[signature] = self._trial(len(inputs), state is not None, args)
+            self._direct[signature] = _trial_layout(self, len(inputs), state is not None, args)
         return self._direct[signature]
-
-    def _trial(self, n_in: int, has_state: bool, like: list[torch.Tensor]) -> Optional[str]:
-        if not like or any(a.dim() == 0 or a.shape[0] < 1 for a in like) or not all(a.is_floating_point() for a in like):
-            return None
-        gen = torch.Generator(device=like[0].device).manual_seed(12345)
-        rows = min(like[0].shape[0], _TRIAL_ROWS)  # the trial's cost is bounded, whatever the batch
-        trial = [torch.randn((rows,) + a.shape[1:], generator=gen, dtype=a.dtype, device=a.device) for a in like]
-
-        def element(*args):
-            return tuple(self._normalise(self.body(list(args[:n_in]), list(args[n_in:]) if has_state else None)))
-
-        try:
-            want = vmap(element, [t.clone() for t in trial])
-        except Exception:
-            return None  # the body does not vmap: the usual path finds out and falls back to elements
-        self._vmappable = True
-        shapes = [w.shape for w in want]
-        layouts = ("plain", "aligned") if len({a.dim() for a in like}) > 1 else ("plain",)
-        for layout in layouts:
-            try:
-                got = self._call_whole(trial[:n_in], trial[n_in:] if has_state else None, layout, shapes)
-            except Exception:
-                continue
-            if got is not None and all(torch.allclose(g, w, rtol=1e-5, atol=1e-6, equal_nan=True)
-                                       for g, w in zip(got, want)) and self._rows_independent(trial, n_in, has_state,
-                                                                                          layout, shapes, got):
-                return layout
-        return None
-
-    def _rows_independent(self, trial, n_in: int, has_state: bool, layout: str, shapes, got) -> bool:
-        """Row 0 of the outputs stays the same when every other row moves far both ways.
-
-        Agreement with vmap on one random batch is not enough: `maximum(state, x + y.sum())`
-        reduces over the batch yet agrees whenever `state` dominates. A body that mixes rows
-        changes row 0 once the other rows move far.
-        """
-        if trial[0].shape[0] < 2:
-            return True  # one row: nothing to mix
-        for shift in (1e3, -1e3):
-            moved = [t.clone() for t in trial]
-            for t in moved:
-                t[1:] += shift
-            try:
-                again = self._call_whole(moved[:n_in], moved[n_in:] if has_state else None, layout, shapes)
-            except Exception:
-                return False
-            if again is None or not all(torch.allclose(a[0], g[0], rtol=1e-5, atol=1e-6, equal_nan=True)
-                                        for a, g in zip(again, got)):
-                return False
-        return True
 
     def _call_whole(self, inputs, state, layout: str, shapes) -> list[torch.Tensor] | None:
         """The body called once on the batch in `layout`; None if it modified an input in place
@@ -418,6 +350,58 @@ class StepFn:
 _TRIAL_ROWS = 64  # batch rows of a trial (a body that mixes rows disagrees with vmap on any 2 or more)
 
 
+def _trial_layout(fn: "StepFn", n_in: int, has_state: bool, like: list[torch.Tensor]) -> Optional[str]:
+    """The layout in which `fn`'s body batches by itself on random inputs like `like`, or None."""
+    if not like or any(a.dim() == 0 or a.shape[0] < 1 for a in like) or not all(a.is_floating_point() for a in like):
+        return None
+    gen = torch.Generator(device=like[0].device).manual_seed(12345)
+    rows = min(like[0].shape[0], _TRIAL_ROWS)  # the trial's cost is bounded, whatever the batch
+    trial = [torch.randn((rows,) + a.shape[1:], generator=gen, dtype=a.dtype, device=a.device) for a in like]
+
+    def element(*args):
+        return tuple(fn._normalise(fn.body(list(args[:n_in]), list(args[n_in:]) if has_state else None)))
+
+    try:
+        want = vmap(element, [t.clone() for t in trial])
+    except Exception:
+        return None  # the body does not vmap: the usual path finds out and falls back to elements
+    fn._vmappable = True
+    shapes = [w.shape for w in want]
+    layouts = ("plain", "aligned") if len({a.dim() for a in like}) > 1 else ("plain",)
+    for layout in layouts:
+        try:
+            got = fn._call_whole(trial[:n_in], trial[n_in:] if has_state else None, layout, shapes)
+        except Exception:
+            continue
+        if got is not None and all(torch.allclose(g, w, rtol=1e-5, atol=1e-6, equal_nan=True)
+                                   for g, w in zip(got, want)) and _rows_independent(fn, trial, n_in, has_state,
+                                                                                      layout, shapes, got):
+            return layout
+    return None
+
+def _rows_independent(fn: "StepFn", trial, n_in: int, has_state: bool, layout: str, shapes, got) -> bool:
+    """Row 0 of the outputs stays the same when every other row moves far both ways.
+
+    Agreement with vmap on one random batch is not enough: `maximum(state, x + y.sum())`
+    reduces over the batch yet agrees whenever `state` dominates. A body that mixes rows
+    changes row 0 once the other rows move far.
+    """
+    if trial[0].shape[0] < 2:
+        return True  # one row: nothing to mix
+    for shift in (1e3, -1e3):
+        moved = [t.clone() for t in trial]
+        for t in moved:
+            t[1:] += shift
+        try:
+            again = fn._call_whole(moved[:n_in], moved[n_in:] if has_state else None, layout, shapes)
+        except Exception:
+            return False
+        if again is None or not all(torch.allclose(a[0], g[0], rtol=1e-5, atol=1e-6, equal_nan=True)
+                                    for a, g in zip(again, got)):
+            return False
+    return True
+
+
 def _aligned(tensors: list[torch.Tensor], rank: int) -> list[torch.Tensor]:
     """Each (batch, *elem) tensor as (batch, 1, ..., 1, *elem) of `rank` dims."""
     return [t if t.dim() == rank else t.reshape(t.shape[:1] + (1,) * (rank - t.dim()) + t.shape[1:]) for t in tensors]
@@ -439,24 +423,20 @@ def make_fn(
     apply: str,
     init=None,
     namespace: dict | None = None,
+    compile_body: BodyCompiler = compile_trusted_body,
+    batch_direct: bool = True,
 ) -> StepFn:
-    """Build a StepFn from a task file's fn entry; the body sees `namespace` as globals."""
-    label = f"<fn {func_name}>"
-    module = _compile_body(apply, label)
+    """Build a StepFn from a fn entry; `compile_body(apply, signature, namespace)` makes its body.
+
+    The body sees `namespace` (see `build_namespace`): as globals for a trusted
+    body, as its size values and parameters for an interpreted one.
+    """
+    input_type, output_type = parse_dtype(input_dtype), parse_dtype(output_dtype)
+    inits = None if init is None else parse_init(init, len(output_type.fields()), func_name)
     scope = namespace if namespace is not None else build_namespace({})
-    local: dict[str, Any] = {}
-    exec(compile(module, label, "exec"), scope, local)  # task-file code, run in a worker
-    output_type = parse_dtype(output_dtype)
-    return StepFn(
-        name=name,
-        func_name=func_name,
-        input_type=parse_dtype(input_dtype),
-        output_type=output_type,
-        body=local["_step_fn"],
-        init=None if init is None else parse_init(init, len(output_type.fields()), func_name),
-        source=apply,
-        batch_direct=True,
-    )
+    body = compile_body(apply, FnSignature(func_name, input_type, output_type, inits is not None), scope)
+    return StepFn(name=name, func_name=func_name, input_type=input_type, output_type=output_type, body=body,
+                  init=inits, source=apply, batch_direct=batch_direct)
 
 
 def parse_init(init, n_fields: int, func_name: str = "fn") -> list[float]:
@@ -482,4 +462,5 @@ def leaf_shapes(elem: ElemType, binding: Mapping[str, int]) -> list[tuple[int, .
     return [shape_values(f.elem_dims(), binding) for f in elem.fields()]
 
 
-__all__ = ["Ctx", "StepFn", "body_returns", "build_namespace", "leaf_shapes", "make_fn", "namespace_binding", "parse_init", "LeafType"]
+__all__ = ["BodyCompiler", "Ctx", "FnSignature", "LeafType", "StepFn", "body_returns", "build_namespace",
+           "compile_trusted_body", "leaf_shapes", "make_fn", "namespace_binding", "parse_init"]
