@@ -181,7 +181,10 @@ class VerifierConfig(StrictModel):
 
 
 class RayConfig(StrictModel):
-    """Ray cluster: `address` (or $RAY_ADDRESS) joins a cluster, null starts a local one."""
+    """Ray cluster: `address` (else $RAY_ADDRESS) joins a cluster by its GCS address (HEAD:6379), `auto`
+    (the `ray start` cluster of this machine) or ray://HEAD:10001; null or `local` starts a private
+    instance of `num_cpus` CPUs (`num_cpus` is ignored when joining). The dashboard URL
+    (http://HEAD:8265) is for `ray job submit` / scripts/sweep.py, not here."""
 
     address: Optional[str] = None
     num_cpus: Optional[int] = Field(default=None, ge=1)

@@ -390,7 +390,8 @@ class Executor:
                     of=len(props), seed=job.seed, demonstrations=job.demo_keys, prompt_id=pid, raw=prop.raw,
                     program=prog, guarded=guarded if prog is not None else None, guard_changed=changed,
                     verdict=verdict, prompt_tokens=prop.prompt_tokens, completion_tokens=prop.completion_tokens,
-                    guard_prompt_tokens=g_prompt, guard_completion_tokens=g_completion, timings=timings, time=now))
+                    guard_prompt_tokens=g_prompt, guard_completion_tokens=g_completion, timings=timings, time=now,
+                    cost=dict(prop.cost), dropped_demonstrations=list(prop.dropped)))
         if prompts and self.prompt_sink is not None:
             self.prompt_sink(prompts)
         return out

@@ -70,6 +70,10 @@ class Proposal(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     seconds: float = 0.0
+    # what a proposer without tokens spent on this proposal (the search: its share of the request's
+    # expansions and candidates); summed per round by the report
+    cost: dict[str, float] = Field(default_factory=dict)
+    dropped: list[str] = Field(default_factory=list)  # demonstrations left out to fit the context (easiest first)
 
 
 class Proposer(ABC):

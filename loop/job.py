@@ -152,6 +152,8 @@ def start_ray(cfg) -> None:
 
     try:
         init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    except ConfigError:
+        raise
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
         target = cfg.ray.address or "a local instance"
         raise ImproveError(f"ray: cannot start or join {target}: {exc}".splitlines()[0]) from None

@@ -9,7 +9,7 @@ from stepforge.loop.interfaces import Demonstration, Proposal, ProposalRequest, 
 from stepforge.loop.search.config import SearchConfig, as_config
 from stepforge.loop.search.portfolio import interleave, portfolio_members
 from stepforge.loop.search.prior import OpPrior
-from stepforge.loop.search.results import Candidate, SearchStats
+from stepforge.loop.search.results import Candidate, SearchStats, search_cost
 from stepforge.loop.search.tables import TaskTables
 from stepforge.loop.search.task import SearchTask
 
@@ -125,12 +125,14 @@ class SearchProposer(StreamingProposer):
                                stats=stats)
 
     def iter_proposals(self, request: ProposalRequest, stats: Optional[SearchStats] = None) -> Iterator[Proposal]:
-        """The request's proposals one at a time; `seconds` is the search since the previous one."""
-        last = 0.0
+        """The request's proposals one at a time; `seconds` and `cost` are the search since the previous one."""
+        stats = stats if stats is not None else SearchStats()
+        last, spent = 0.0, search_cost(stats)
         for cand in self.iter_candidates(request, stats):
+            now = search_cost(stats)
             yield Proposal(raw=cand.text, messages=None, prompt_tokens=0, completion_tokens=0,
-                           seconds=round(cand.seconds - last, 6))
-            last = cand.seconds
+                           seconds=round(cand.seconds - last, 6), cost={k: now[k] - spent[k] for k in now})
+            last, spent = cand.seconds, now
 
     def propose(self, requests: list[ProposalRequest]) -> list[list[Proposal]]:
         results: list[list[Proposal]] = []
@@ -142,6 +144,8 @@ class SearchProposer(StreamingProposer):
             if proposals and stats.seconds > spent:  # the search after the last program counts too
                 tail = proposals[-1]
                 proposals[-1] = tail.model_copy(update={"seconds": round(tail.seconds + stats.seconds - spent, 6)})
+            for p in proposals:  # the request's spending, shared equally: per-round sums are the totals
+                p.cost = search_cost(stats, len(proposals))
             self.last_stats.append(stats)
             results.append(proposals)
         return results
