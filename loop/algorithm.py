@@ -248,7 +248,7 @@ class SelfImprovementLoop:
         total = len(plan.tasks) * len(s.temperatures) * s.n
         self.events.step_started(round_, step, plan.demonstrations, plan.tasks, total, len(old),
                                  sum(1 for r in old if r.correct))
-        new = self._execute(jobs, old)
+        new = self._execute(jobs, old, solved={r.task for r in old if r.correct})
         t_index = {float(t): i for i, t in enumerate(s.temperatures)}
         first = sorted(old + new, key=lambda r: (self.order[r.task], t_index[float(r.temperature)], r.index))
         demonstrations = ExperienceBuffer.demonstrations(demos, self.demo_tasks)
@@ -281,14 +281,16 @@ class SelfImprovementLoop:
         return bool(solved)
 
     # -- execution under the budget, and repair turns ------------------------
-    def _execute(self, jobs: list[SampleJob], old: list[SampleRecord]) -> list[SampleRecord]:
-        """Run `jobs` (after counting `old`, the records replayed from disk) within the budget."""
+    def _execute(self, jobs: list[SampleJob], old: list[SampleRecord],
+                 solved: frozenset[str] | set[str] = frozenset()) -> list[SampleRecord]:
+        """Run `jobs` (after counting `old`, the records replayed from disk) within the budget;
+        `solved`: tasks already solved in the step (a streaming proposer stops sampling them)."""
         self.meter.add(old)
         self.replayed_samples += len(old)
         if jobs and self.meter.spent():
             raise BudgetReached(self.meter.spent())
         jobs, cut = self.meter.trim(jobs)
-        new = self.executor.run(jobs) if jobs else []
+        new = self.executor.run(jobs, solved=set(solved)) if jobs else []
         self.meter.add(new)
         self.new_samples += len(new)
         if cut:

@@ -110,7 +110,7 @@ def register(app: typer.Typer) -> None:
             with cli_errors():
                 summary = write_report(run_dir)
             typer.echo(f"wrote {run_dir / 'report.md'}, {run_dir / 'summary.json'}, "
-                       + ", ".join(str(run_dir / p) for p in PLOTS))
+                       + ", ".join(str(run_dir / p) for p in PLOTS if (run_dir / p).is_file()))
             print_summary(summary, run_dir)
         if compare is not None:
             from stepforge.loop.reporting.families import compare_runs

@@ -191,7 +191,10 @@ class BudgetConfig(StrictModel):
 
 
 class RayConfig(StrictModel):
-    """Ray cluster: `address` (or $RAY_ADDRESS) joins a cluster, null starts a local one."""
+    """Ray cluster: `address` (else $RAY_ADDRESS) joins a cluster by its GCS address (HEAD:6379), `auto`
+    (the `ray start` cluster of this machine) or ray://HEAD:10001; null or `local` starts a private
+    instance of `num_cpus` CPUs (`num_cpus` is ignored when joining). The dashboard URL
+    (http://HEAD:8265) is for `ray job submit` / scripts/sweep.py, not here."""
 
     address: Optional[str] = None
     num_cpus: Optional[int] = Field(default=None, ge=1)
@@ -215,6 +218,8 @@ class ImproveConfig(StrictModel):
     chunk_size: int = Field(default=8, ge=1)
     repair_turns: int = Field(default=0, ge=0, le=16)  # follow-ups per failed sample with the verdict shown
     budget: BudgetConfig = Field(default_factory=BudgetConfig)
+    # a streaming proposer (search) stops sampling a task in a step once a sample is correct (loop/early_stop.py)
+    stop_when_solved: bool = True
     verifier: VerifierConfig = Field(default_factory=VerifierConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     progress: bool = True

@@ -34,12 +34,23 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Collection, Optional
 
 from stepforge.benchmark.schema import Task
 from stepforge.benchmark.verdict import Verdict, failed
 from stepforge.errors import short_text
-from stepforge.loop.interfaces import Demonstration, Guardian, GuardRequest, GuardResult, Proposal, ProposalRequest, Proposer, RepairTurn
+from stepforge.loop.early_stop import run_streaming
+from stepforge.loop.interfaces import (
+    Demonstration,
+    Guardian,
+    GuardRequest,
+    GuardResult,
+    Proposal,
+    ProposalRequest,
+    Proposer,
+    RepairTurn,
+    StreamingProposer,
+)
 from stepforge.loop.progress import Events
 from stepforge.loop.runstore import SampleRecord
 from stepforge.loop.verifiers import VerifierBackend
@@ -89,7 +100,8 @@ class SampleJob:
 
     def request(self) -> ProposalRequest:
         return ProposalRequest(task_key=self.task, task=self.spec, demonstrations=self.demonstrations,
-                               n=self.n, temperature=self.temperature, seed=self.seed, history=self.history)
+                               n=self.n, temperature=self.temperature, seed=self.seed, round=self.round,
+                               history=self.history)
 
 
 def default_extract(raw: str) -> tuple[Optional[str], str]:
@@ -204,6 +216,7 @@ class _Generated:
     generate_s: float
     guard_s: float
     n_guarded: int
+    first: int = 0  # sample index of each job's first proposal (a streamed proposal's own index)
 
 
 class Executor:
@@ -213,8 +226,9 @@ class Executor:
                  extract: Optional[ExtractFn] = None, chunk_size: int = 8, guard_temperature: float = 0.0,
                  sink: Optional[Callable[[list[SampleRecord]], None]] = None,
                  prompt_sink: Optional[Callable[[dict[str, list[dict[str, str]]]], None]] = None,
-                 events: Optional[Events] = None):
+                 events: Optional[Events] = None, stop_when_solved: bool = True):
         self.proposer = proposer
+        self.stop_when_solved = stop_when_solved
         self.guardian = guardian
         self.verifier = verifier
         self.extract = extract or default_extract
@@ -237,7 +251,15 @@ class Executor:
         if len(proposals) != len(jobs):
             raise RuntimeError(f"proposer {getattr(self.proposer, 'name', '?')} returned {len(proposals)} lists "
                                f"for {len(jobs)} requests")
-        proposals = [[_storable_proposal(p) for p in list(props)[: j.n]] for props, j in zip(proposals, jobs)]
+        return self._prepare(jobs, [list(p)[: j.n] for p, j in zip(proposals, jobs)], generate_s)
+
+    def _prepare(self, jobs: list[SampleJob], proposals: list[list[Proposal]], generate_s: float,
+                 first: int = 0) -> _Generated:
+        """Extract and guard the programs of the jobs' proposals, indexed from `first` (on the generation thread).
+
+        One candidate's failure (its reply cannot be read, the guardian fails on it) is that candidate's
+        failed sample, never the run's end."""
+        proposals = [[_storable_proposal(p) for p in props] for props in proposals]
         extracted = [[(None, p.error) if p.error is not None else self._extract_one(p.raw) for p in props]
                      for props in proposals]
         programs = [[prog for prog, _ in row] for row in extracted]
@@ -248,7 +270,7 @@ class Executor:
         if self.guardian is not None:
             requests, where = [], []
             for a, (job, progs) in enumerate(zip(jobs, programs)):
-                for b, prog in enumerate(progs):
+                for b, prog in enumerate(progs, first):
                     if prog is not None and b not in job.skip:
                         requests.append(GuardRequest(task_key=job.task, task=job.spec, program=prog,
                                                      temperature=self.guard_temperature,
@@ -259,9 +281,10 @@ class Executor:
                 results = self._guard(requests)
                 guard_s = time.perf_counter() - t1
                 for (a, b), (res, error) in zip(where, results):
-                    guarded[a][b], guard_errors[a][b] = res, error
+                    guarded[a][b - first], guard_errors[a][b - first] = res, error
                 n_guarded = len(requests)
-        return _Generated(jobs, proposals, programs, reasons, guarded, guard_errors, generate_s, guard_s, n_guarded)
+        return _Generated(jobs, proposals, programs, reasons, guarded, guard_errors, generate_s, guard_s, n_guarded,
+                          first)
 
     def _extract_one(self, raw: str) -> tuple[Optional[str], str]:
         """(program, "") or (None, reason) for one reply; an extractor that raises is that reply's reason."""
@@ -289,10 +312,17 @@ class Executor:
         return [r.model_copy(update={"program": storable(r.program)}) for r in results]
 
     # -- main thread ------------------------------------------------------
-    def run(self, jobs: list[SampleJob]) -> list[SampleRecord]:
-        """Every job's new samples (indices in `skip` left out), in job and index order."""
+    def run(self, jobs: list[SampleJob], solved: Collection[str] = ()) -> list[SampleRecord]:
+        """Every job's new samples (indices in `skip` left out), in job and index order.
+
+        With `stop_when_solved` and a streaming proposer, a task's sampling
+        stops once one of its samples is correct (`loop/early_stop.py`);
+        tasks in `solved` (already correct in this step) are then not sampled.
+        """
         if not jobs:
             return []
+        if self.stop_when_solved and isinstance(self.proposer, StreamingProposer):
+            return run_streaming(self, jobs, solved)
         chunks = [jobs[i : i + self.chunk_size] for i in range(0, len(jobs), self.chunk_size)]
         futures: list[Future] = [self._gen.submit(self._generate, chunk) for chunk in chunks]
         pending: dict[int, SampleRecord] = {}
@@ -338,7 +368,8 @@ class Executor:
                 why = f"the {getattr(self.proposer, 'name', 'proposer')} returned no proposal"
                 props = [Proposal(raw="", error=why)] * job.n
                 progs, whys, guards, guard_errors = [None] * job.n, [why] * job.n, [None] * job.n, [None] * job.n
-            for b, (prop, prog, why, guard, guard_error) in enumerate(zip(props, progs, whys, guards, guard_errors)):
+            for b, (prop, prog, why, guard, guard_error) in enumerate(zip(props, progs, whys, guards, guard_errors),
+                                                                      gen.first):
                 if b in job.skip:
                     continue
                 pid = prompt_id(prop.messages)
@@ -368,7 +399,8 @@ class Executor:
                     of=len(props), seed=job.seed, demonstrations=job.demo_keys, prompt_id=pid, raw=prop.raw,
                     program=prog, guarded=guarded if prog is not None else None, guard_changed=changed,
                     verdict=verdict, prompt_tokens=prop.prompt_tokens, completion_tokens=prop.completion_tokens,
-                    guard_prompt_tokens=g_prompt, guard_completion_tokens=g_completion, timings=timings, time=now))
+                    guard_prompt_tokens=g_prompt, guard_completion_tokens=g_completion, timings=timings, time=now,
+                    cost=dict(prop.cost), dropped_demonstrations=list(prop.dropped)))
         if prompts and self.prompt_sink is not None:
             self.prompt_sink(prompts)
         return out
@@ -378,7 +410,11 @@ class Executor:
             if timeout > 0:
                 time.sleep(min(timeout, 0.05))
             return
-        done = self.verifier.poll(timeout)
+        self._emit([rec for _, rec in self._verified(pending, self.verifier.poll(timeout))], records)
+
+    @staticmethod
+    def _verified(pending: dict[int, SampleRecord], done: list[tuple[int, Verdict]]) -> list[tuple[int, SampleRecord]]:
+        """The pending records of the finished tickets, their verdicts filled in (and taken out of `pending`)."""
         batch = []
         for ticket, verdict in done:
             rec = pending.pop(ticket)
@@ -387,8 +423,8 @@ class Executor:
             rec.correct = verdict.passed
             rec.timings["verify_s"] = verdict.seconds
             rec.time = time.time()
-            batch.append(rec)
-        self._emit(batch, records)
+            batch.append((ticket, rec))
+        return batch
 
     def _emit(self, batch: list[SampleRecord], records: list[SampleRecord]) -> None:
         if not batch:

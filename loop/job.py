@@ -153,6 +153,8 @@ def start_ray(cfg) -> None:
 
     try:
         init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    except ConfigError:
+        raise
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
         target = cfg.ray.address or "a local instance"
         raise ImproveError(f"ray: cannot start or join {target}: {exc}".splitlines()[0]) from None
@@ -357,6 +359,7 @@ def run_improve(config_path: Optional[str | Path] = None, *, run_dir: Optional[s
                 events = stack.enter_context(contextlib.closing(make_events(cfg, len(keys), progress)))
                 executor = Executor(components.proposer, components.guardian, components.verifier,
                                     chunk_size=cfg.chunk_size, guard_temperature=cfg.guardian.temperature,
+                                    stop_when_solved=cfg.stop_when_solved,
                                     sink=store.append_samples, prompt_sink=store.add_prompts, events=events)
                 stack.callback(executor.close)
                 loop = SelfImprovementLoop(tasks, executor, settings, store=store,

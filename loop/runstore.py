@@ -99,6 +99,7 @@ class SampleRecord(BaseModel):
     of: int  # how many proposals the request returned (index < of)
     seed: int
     demonstrations: list[str] = Field(default_factory=list)
+    dropped_demonstrations: list[str] = Field(default_factory=list)  # not in the prompt: it would not fit the context
     prompt_id: Optional[str] = None
     raw: str
     program: Optional[str] = None  # extracted from the reply (None: nothing parsable found, stage `parse`)
@@ -112,6 +113,7 @@ class SampleRecord(BaseModel):
     guard_prompt_tokens: int = 0
     guard_completion_tokens: int = 0
     timings: dict[str, float] = Field(default_factory=dict)  # generate_s, guard_s, verify_s
+    cost: dict[str, float] = Field(default_factory=dict)  # Proposal.cost (the search's expansions, candidates)
     time: float = 0.0  # unix time the sample was recorded
     turn: int = 0  # repair turn: 0 = the first answer, t > 0 = the t-th answer after verifier feedback
     parent: Optional[str] = None  # the key of the turn this one answers (None for turn 0)

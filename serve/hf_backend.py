@@ -124,10 +124,6 @@ class HFBackend(ModelBackend):
         """Tokens of `text` without special tokens added."""
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def count_prompt_tokens(self, requests: list[GenerationRequest]) -> list[int]:
-        """Exact prompt tokens of each request (the prompt `generate` would encode)."""
-        return [len(encode_prompt(self.tokenizer, r)) for r in requests]
-
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         """Generate every request; batches share sampling settings, seeded ones run alone."""
         prompts = [encode_prompt(self.tokenizer, r) for r in requests]

@@ -189,10 +189,6 @@ class VLLMBackend(ModelBackend):
         """Tokens of `text` under the engine's tokenizer, no special tokens added."""
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def count_prompt_tokens(self, requests: list[GenerationRequest]) -> list[int]:
-        """Exact prompt tokens of each request (the prompt `generate` would encode)."""
-        return [len(encode_prompt(self.tokenizer, r)) for r in requests]
-
     def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
         """One engine call for the whole batch; outputs come back in prompt order."""
         if not requests:

@@ -318,10 +318,42 @@ def ensure_adapter(cfg: AblationConfig, run_dir: Path, split: dict[str, list[str
     if not split["train"]:
         raise AblationError("sft: no training task (split.train is empty and there is no source run)")
     extra = split["train"] if (cfg.sft.train_extra or cfg.split.source_run is None) else []
-    log(f"sft: training on {len(split['train'])} tasks -> {out}")
-    outcome = run_sft(run_dir=cfg.split.source_run, model=cfg.model, out=out, settings=settings,
-                      extra_tasks=extra, only_tasks=split["train"])
-    return outcome.out
+    kwargs = {"run_dir": cfg.split.source_run, "model": cfg.model, "out": out, "settings": settings,
+              "extra_tasks": extra, "only_tasks": split["train"]}
+    options = sft_task_options(_cluster_gpus())
+    where = f"a Ray task reserving {options['num_gpus']:g} GPU" if options else "this process"
+    log(f"sft: training on {len(split['train'])} tasks in {where} -> {out}")
+    if options is None:
+        return run_sft(**kwargs).out
+    import ray
+
+    task = ray.remote(_train_sft_task).options(**options)
+    return Path(ray.get(task.remote(kwargs)))
+
+
+def sft_task_options(cluster_gpus: float) -> Optional[dict[str, Any]]:
+    """Ray options of the SFT training task: one GPU when the cluster has one (the driver reserves
+    none), the worker exiting afterwards so the GPU is free before the arms' model actors start.
+    None: no GPU anywhere, train in this process."""
+    if cluster_gpus < 1:
+        return None
+    return {"num_cpus": 1, "num_gpus": 1, "max_calls": 1, "max_retries": 0}
+
+
+def _cluster_gpus() -> float:
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return 0.0
+    return float(ray.cluster_resources().get("GPU", 0.0))
+
+
+def _train_sft_task(kwargs: dict[str, Any]) -> str:
+    """`run_sft` inside a Ray worker that reserves a GPU; the adapter folder."""
+    from .pipeline import run_sft
+
+    return str(run_sft(**kwargs).out)
 
 
 # ---------------------------------------------------------------------------
@@ -419,11 +451,10 @@ def run_ablation(config_path: str | Path, *, run_dir: str | Path | None = None, 
     (out / "split.json").write_text(json.dumps(split, indent=2) + "\n", encoding="utf-8")
     if seed_path is not None:  # an arm run keeps its own copy of the seed, so rewriting this is harmless
         seed_path.write_text("".join(e.model_dump_json() + "\n" for e in seed), encoding="utf-8")
-    adapter = ensure_adapter(cfg, out, split, base, log)
-
     ray_started = _start_ray(arm_cfgs.values())
     rows = []
     try:
+        adapter = ensure_adapter(cfg, out, split, base, log)  # on a GPU of the cluster when it has one
         (out / "configs").mkdir(exist_ok=True)
         for arm in cfg.arms:
             arm_adapter = adapter if arm.startswith("sft") else None
@@ -462,7 +493,8 @@ def _is_expected(exc: BaseException) -> bool:
 
 
 def _start_ray(arm_cfgs) -> bool:
-    """Start (or join) Ray once for all arms when they generate with a model; True if started here."""
+    """Start (or join) Ray once, for the SFT training and all arms, when the arms generate with a model;
+    True if started here."""
     import ray
 
     if ray.is_initialized():
@@ -489,4 +521,5 @@ __all__ = [
     "load_ablation_config",
     "run_ablation",
     "seed_entries",
+    "sft_task_options",
 ]

@@ -171,11 +171,11 @@ def test_what_we_accept_vllm_accepts_unchanged(stand_in_vllm, n, temperature, to
 
 @pytest.mark.parametrize("backend", ["vllm_backend", "hf_backend"])
 def test_count_prompt_tokens_is_what_generate_reports(backend, request):
-    """The estimate's counter (`count_prompt_tokens`) equals the prompt tokens `generate` reports, chat and raw."""
+    """The estimate's counter (`count_prompts`) equals the prompt tokens `generate` reports, chat and raw."""
     b = request.getfixturevalue(backend)
     chat = GenerationRequest(messages=[{"role": "system", "content": "You write STeP."},
                                        {"role": "user", "content": "E1 = step.Map"}],
                              sampling=SamplingParams(n=1, temperature=0.0, max_tokens=2, seed=0))
     raw = req("E1 = step.Zip", max_tokens=2)
-    counted = b.count_prompt_tokens([chat, raw])
+    counted = b.count_prompts([chat, raw])
     assert counted == [r.prompt_tokens for r in b.generate([chat, raw])] and all(c > 0 for c in counted)
