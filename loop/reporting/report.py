@@ -33,7 +33,9 @@ from stepforge.loop.reporting import families as F
 from stepforge.loop.reporting import metrics as M
 from stepforge.loop.runstore import REPORT, RunStore
 
-PLOTS = ("tasks_solved.png", "tokens.png", "search.png", "families.png")  # tokens.png for model runs, search.png for the search
+SOLVED_PLOT, TOKENS_PLOT, SEARCH_PLOT, FAMILIES_PLOT = "tasks_solved.png", "tokens.png", "search.png", "families.png"
+PLOTS = (SOLVED_PLOT, TOKENS_PLOT, SEARCH_PLOT, FAMILIES_PLOT)  # tokens for model runs, search for the search proposer
+SPEND_PLOTS = (TOKENS_PLOT, SEARCH_PLOT)
 
 
 def _group_of(task: str) -> str:
@@ -131,20 +133,27 @@ def write_plots(store: RunStore, summary: dict[str, Any]) -> list[Path]:
     ax.set_title(f"{summary.get('name') or 'run'}: tasks solved ({summary['run']['tasks_solved']}/{n_tasks})")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = store.path(PLOTS[0])
+    path = store.path(SOLVED_PLOT)
     fig.savefig(path)
     plt.close(fig)
     out.append(path)
 
+    path = store.path(FAMILIES_PLOT)
+    F.plot_families(path, list(summary["families"]), [(summary.get("name") or "run", summary["families"])])
+    out.append(path)
+
     spend = spend_plot(summary)
-    for stale in PLOTS[1:]:
+    for stale in SPEND_PLOTS:
         if stale != spend and store.path(stale).is_file():
             store.path(stale).unlink()  # a plot of what this run did not spend
-    if spend == PLOTS[2]:
+    if spend == SEARCH_PLOT:
         out.append(_search_plot(plt, store, rounds, xs))
-    if spend != PLOTS[1]:
-        return out
+    elif spend == TOKENS_PLOT:
+        out.append(_tokens_plot(plt, store, rounds, xs))
+    return out
 
+
+def _tokens_plot(plt, store: RunStore, rounds: list[dict[str, Any]], xs: list[int]) -> Path:
     fig, ax = plt.subplots(figsize=(5.5, 3.5), dpi=120)
     prompt = [r["prompt_tokens"] for r in rounds]
     completion = [r["completion_tokens"] for r in rounds]
@@ -157,24 +166,19 @@ def write_plots(store: RunStore, summary: dict[str, Any]) -> list[Path]:
     ax.set_title("tokens per round")
     ax.legend()
     fig.tight_layout()
-    path = store.path(PLOTS[1])
+    path = store.path(TOKENS_PLOT)
     fig.savefig(path)
     plt.close(fig)
-    out.append(path)
-
-    path = store.path(PLOTS[2])
-    F.plot_families(path, list(summary["families"]), [(summary.get("name") or "run", summary["families"])])
-    out.append(path)
-    return out
+    return path
 
 
 def spend_plot(summary: dict[str, Any]) -> Optional[str]:
     """The plot of what the run spent: tokens.png (models), search.png (the search), None (nothing)."""
     run = summary["run"]
     if run.get("prompt_tokens", 0) + run.get("completion_tokens", 0) > 0:
-        return PLOTS[1]
+        return TOKENS_PLOT
     if any(run.get("cost", {}).values()):
-        return PLOTS[2]
+        return SEARCH_PLOT
     return None
 
 
@@ -193,7 +197,7 @@ def _search_plot(plt, store: RunStore, rounds: list[dict[str, Any]], xs: list[in
     ax.set_title("search spending per round")
     fig.legend(loc="upper right")
     fig.tight_layout()
-    path = store.path(PLOTS[2])
+    path = store.path(SEARCH_PLOT)
     fig.savefig(path)
     plt.close(fig)
     return path
