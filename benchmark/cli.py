@@ -7,6 +7,11 @@ verification past `--timeout` seconds (default: the pool's per-call limit) is
 stopped with its worker and gets the verdict stage `timeout`, whether the
 program, an oracle or the task's `global` is slow. Heavy imports (torch, the
 simulator) happen inside the commands.
+
+`--open` poses tasks in open mode (/work/shared/OPEN_MODE.md): `verify TASK
+--open --impl CANDIDATE.yaml` verifies a candidate's own fns and program
+(without `--impl`: the task's fns and impl as a candidate), `tasks --open`
+lists the tasks that can be posed openly.
 """
 
 from __future__ import annotations
@@ -114,6 +119,26 @@ def _program(task, impl: Optional[Path]) -> str:
     return task.impl
 
 
+def _open_candidate(task, impl: Optional[Path]):
+    """The open candidate of `--impl` (parsed, never run), else the task's own; or a `fns` verdict if malformed."""
+    from stepforge.benchmark.open_mode import CandidateError, load_candidate, reference_candidate
+    from stepforge.benchmark.verdict import failed
+
+    if not task.open:
+        fail(f"task {task.key} cannot be posed in open mode (open: false)")
+    if impl is None:
+        if not task.impl:
+            fail(f"task {task.key} has no reference impl; pass the candidate with --impl")
+        return reference_candidate(task)
+    if str(impl) != "-" and not impl.is_file():
+        fail(f"--impl {impl}: no such file")
+    text = sys.stdin.read() if str(impl) == "-" else impl.read_text(encoding="utf-8")
+    try:
+        return load_candidate(text)
+    except CandidateError as exc:
+        return failed("fns", str(exc), task=task.key)
+
+
 def register(app: typer.Typer) -> None:
     """Add the benchmark's commands to the root `stepforge` app."""
 
@@ -121,6 +146,7 @@ def register(app: typer.Typer) -> None:
     def tasks_cmd(
         root: Optional[Path] = typer.Option(None, help="benchmark folder (default: the packaged tasks)"),
         as_json: bool = typer.Option(False, "--json", help="one JSON object per task"),
+        open_mode: bool = typer.Option(False, "--open", help="only the tasks that can be posed in open mode"),
     ) -> None:
         """List the benchmark tasks: key, group, number of fns, reference lines and Copies."""
         from stepforge.benchmark.schema import TaskFileError, load_benchmark
@@ -131,6 +157,8 @@ def register(app: typer.Typer) -> None:
             fail(_task_error_line(exc))
         rows = []
         for key, t in tasks.items():
+            if open_mode and not t.open:
+                continue
             rows.append({"key": key, "group": t.group, "test_name": t.test_name, "fns": len(t.fns),
                          "lines": t.reference_lines(), "copies": (t.impl or "").count("step.Copy()"),
                          "bindings": len(t.bindings)})
@@ -141,7 +169,7 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.table import Table
 
-        table = Table(title=f"{len(rows)} tasks")
+        table = Table(title=f"{len(rows)} tasks" + (" (open mode)" if open_mode else ""))
         for col in ("key", "group", "fns", "lines", "copies", "bindings"):
             table.add_column(col, justify="left" if col in ("key", "group") else "right")
         for r in rows:
@@ -155,6 +183,8 @@ def register(app: typer.Typer) -> None:
             None, "--impl", help="the program to verify (default: the task's reference impl); - reads stdin"),
         seeds: int = typer.Option(3, "--seeds", help="number of input seeds (0, 1, ...)"),
         as_json: bool = typer.Option(False, "--json", help="print the verdict as JSON"),
+        open_mode: bool = typer.Option(
+            False, "--open", help="open mode: --impl is a candidate YAML with fns and impl (default: the task's own)"),
         all_tasks: bool = typer.Option(False, "--all", help="verify every benchmark task's reference solution"),
         binding: Optional[str] = typer.Option(None, "--binding", help="sizes instead of the defaults + task bindings, e.g. D=8,N=3;D=32"),
         engine: str = typer.Option("vectorised", help="vectorised or naive"),
@@ -175,12 +205,17 @@ def register(app: typer.Typer) -> None:
         if all_tasks:
             if task is not None or impl is not None:
                 fail("--all verifies the reference solutions; give no task and no --impl with it")
-            raise typer.Exit(_verify_all(root, limit, as_json, options))
+            raise typer.Exit(_verify_all(root, limit, as_json, options, open_mode))
         if task is None:
             fail("give a task key or file (see `stepforge tasks`), or --all")
         t = _load_task(task, root)
-        program = _program(t, impl)
-        verdict = _verify_in_pool([(t, program)], limit, **options)[0]
+        from stepforge.benchmark.verdict import Verdict
+
+        program = _open_candidate(t, impl) if open_mode else _program(t, impl)
+        if isinstance(program, Verdict):  # a candidate that is not {fns, impl} YAML
+            verdict = program
+        else:
+            verdict = _verify_in_pool([(t, program)], limit, **options)[0]
         if as_json:
             typer.echo(verdict.model_dump_json(indent=2))
         else:
@@ -210,16 +245,17 @@ def register(app: typer.Typer) -> None:
         typer.echo(f"wrote {path} (run: pytest {path})")
 
 
-def _verify_all(root, timeout: float, as_json: bool, options: dict) -> int:
+def _verify_all(root, timeout: float, as_json: bool, options: dict, open_mode: bool = False) -> int:
+    from stepforge.benchmark.open_mode import reference_candidate
     from stepforge.benchmark.schema import TaskFileError, load_benchmark
 
     try:
         tasks = load_benchmark(root)
     except TaskFileError as exc:
         fail(_task_error_line(exc))
-    with_impl = [t for t in tasks.values() if t.impl]
-    results = _verify_in_pool([(t, t.impl) for t in with_impl], timeout, workers=min(2, os.cpu_count() or 1),
-                              **options) if with_impl else []
+    with_impl = [t for t in tasks.values() if t.impl and (t.open or not open_mode)]
+    jobs = [(t, reference_candidate(t) if open_mode else t.impl) for t in with_impl]
+    results = _verify_in_pool(jobs, timeout, workers=min(2, os.cpu_count() or 1), **options) if jobs else []
     verdicts = {t.key: v for t, v in zip(with_impl, results)}
     n_pass = sum(v.passed for v in verdicts.values())
     if as_json:
@@ -228,7 +264,8 @@ def _verify_all(root, timeout: float, as_json: bool, options: dict) -> int:
         from rich.console import Console
         from rich.table import Table
 
-        table = Table(title=f"reference solutions: {n_pass}/{len(verdicts)} passed")
+        mode = " (open mode)" if open_mode else ""
+        table = Table(title=f"reference solutions{mode}: {n_pass}/{len(verdicts)} passed")
         for col in ("task", "result", "runs", "seconds", "message"):
             table.add_column(col, overflow="fold")
         for key, v in verdicts.items():

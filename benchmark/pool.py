@@ -15,6 +15,7 @@ to the caller. A verdict comes back as the Verdict's fields and nothing else.
         v = pool.verify("norm/G_0_8_01", impl)                 # a benchmark key
         vs = pool.verify_many([(key, impl), (task, impl2)])    # a Task also works
         v = pool.verify(key, impl, timeout_s=30, seeds=(0,))    # per-call limit and verify() options
+        v = pool.verify(key, candidate)                         # open mode: an OpenCandidate (fns + impl)
 
 A verification that exceeds `timeout_s` (counted from when its worker starts
 it: when it is sent to an idle worker, or when the worker's previous verdict
@@ -46,11 +47,13 @@ from multiprocessing.connection import wait as mp_wait
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
+from stepforge.benchmark.open_mode import OpenCandidate
 from stepforge.benchmark.schema import Task, TaskFileError, load_benchmark
 from stepforge.benchmark.verifier import Verdict
 from stepforge.errors import StepforgeError
 
 TaskRef = Union[str, Task]
+Impl = Union[None, str, OpenCandidate]  # a program (None: the reference), or an open candidate
 DEFAULT_TIMEOUT_S = 10.0  # per verification
 _PRELOAD = ["torch", "stepforge.simulator", "stepforge.benchmark.verifier", "stepforge.benchmark.warm"]
 _LOOK_AHEAD = 64  # pending jobs scanned for one whose task a free worker already holds
@@ -65,6 +68,7 @@ def _worker_main(conn, torch_threads: int) -> None:  # pragma: no cover - runs i
         import torch
 
         torch.set_num_threads(max(1, torch_threads))
+        from stepforge.benchmark.open_mode import OpenCandidate as _Open
         from stepforge.benchmark.schema import TaskFileError as _TFE
         from stepforge.benchmark.schema import task_from_dict
         from stepforge.benchmark.warm import WarmVerifier
@@ -85,6 +89,8 @@ def _worker_main(conn, torch_threads: int) -> None:  # pragma: no cover - runs i
             if payload is not None:  # the task as a mapping, and the file it came from (its errors name it)
                 data, source = payload
                 warm.add(key, task_from_dict(data, source=source))
+            if isinstance(impl, tuple):  # ("open", the candidate as a mapping)
+                impl = _Open.model_validate(impl[1])
             reply = ("verdict", job_id, warm.verify_dict(key, impl, **kwargs))
         except _TFE as exc:
             reply = ("task_error", job_id, (exc.path, exc.errors))
@@ -275,12 +281,12 @@ class VerifierPool:
             raise KeyError(f"no task {task!r} in this pool (it knows {len(self.tasks)} tasks)")
         return task, self.tasks[task]
 
-    def verify(self, task: TaskRef, impl: Optional[str] = None, *, timeout_s: Optional[float] = None,
+    def verify(self, task: TaskRef, impl: Impl = None, *, timeout_s: Optional[float] = None,
                **kwargs) -> Verdict:
-        """Verify one program (default: the task's reference impl) in a worker."""
+        """Verify one program (default: the task's reference impl) or open candidate in a worker."""
         return self.verify_many([(task, impl)], timeout_s=timeout_s, **kwargs)[0]
 
-    def verify_many(self, jobs: Sequence[tuple[TaskRef, Optional[str]]], *, timeout_s: Optional[float] = None,
+    def verify_many(self, jobs: Sequence[tuple[TaskRef, Impl]], *, timeout_s: Optional[float] = None,
                     **kwargs) -> list[Verdict]:
         """Verify many programs in parallel over the workers; verdicts in job order.
 
@@ -328,6 +334,8 @@ class VerifierPool:
     def _dispatch(self, w: _Worker, idx: int, resolved, kwargs, limit: float) -> None:
         key, task, impl = resolved[idx]
         payload = None if key in w.known else (task.model_dump(mode="python", by_alias=True), task.source)
+        if isinstance(impl, OpenCandidate):
+            impl = ("open", impl.model_dump())
         if not w.jobs:
             w.deadline = time.monotonic() + limit
         w.jobs.append(idx)
@@ -429,7 +437,7 @@ class VerifierPool:
         try:
             from stepforge import simulator as sim
 
-            affine_ok = not sim.check_affine(sim.parse_program(impl))
+            affine_ok = not sim.check_affine(sim.parse_program(impl.impl if isinstance(impl, OpenCandidate) else impl))
         except Exception:
             affine_ok = None
         return Verdict(passed=False, stage=stage, message=message, task=task.key, affine_ok=affine_ok,

@@ -2,8 +2,9 @@
 
 A task file is one YAML mapping with the keys of the spec (`test_name`,
 `global`, `inputs`, `parameters`, `fns`, `outputs`, `impl`) and stepforge's
-optional keys (`group`, `description`, `bindings`, `tolerance`); see
-docs/task-format.md. `load_task` reads one file, `load_benchmark` the
+optional keys (`group`, `description`, `bindings`, `tolerance`, and for open
+mode `open` and `vocabulary`, see OPEN_MODE.md); see docs/task-format.md.
+`load_task` reads one file, `load_benchmark` the
 whole benchmark keyed by `<group>/<test_name>`. Every problem with a file is a
 `TaskFileError` that names the file, the key path (`fns[2].init`) and what was
 expected; callers never see a raw pydantic or YAML traceback.
@@ -37,7 +38,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Iterable, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StrictBool, ValidationError, field_validator, model_validator
 
 from stepforge.config_io import StrictModel
 from stepforge.errors import StepforgeError
@@ -435,6 +436,24 @@ class Tolerance(_Strict):
     atol: Optional[float] = Field(default=None, ge=0)
 
 
+class Vocabulary(_Strict):
+    """`vocabulary: {add: [...], remove: [...]}`: the standard fn vocabulary of open mode, extended or narrowed."""
+
+    add: list[str] = Field(default_factory=list)
+    remove: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _known(self):
+        self.names()
+        return self
+
+    def names(self) -> frozenset[str]:
+        """The names an open candidate's fns may use."""
+        from stepforge.simulator.fnlang_vocab import vocabulary
+
+        return vocabulary(self.add, self.remove)
+
+
 class Task(_Strict):
     """One benchmark task (docs/task-format.md plus stepforge's optional keys)."""
 
@@ -448,6 +467,8 @@ class Task(_Strict):
     outputs: list[OutputDecl]
     bindings: list[dict[str, int]] = Field(default_factory=list)
     tolerance: Optional[Tolerance] = None
+    open: StrictBool = True
+    vocabulary: Optional[Vocabulary] = None
     impl: Optional[str] = None
     _source: Optional[str] = PrivateAttr(default=None)  # the file (or label) it was loaded from
 
@@ -606,7 +627,9 @@ class Task(_Strict):
 
     def fingerprint(self) -> str:
         """A hash of everything but `impl` and `description`: tasks with equal fingerprints verify alike."""
-        data = self.model_dump(mode="json", by_alias=True, exclude={"impl", "description"})
+        data = self.model_dump(mode="json", by_alias=True, exclude={"impl", "description", "open", "vocabulary"})
+        if self.vocabulary is not None:  # only open mode reads it; tasks without one keep their fingerprint
+            data["vocabulary"] = self.vocabulary.model_dump()
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_dict(self, include_impl: bool = True, include_meta: bool = True) -> dict:
@@ -627,6 +650,10 @@ class Task(_Strict):
             out["bindings"] = [_Flow(dict(b)) for b in self.bindings]
         if include_meta and self.tolerance is not None:
             out["tolerance"] = _Flow(self.tolerance.model_dump(exclude_none=True))
+        if include_meta and not self.open:
+            out["open"] = False
+        if include_meta and self.vocabulary is not None:
+            out["vocabulary"] = _Flow({k: _FlowList(v) for k, v in self.vocabulary.model_dump().items() if v})
         if include_impl and self.impl:
             out["impl"] = _Literal(self.impl)
         return out
@@ -785,7 +812,7 @@ _LOCATED = re.compile(r"^([A-Za-z_][A-Za-z_0-9]*(?:\[\d+\]|\.[A-Za-z_][A-Za-z_0-
 def _allowed_keys(parent: str) -> list[str]:
     last = re.sub(r"\[\d+\]$", "", parent.rpartition(".")[2]) if parent else ""
     model = {"inputs": InputDecl, "parameters": ParameterDecl, "fns": FnDecl, "outputs": OutputDecl,
-             "tolerance": Tolerance, "data_gen": MultihotGen}.get(last, Task)
+             "tolerance": Tolerance, "data_gen": MultihotGen, "vocabulary": Vocabulary}.get(last, Task)
     return [f.alias or name for name, f in model.model_fields.items()]
 
 
@@ -875,6 +902,7 @@ __all__ = [
     "Task",
     "TaskFileError",
     "Tolerance",
+    "Vocabulary",
     "load_benchmark",
     "load_task",
     "normalise_code",

@@ -12,10 +12,10 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, Field
 
-Stage = Literal["ok", "parse", "type", "affine", "arity", "dtype", "shape", "value", "timeout", "resource", "runtime",
+Stage = Literal["ok", "fns", "parse", "type", "affine", "arity", "dtype", "shape", "value", "timeout", "resource", "runtime",
                 "generate", "pending"]
-STAGES: tuple[str, ...] = ("ok", "parse", "type", "affine", "arity", "dtype", "shape", "value", "timeout", "resource",
-                           "runtime")  # the verifier's own stages, in pipeline order
+STAGES: tuple[str, ...] = ("ok", "fns", "parse", "type", "affine", "arity", "dtype", "shape", "value", "timeout",
+                           "resource", "runtime")  # the verifier's own stages, in pipeline order
 
 
 class Verdict(BaseModel):

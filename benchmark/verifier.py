@@ -2,6 +2,8 @@
 
 `verify(task, impl)` checks, in this order, and stops at the first failure:
 
+    fns      (open mode only, `verify(..., fns=builder)`) the candidate's fns
+             build: inside the fn language and vocabulary, valid declared types
     parse    the text is in the STeP language (never exec'd)
     type     it type-checks against the task's inputs and fns
     affine   every stream is consumed at most once (see below)
@@ -66,7 +68,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -84,6 +86,8 @@ TOL_FACTOR = 8.0
 DEV32_FACTOR = 4.0
 DEFAULT_SEEDS = (0, 1, 2)
 DEFAULT_MAX_ELEMENTS = 2**27
+
+FnBuilder = Callable[[dict], Mapping[str, sim.StepFn]]  # a binding's namespace -> fns by func_name
 
 
 # ---------------------------------------------------------------------------
@@ -509,21 +513,21 @@ def _fmt_binding(binding: Mapping[str, int]) -> str:
     return " ".join(f"{k}={v}" for k, v in binding.items())
 
 
-def _static_check(prepared: _Prepared, program) -> tuple[Optional[tuple[str, str]], Any]:
-    """Types, arity, dtype, shape of the returned streams at the default sizes.
+def _static_check(prepared: _Prepared, program, fns: Mapping[str, sim.StepFn]) -> tuple[Optional[tuple[str, str]], Any]:
+    """Types, arity, dtype, shape of the returned streams at the default sizes, with the fns of the defaults.
 
     (None, the typed program) when they are right, else ((stage, message), None).
     """
-    problem, typed = _static_types(prepared, program)
+    problem, typed = _static_types(prepared, program, fns)
     if problem is None:
         problem = _output_types_problem(prepared, typed.outputs)
     return problem, (typed if problem is None else None)
 
 
-def _static_types(prepared: _Prepared, program) -> tuple[Optional[tuple[str, str]], Any]:
+def _static_types(prepared: _Prepared, program, fns: Mapping[str, sim.StepFn]) -> tuple[Optional[tuple[str, str]], Any]:
     defaults = _binding_data(prepared, {})
     try:
-        return None, interpreter.typecheck_program(program, prepared.input_types, defaults.fns, defaults.binding)
+        return None, interpreter.typecheck_program(program, prepared.input_types, fns, defaults.binding)
     except sim.StepTypeError as exc:
         return ("type", exc.message), None
     except sim.SimulatorError as exc:
@@ -547,13 +551,36 @@ def _output_types_problem(prepared: _Prepared, out_types: list[sim.StreamType]) 
     return None
 
 
-def _typed_for(program, prepared: _Prepared, bd: _BindingData, partial: Mapping[str, int], static_typed,
-               max_elements: int):
+def _typed_for(program, prepared: _Prepared, bd: _BindingData, fns: Mapping[str, sim.StepFn],
+               partial: Mapping[str, int], static_typed, max_elements: int):
     """The program type-checked and resource-checked for one binding (the static check's at the defaults)."""
     if not partial and static_typed is not None:
         interpreter.check_resources(static_typed, bd.binding, max_elements, inputs=prepared.input_types)
         return static_typed
-    return interpreter.prepare_run(program, prepared.input_types, bd.fns, bd.binding, max_elements)
+    return interpreter.prepare_run(program, prepared.input_types, fns, bd.binding, max_elements)
+
+
+class _CandidateFns:
+    """The fns a program runs with, per binding: the task's, or (open mode) the candidate's.
+
+    A candidate's fns are built by `builder` once per binding of one
+    verification, from that binding's cached namespace, so they read the
+    parameters of whichever seed is loaded into it.
+    """
+
+    def __init__(self, builder: Optional[FnBuilder]):
+        self.builder = builder
+        self._built: dict[tuple, Mapping[str, sim.StepFn]] = {}  # sorted binding items ->
+
+    def of(self, bd: _BindingData) -> Mapping[str, sim.StepFn]:
+        if self.builder is None:
+            return bd.fns
+        key = tuple(sorted(bd.binding.items()))
+        fns = self._built.get(key)
+        if fns is None:
+            fns = self._built[key] = self.builder(bd.ns)
+        return fns
+
 
 
 def verify(
@@ -566,8 +593,14 @@ def verify(
     check_affine: bool = True,
     max_elements: int = DEFAULT_MAX_ELEMENTS,
     cache: bool = True,
+    fns: Optional[FnBuilder] = None,
 ) -> Verdict:
     """Verify `impl_text` (default: the task's reference `impl`) against `task`.
+
+    `fns` (open mode, see benchmark/open_mode.py) builds the fns the program
+    runs with, in place of the task's, from a binding's namespace; a failure
+    to build them is the verdict's `fns` stage. Inputs, oracles and tolerances
+    come from the same cache as in closed mode.
 
     `task` is a Task, a benchmark key (`norm/G_0_8_01`) or a task file path.
     `bindings`: partial size bindings over the defaults (`[{"D": 8}]`); None
@@ -581,14 +614,15 @@ def verify(
         task = resolve_task(task)
     with _VERIFY_LOCK:  # the caches and torch's default dtype (set while an oracle runs) are process-wide
         store = _CACHE if cache else BoundedLRU(1, _MAX_BYTES)
-        return _verify(task, impl_text, seeds, bindings, engine, check_affine, max_elements, store)
+        return _verify(task, impl_text, seeds, bindings, engine, check_affine, max_elements, store,
+                       _CandidateFns(fns))
 
 
 _VERIFY_LOCK = threading.RLock()
 
 
 def _verify(task: Task, impl_text: Optional[str], seeds: Sequence[int], bindings, engine: str,
-            check_affine: bool, max_elements: int, cache: BoundedLRU[_Prepared]) -> Verdict:
+            check_affine: bool, max_elements: int, cache: BoundedLRU[_Prepared], candidate: _CandidateFns) -> Verdict:
     seeds = tuple(int(s) for s in seeds)
     if not seeds:
         raise ValueError("verify needs at least one seed")
@@ -606,6 +640,12 @@ def _verify(task: Task, impl_text: Optional[str], seeds: Sequence[int], bindings
 
     # -- static stages, once per program
     t0 = time.perf_counter()
+    prepared = _prepare(task, cache)
+    try:
+        static_fns = candidate.of(_binding_data(prepared, {}))
+    except (sim.SimulatorError, ValueError) as exc:
+        timings["parse"] = time.perf_counter() - t0
+        return done(passed=False, stage="fns", message=_one_line(exc), affine_ok=None, functional_ok=False)
     try:
         program = sim.parse_program(impl_text)
     except sim.ProgramSyntaxError as exc:
@@ -616,8 +656,7 @@ def _verify(task: Task, impl_text: Optional[str], seeds: Sequence[int], bindings
     affine_msg = ""
     if violations:
         affine_msg = violations[0].message + (f" (and {len(violations) - 1} more stream(s))" if len(violations) > 1 else "")
-    prepared = _prepare(task, cache)
-    static, static_typed = _static_check(prepared, program)
+    static, static_typed = _static_check(prepared, program, static_fns)
     timings["parse"] = time.perf_counter() - t0
     if static is not None:
         stage, msg = static
@@ -634,6 +673,11 @@ def _verify(task: Task, impl_text: Optional[str], seeds: Sequence[int], bindings
     for partial in resolve_bindings(task, bindings):
         bd = _binding_data(prepared, partial)
         typed = None
+        try:
+            run_fns = candidate.of(bd)
+        except (sim.SimulatorError, ValueError) as exc:  # a size of this binding the candidate's fns cannot take
+            failure = dict(stage="fns", message=_one_line(exc), binding=dict(bd.binding), seed=int(seeds[0]))
+            break
         for seed in seeds:
             t0 = time.perf_counter()
             try:
@@ -648,7 +692,7 @@ def _verify(task: Task, impl_text: Optional[str], seeds: Sequence[int], bindings
             t0 = time.perf_counter()
             try:
                 if typed is None:
-                    typed = _typed_for(program, prepared, bd, partial, static_typed, max_elements)
+                    typed = _typed_for(program, prepared, bd, run_fns, partial, static_typed, max_elements)
                 inputs = {n: sim.Stream(s.type, [t.clone() for t in s.data] if isinstance(s.data, list) else s.data.clone())
                           for n, s in run.inputs.items()}
                 bd.load(run)
@@ -694,7 +738,9 @@ def _verify(task: Task, impl_text: Optional[str], seeds: Sequence[int], bindings
 
 
 __all__ = [
+    "DEFAULT_MAX_ELEMENTS",
     "DEFAULT_SEEDS",
+    "FnBuilder",
     "STAGES",
     "Stage",
     "Verdict",

@@ -8,6 +8,11 @@ once, and each candidate costs only its own parse, type checks and runs.
     warm = WarmVerifier(verify_kwargs={"seeds": (0, 1, 2)})   # the benchmark, loaded once
     verdict = warm.verify("norm/G_0_8_01", program)           # a Verdict
     record = warm.verify_dict("norm/G_0_8_01", program)       # the same as a plain dict (Ray, pipes)
+    verdict = warm.verify("norm/G_0_8_01", candidate)         # open mode: an OpenCandidate (fns + impl)
+
+An open candidate is verified with the same caches as a program (the task's
+inputs, oracles and tolerances per binding and seed); its interpreted fns are
+built once per binding of the verification.
 
 Tasks loaded from the benchmark folder are re-read when their file changes
 (its modification time or size): the new content has a new fingerprint, so
@@ -20,6 +25,7 @@ import os
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from stepforge.benchmark.open_mode import OpenCandidate, verify_open
 from stepforge.benchmark.schema import TASKS_ROOT, Task, load_benchmark, load_task
 from stepforge.benchmark.verifier import Verdict, cache_stats, verify
 
@@ -74,12 +80,17 @@ class WarmVerifier:
                 self._files[key] = (path, now)
         return self._tasks[key]
 
-    def verify(self, task: Union[str, Task], impl: Optional[str] = None, **kwargs) -> Verdict:
-        """Verify `impl` (default: the reference) against a task given by key or as a Task."""
+    def verify(self, task: Union[str, Task], impl: Union[None, str, OpenCandidate] = None, **kwargs) -> Verdict:
+        """Verify `impl` against a task given by key or as a Task.
+
+        `impl`: a program (default: the reference), or an OpenCandidate (open mode).
+        """
         task_obj = task if isinstance(task, Task) else self.task(task)
+        if isinstance(impl, OpenCandidate):
+            return verify_open(task_obj, impl, **{**self.verify_kwargs, **kwargs})
         return verify(task_obj, impl, **{**self.verify_kwargs, **kwargs})
 
-    def verify_dict(self, task: Union[str, Task], impl: Optional[str] = None, **kwargs) -> dict:
+    def verify_dict(self, task: Union[str, Task], impl: Union[None, str, OpenCandidate] = None, **kwargs) -> dict:
         """`verify(...)` as a plain dict (`Verdict.model_validate` reads it back)."""
         return self.verify(task, impl, **kwargs).model_dump()
 

@@ -9,6 +9,7 @@ Public API::
     StreamType(elem, shape)                     static type of a stream
     Stream(type, data)                          a value: Tensor, or list of Tensors for tuples
     make_fn(...)                 -> StepFn      a task function from its `apply` source
+    make_open_fn(...)            -> StepFn      a model-written fn, in the fn language (fnlang.py)
     parse_program(text)          -> Program     whitelisted AST walk; never exec
     check_affine(program)        -> list[AffineViolation]
     typecheck(program, inputs, fns) -> list[StreamType]   the returned streams' types
@@ -20,16 +21,19 @@ Public API::
 
 Every error derives from `SimulatorError` and has a one-line `.message` fit to
 show a model; `ProgramSyntaxError`, `StepTypeError`, `ResourceError` and
-`StepRuntimeError` carry the program line.
+`StepRuntimeError` carry the program line; `FnLanguageError` (a model-written
+fn body outside the fn language) names the fn and the body's line.
 """
 
 from stepforge.simulator.errors import (
+    FnLanguageError,
     ProgramSyntaxError,
     ResourceError,
     SimulatorError,
     StepRuntimeError,
     StepTypeError,
 )
+from stepforge.simulator.fnlang import make_open_fn
 from stepforge.simulator.fns import StepFn, make_fn
 from stepforge.simulator.interpreter import run_program, typecheck
 from stepforge.simulator.program import AffineViolation, Program, check_affine, parse_program
@@ -49,6 +53,7 @@ __all__ = [
     "BufferType",
     "Dim",
     "ElemType",
+    "FnLanguageError",
     "MultihotType",
     "Program",
     "ProgramSyntaxError",
@@ -64,6 +69,7 @@ __all__ = [
     "TupleType",
     "check_affine",
     "make_fn",
+    "make_open_fn",
     "parse_dims",
     "parse_dtype",
     "parse_program",

@@ -58,3 +58,19 @@ class StepRuntimeError(SimulatorError):
     """A failure while running: a fn body raised, returned the wrong shape, or routes disagree."""
 
     stage = "runtime"
+
+
+class FnLanguageError(SimulatorError):
+    """A model-written fn body that is outside the fn language (OPEN_MODE.md); none of it ran.
+
+    The message reads `fn <func_name>, line <n>: <construct> is not allowed`.
+    """
+
+    stage = "fns"
+
+    def __init__(self, func_name: str, line: int | None, what: str):
+        where = f"fn {func_name}" + (f", line {line}" if line is not None else "")
+        super().__init__(f"{where}: {what}")
+        self.func_name = func_name
+        self.line = line
+        self.what = what

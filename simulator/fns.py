@@ -1,9 +1,13 @@
-"""Task functions (`fns`): compiled from a task file's `apply` source.
+"""Task functions (`fns`): built from a fn entry's `apply` source by one builder, `make_fn`.
 
-Bodies come from task files (not from model output) and are written for one
-element. `StepFn.map`/`StepFn.fold` evaluate them over a batch of elements with
-vmap (`batching.vmap`: `torch.func.vmap` without its per-call overhead); a
-body that cannot be vmapped (it branches on a value, calls `.item()`, ...) falls back to element-by-element evaluation, and that choice is
+A body is written for one element. `make_fn` turns its source into a callable
+with a body compiler: by default `compile_trusted_body` (task-file code, run
+as Python in a worker); model-written bodies use the fn-language interpreter
+(`fnlang.OpenCompiler`), which never runs them as Python. Either way the fn
+is a `StepFn`: `StepFn.map`/`StepFn.fold` evaluate it over a batch of elements
+with vmap (`batching.vmap`: `torch.func.vmap` without its per-call overhead); a
+body that cannot be vmapped (it branches on a value, calls `.item()`, ...)
+falls back to element-by-element evaluation, and that choice is
 cached per fn. `StepFn.call` evaluates one element (the naive interpreter).
 """
 
@@ -17,7 +21,7 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 
 from stepforge.simulator.batching import fast_batching_enabled, vmap
-from stepforge.simulator.errors import StepRuntimeError
+from stepforge.simulator.errors import SimulatorError, StepRuntimeError
 from stepforge.simulator.shapes import SizeSymbol, shape_values
 from stepforge.simulator.types import ElemType, LeafType, parse_dtype
 
@@ -61,7 +65,7 @@ def namespace_binding(ns: Mapping[str, Any]) -> dict[str, int]:
     return dict(ns["ctx"])
 
 
-def _compile_body(source: str, label: str) -> ast.Module:
+def _function_module(source: str, label: str) -> ast.Module:
     tree = ast.parse(source, filename=label)
     if not tree.body:
         raise ValueError(f"{label}: empty body")
@@ -96,9 +100,26 @@ def body_returns(body: "str | ast.AST") -> bool:
     return False
 
 
+@dataclass(frozen=True)
+class FnSignature:
+    """What a body compiler knows of the fn it compiles."""
+
+    func_name: str
+    input_type: ElemType
+    output_type: ElemType
+    is_fold: bool
+
+
+BodyCompiler = Callable[[str, FnSignature, dict], Callable]
+
+
 @dataclass
 class StepFn:
-    """A task function: typed input/output, optional fold init, compiled body."""
+    """A task function: typed input/output, optional fold init, compiled body.
+
+    A body may define `for_batch(n)`, the body to use when `n` elements are
+    evaluated at once (interpreted bodies divide their allocation bound by it).
+    """
 
     name: str
     func_name: str
@@ -143,6 +164,8 @@ class StepFn:
         before = _versions(watched)
         try:
             out = self.body(list(inputs), None if state is None else list(state))
+        except SimulatorError:
+            raise
         except Exception as exc:
             raise StepRuntimeError(f"fn {self.func_name} raised {type(exc).__name__}: {exc}") from None
         self._check_not_mutated(watched, before)
@@ -221,6 +244,7 @@ class StepFn:
             return None
         shapes = self.out_shapes(binding)
         n_in = len(inputs)
+        body = self._body_for(batch)
 
         def step_loop(xs, st, axis: int, prefix: tuple, layout: Optional[str] = None):
             # layout None: one row under vmap; "plain"/"aligned": whole batches (see _batches_itself)
@@ -234,7 +258,7 @@ class StepFn:
             columns = [x.unbind(axis) for x in xs]  # every step's slice at once
             history = []
             for t in range(steps):
-                st = self._normalise(self.body([c[t] for c in columns], list(st)))
+                st = self._normalise(body([c[t] for c in columns], list(st)))
                 got = [o.shape for o in st]
                 if got != inner:
                     if layout != "aligned" or got != want:
@@ -284,13 +308,18 @@ class StepFn:
         self._check_shapes(result, (batch,), out_shapes)
         return result
 
+    def _body_for(self, batch: int) -> Callable:
+        scaled = getattr(self.body, "for_batch", None)
+        return scaled(batch) if scaled is not None else self.body
+
     def _try_vmap(self, inputs, state) -> list[torch.Tensor] | None:
         n_in = len(inputs)
+        body = self._body_for(inputs[0].shape[0])
 
         def element(*args):
             ins = list(args[:n_in])
             st = list(args[n_in:]) if state is not None else None
-            return tuple(self._normalise(self.body(ins, st)))
+            return tuple(self._normalise(body(ins, st)))
 
         watched = list(inputs) + list(state or [])
         before = _versions(watched)
@@ -335,8 +364,10 @@ class StepFn:
         rows = min(like[0].shape[0], _TRIAL_ROWS)  # the trial's cost is bounded, whatever the batch
         trial = [torch.randn((rows,) + a.shape[1:], generator=gen, dtype=a.dtype, device=a.device) for a in like]
 
+        body = self._body_for(like[0].shape[0])
+
         def element(*args):
-            return tuple(self._normalise(self.body(list(args[:n_in]), list(args[n_in:]) if has_state else None)))
+            return tuple(self._normalise(body(list(args[:n_in]), list(args[n_in:]) if has_state else None)))
 
         try:
             want = vmap(element, [t.clone() for t in trial])
@@ -431,6 +462,15 @@ def _versions(tensors: list[torch.Tensor]) -> list[int] | None:
         return None
 
 
+def compile_trusted_body(apply: str, sig: FnSignature, namespace: dict) -> Callable:
+    """A task file's body as a Python function whose globals are `namespace` (task-file code only)."""
+    label = f"<fn {sig.func_name}>"
+    module = _function_module(apply, label)
+    local: dict[str, Any] = {}
+    exec(compile(module, label, "exec"), namespace, local)  # task-file code, run in a worker
+    return local["_step_fn"]
+
+
 def make_fn(
     name: str,
     func_name: str,
@@ -439,24 +479,20 @@ def make_fn(
     apply: str,
     init=None,
     namespace: dict | None = None,
+    compile_body: BodyCompiler = compile_trusted_body,
+    batch_direct: bool = True,
 ) -> StepFn:
-    """Build a StepFn from a task file's fn entry; the body sees `namespace` as globals."""
-    label = f"<fn {func_name}>"
-    module = _compile_body(apply, label)
+    """Build a StepFn from a fn entry; `compile_body(apply, signature, namespace)` makes its body.
+
+    The body sees `namespace` (see `build_namespace`): as globals for a trusted
+    body, as its size values and parameters for an interpreted one.
+    """
+    input_type, output_type = parse_dtype(input_dtype), parse_dtype(output_dtype)
+    inits = None if init is None else parse_init(init, len(output_type.fields()), func_name)
     scope = namespace if namespace is not None else build_namespace({})
-    local: dict[str, Any] = {}
-    exec(compile(module, label, "exec"), scope, local)  # task-file code, run in a worker
-    output_type = parse_dtype(output_dtype)
-    return StepFn(
-        name=name,
-        func_name=func_name,
-        input_type=parse_dtype(input_dtype),
-        output_type=output_type,
-        body=local["_step_fn"],
-        init=None if init is None else parse_init(init, len(output_type.fields()), func_name),
-        source=apply,
-        batch_direct=True,
-    )
+    body = compile_body(apply, FnSignature(func_name, input_type, output_type, inits is not None), scope)
+    return StepFn(name=name, func_name=func_name, input_type=input_type, output_type=output_type, body=body,
+                  init=inits, source=apply, batch_direct=batch_direct)
 
 
 def parse_init(init, n_fields: int, func_name: str = "fn") -> list[float]:
@@ -482,4 +518,5 @@ def leaf_shapes(elem: ElemType, binding: Mapping[str, int]) -> list[tuple[int, .
     return [shape_values(f.elem_dims(), binding) for f in elem.fields()]
 
 
-__all__ = ["Ctx", "StepFn", "body_returns", "build_namespace", "leaf_shapes", "make_fn", "namespace_binding", "parse_init", "LeafType"]
+__all__ = ["BodyCompiler", "Ctx", "FnSignature", "LeafType", "StepFn", "body_returns", "build_namespace",
+           "compile_trusted_body", "leaf_shapes", "make_fn", "namespace_binding", "parse_init"]
