@@ -80,7 +80,8 @@ class LLMProposer(Proposer):
         self.stop = list(stop or [])
 
     def messages_for(self, request: ProposalRequest) -> list[dict[str, str]]:
-        return proposer_messages(self.knowledge, request.demonstrations, request.task, style=self.style)
+        return proposer_messages(self.knowledge, request.demonstrations, request.task, style=self.style,
+                                 mode=request.mode)
 
     def generation_request(self, request: ProposalRequest, index: int = 0) -> GenerationRequest:
         return GenerationRequest(
