@@ -37,6 +37,13 @@ directory (seed_buffer.jsonl) when the run starts, so `--resume` replays the
 same demonstrations even if the source run changed. Only the adaptive
 variants use the seed (`single` and `agent` stop after round 0).
 
+Modes (/work/shared/OPEN_MODE.md): `mode: closed` (default) gives every task
+its fns and asks for the impl; `mode: open` shows the tasks without fns and
+asks for a candidate with fns and impl. A task pattern may set its own mode,
+`open:PATTERN` or `closed:PATTERN` (`tasks: ["closed:gemm/*", "open:norm/*"]`),
+so one run may mix them; a task takes one mode per run, and a task declared
+`open: false` cannot be run open.
+
 Rounds. Round 0 attempts every task with base knowledge only; each later
 round is one pass of Algorithm 1's `repeat` body. `max_rounds` counts all
 rounds including round 0 (so `max_rounds: 2` is round 0 plus one
@@ -192,6 +199,7 @@ class ImproveConfig(StrictModel):
 
     name: str = "improve"
     tasks: list[str] = Field(default_factory=lambda: ["*"], min_length=1)
+    mode: Literal["closed", "open"] = "closed"  # a task pattern's own `open:` / `closed:` prefix wins
     variant: Variant = "agent+si"
     proposer: ProposerConfig = Field(default_factory=ProposerConfig)
     guardian: GuardianConfig = Field(default_factory=GuardianConfig)
@@ -263,16 +271,53 @@ class ImproveConfig(StrictModel):
 # task selection
 
 
+MODE_PREFIXES = ("closed:", "open:")
+
+
+def _split_mode(pattern: str) -> tuple[Optional[str], str]:
+    """(mode or None, pattern) of a task pattern with an optional `open:` / `closed:` prefix."""
+    for prefix in MODE_PREFIXES:
+        if pattern.startswith(prefix):
+            return prefix[:-1], pattern[len(prefix):].strip()
+    return None, pattern
+
+
+def task_modes(patterns: list[str], keys: list[str], default: str = "closed", where: str = "config",
+               tasks: Optional[dict] = None) -> dict[str, str]:
+    """Each selected task key's mode: its pattern's `open:`/`closed:` prefix, else `default`.
+
+    A task named by patterns of both modes, or posed open while its file says
+    `open: false` (`tasks`: key -> Task, checked when given), is a ConfigError.
+    """
+    select_tasks(patterns, keys, where)  # every pattern valid and matching, errors naming its index
+    modes: dict[str, str] = {}
+    for i, pattern in enumerate(patterns):
+        mode, bare = _split_mode(pattern.strip())
+        for key in select_tasks([bare], keys, where):
+            mode_here = mode or default
+            if modes.get(key, mode_here) != mode_here:
+                raise ConfigError(f"{where}: tasks[{i}]: task {key} is selected in both modes; "
+                                  f"a task takes one mode per run")
+            modes[key] = mode_here
+    if tasks is not None:
+        closed_only = [k for k, m in modes.items() if m == "open" and not tasks[k].open]
+        if closed_only:
+            raise ConfigError(f"{where}: tasks: {', '.join(closed_only)} cannot be posed in open mode (open: false); "
+                              f"select them with closed:PATTERN")
+    return {k: modes[k] for k in keys if k in modes}
+
+
 def select_tasks(patterns: list[str], keys: list[str], where: str = "config") -> list[str]:
-    """Task keys matching `patterns` (exact keys, test names or globs), in benchmark order.
+    """Task keys matching `patterns` (exact keys, test names or globs, each with an optional
+    `open:` / `closed:` mode prefix), in benchmark order.
 
     A pattern that matches nothing is an error naming it.
     """
     chosen: set[str] = set()
     for i, pattern in enumerate(patterns):
-        if not isinstance(pattern, str) or not pattern.strip():
+        if not isinstance(pattern, str) or not _split_mode(pattern.strip())[1]:
             raise ConfigError(f"{where}: tasks[{i}]: expected a task key or glob such as attention/*, got {pattern!r}")
-        pattern = pattern.strip()
+        pattern = _split_mode(pattern.strip())[1]
         if any(ch in pattern for ch in "*?["):
             hits = [k for k in keys if fnmatch.fnmatchcase(k, pattern)]
         else:

@@ -183,7 +183,8 @@ class Executor:
     """Generates, guards and verifies the jobs of one step with generation and verification overlapped."""
 
     def __init__(self, proposer: Proposer, guardian: Optional[Guardian], verifier: VerifierBackend, *,
-                 extract: Optional[ExtractFn] = None, open_extract: Optional[ExtractFn] = None, chunk_size: int = 8, guard_temperature: float = 0.0,
+                 extract: Optional[ExtractFn] = None, open_extract: Optional[ExtractFn] = None,
+                 chunk_size: int = 8, guard_temperature: float = 0.0,
                  sink: Optional[Callable[[list[SampleRecord]], None]] = None,
                  prompt_sink: Optional[Callable[[dict[str, list[dict[str, str]]]], None]] = None,
                  events: Optional[Events] = None):

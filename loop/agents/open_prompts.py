@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Sequence
 import yaml
 
 from stepforge.loop.agents.knowledge import KNOWLEDGE_DIR, KnowledgeError
-from stepforge.loop.agents.prompts import fill, render_demonstrations as _closed_demonstrations
+from stepforge.loop.agents.prompts import fill
+from stepforge.loop.agents.prompts import render_demonstrations as _closed_demonstrations
 from stepforge.loop.interfaces import Demonstration
 
 if TYPE_CHECKING:  # pragma: no cover
