@@ -281,7 +281,7 @@ def proposer_messages(
     task_form = "written in STeP's structural IR (YAML)" if style == "ir" else "written as a Python module"
     system = fill("proposer_system", task_form=task_form, knowledge=knowledge.render(style).rstrip("\n"))
     if mode == "open":
-        return open_proposer_messages(knowledge, demonstrations, task, system)
+        return open_proposer_messages(knowledge, demonstrations, as_task(task), system)
     demos = render_mixed_demonstrations(demonstrations, style)
     user = fill("proposer_user", demonstrations=demos, task=render_task(task, style))
     return [{"role": "system", "content": system.rstrip("\n") + "\n"},
