@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
-from stepforge.loop.interfaces import Demonstration, Proposal, ProposalRequest, Proposer
+from stepforge.loop.candidates import candidate_impl
+from stepforge.loop.interfaces import Demonstration, Proposal, ProposalRequest, Proposer, task_ir
 from stepforge.loop.search.config import SearchConfig, as_config
+from stepforge.loop.search.open_library import as_candidate, fn_library, library_task
 from stepforge.loop.search.portfolio import interleave, portfolio_members
 from stepforge.loop.search.prior import OpPrior
 from stepforge.loop.search.results import Candidate, SearchStats
@@ -49,8 +51,8 @@ def fit_prior(demonstrations: Sequence[Demonstration | tuple[str, Optional[str]]
     cfg = as_config(config)
     pairs = []
     for d in list(demonstrations)[: cfg.max_demonstrations]:
-        if isinstance(d, Demonstration):
-            pairs.append((d.impl, d.task_ir))
+        if isinstance(d, Demonstration):  # an open demonstration counts its program
+            pairs.append((candidate_impl(d.impl), d.task_ir))
         elif isinstance(d, str):
             pairs.append((d, None))
         else:
@@ -69,6 +71,10 @@ class SearchProposer(Proposer):
     token counts are 0, `seconds` is the search time spent on that proposal
     (since the previous one; the last one also carries the search after it).
     `last_stats` holds each request's `SearchStats` of the latest call.
+
+    Open mode (`request.mode == "open"`): the search runs over a generated fn
+    library (`open_library.py`) and each proposal is a candidate, the library
+    fns its program uses and the program.
     """
 
     name = "search"
@@ -103,10 +109,10 @@ class SearchProposer(Proposer):
         return prior
 
     def _task(self, request: ProposalRequest) -> SearchTask:
-        key = hashlib.sha256(request.task_ir.encode()).hexdigest()
+        key = hashlib.sha256((request.mode + "\0" + request.task_ir).encode()).hexdigest()
         task = self._tasks.get(key)
         if task is None:
-            task = SearchTask.from_task(request.task)
+            task = SearchTask.from_task(library_task(request.task) if request.mode == "open" else request.task)
             if len(self._tasks) > 64:
                 self._tasks.clear()
             self._tasks[key] = task
@@ -114,7 +120,8 @@ class SearchProposer(Proposer):
 
     def iter_candidates(self, request: ProposalRequest, stats: Optional[SearchStats] = None) -> Iterator[Candidate]:
         """The candidates of one request, lazily (for callers that verify as they go)."""
-        prior = self._prior(request.demonstrations, request.task_ir)
+        target_ir = task_ir(library_task(request.task)) if request.mode == "open" else request.task_ir
+        prior = self._prior(request.demonstrations, target_ir)
         return search_programs(self._task(request), n=request.n, temperature=request.temperature,
                                seed=request.seed, config=self.config, prior=prior, stats=stats)
 
@@ -125,8 +132,10 @@ class SearchProposer(Proposer):
             stats = SearchStats()
             proposals: list[Proposal] = []
             last = 0.0
+            library = fn_library(request.task) if request.mode == "open" else None
             for cand in self.iter_candidates(request, stats):
-                proposals.append(Proposal(raw=cand.text, messages=None, prompt_tokens=0, completion_tokens=0,
+                raw = cand.text if library is None else as_candidate(cand.text, library)
+                proposals.append(Proposal(raw=raw, messages=None, prompt_tokens=0, completion_tokens=0,
                                           seconds=round(cand.seconds - last, 6)))
                 last = cand.seconds
             if proposals and stats.seconds > last:  # the search after the last program counts too
