@@ -11,6 +11,7 @@ whose fns do not build fails at the `fns` stage, before `parse`.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Union
@@ -18,9 +19,11 @@ from typing import Union
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from stepforge.benchmark.schema import FnDecl, Task, _code, _error_list, _fn_dict, resolve_task
+from stepforge.benchmark.schema import FnDecl, Task, resolve_task
+from stepforge.benchmark.task_decls import _code
+from stepforge.benchmark.task_model import _Dumper, _fn_dict, _Literal
 from stepforge.benchmark.verifier import DEFAULT_MAX_ELEMENTS, FnBuilder, Verdict, verify
-from stepforge.config_io import YamlError, read_yaml_text
+from stepforge.config_io import YamlError, read_yaml_text, validation_problems
 from stepforge.simulator.fnlang import make_open_fn
 
 _FENCE = re.compile(r"```(?:yaml|yml)?[ \t]*\n(.*?)```", re.DOTALL)
@@ -63,8 +66,6 @@ class OpenCandidate(BaseModel):
 
     def to_yaml(self) -> str:
         """The candidate as the model would write it."""
-        from stepforge.benchmark.schema import _Dumper, _Literal
-
         data = {"fns": [_fn_dict(f) for f in self.fns], "impl": _Literal(self.impl)}
         return yaml.dump(data, Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=100)
 
@@ -81,7 +82,7 @@ def load_candidate(text: str) -> OpenCandidate:
     try:
         return OpenCandidate.model_validate(data)
     except ValidationError as exc:
-        key, message = _error_list(exc)[0]
+        key, message = validation_problems(exc, OpenCandidate)[0]
         raise CandidateError(f"{key}: {message}" if key else message) from None
 
 
@@ -93,7 +94,10 @@ def reference_candidate(task: Task) -> OpenCandidate:
 
 
 def fn_builder(task: Task, candidate: OpenCandidate, max_elements: int = DEFAULT_MAX_ELEMENTS) -> FnBuilder:
-    """Builds the candidate's fns from a binding's namespace, with the task's parameters and vocabulary."""
+    """Builds the candidate's fns from a binding's namespace, with the task's parameters and vocabulary.
+
+    Its `key` names the candidate's fns, so the verifier builds them once per binding of the task.
+    """
     parameters = [p.name for p in task.parameters]
     vocab = task.vocabulary.names() if task.vocabulary is not None else None
 
@@ -103,6 +107,8 @@ def fn_builder(task: Task, candidate: OpenCandidate, max_elements: int = DEFAULT
                                           max_elements=max_elements)
                 for f in candidate.fns}
 
+    # what the built fns depend on besides the namespace: the verifier keeps them per binding by it
+    build.key = ("open", json.dumps([f.model_dump() for f in candidate.fns], sort_keys=True), max_elements)
     return build
 
 

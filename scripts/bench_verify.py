@@ -14,12 +14,19 @@ Modes, one column each (`MODES`; a new mode is one more `Mode` there):
               file (`benchmark/export.py`) and `pytest.main` run on it, in this
               same warm process (so it shares the verifier's warm caches: the
               difference is the harness itself)
+    open      `verifier.verify` in open mode (/work/shared/OPEN_MODE.md): each
+              task's own fns and impl posed as an open candidate, its fns
+              interpreted in the fn language (`open_mode.verify_open`), warm,
+              with the same caches
 
-Then a VerifierPool of --workers workers on the same candidates (warm). The
+Then a VerifierPool of --workers workers on the same candidates (warm), closed
+and then open. The
 figures are wall-clock candidates per second (over all timed passes, and in
 the fastest pass), with the CPU each candidate took (for the pool: in the
 caller and in the workers), since other processes on a shared machine take
-CPU from a run; the load average is printed too. The last two lines are
+CPU from a run; the load average is printed too. The last three lines are
+
+    open mode: <O>/s in one process (<Q>x closed), pool <P>/s (<R>x closed)
 
     pool of <W> workers: <X>/s, <S>x one process
     verify throughput <X>/s, pytest harness <Y>/s, ratio <R>x
@@ -88,8 +95,22 @@ def _pytest_mode(jobs: list[Job], seeds: tuple[int, ...]) -> Runner:
     return run
 
 
+def _open_mode(jobs: list[Job], seeds: tuple[int, ...]) -> Runner:
+    from stepforge.benchmark.open_mode import reference_candidate, verify_open
+
+    candidates = {key: reference_candidate(task) for key, task, _ in jobs}
+
+    def run(job: Job) -> bool:
+        return verify_open(job[1], candidates[job[0]], seeds=seeds).passed
+
+    for job in jobs:  # warm, as for closed mode
+        run(job)
+    return run
+
+
 MODES: list[Mode] = [
     Mode("verify", "verify", _verify_mode),
+    Mode("open", "open mode", _open_mode),
     Mode("pytest", "pytest harness", _pytest_mode, repeats_arg="harness_repeats"),
 ]
 
@@ -135,12 +156,14 @@ class PoolFigures:
     worker_cpu_ms: float  # CPU per candidate in the workers, all together
 
 
-def time_pool(jobs: list[Job], seeds: tuple[int, ...], workers: int, repeats: int) -> PoolFigures:
-    """Throughput and CPU per candidate of a warm VerifierPool."""
+def time_pool(jobs: list[Job], seeds: tuple[int, ...], workers: int, repeats: int,
+              open_mode: bool = False) -> PoolFigures:
+    """Throughput and CPU per candidate of a warm VerifierPool (open mode: the tasks' own fns as candidates)."""
+    from stepforge.benchmark.open_mode import reference_candidate
     from stepforge.benchmark.pool import VerifierPool
 
     tasks = {key: task for key, task, _ in jobs}
-    batch = [(key, program) for key, _, program in jobs]
+    batch = [(key, reference_candidate(task) if open_mode else program) for key, task, program in jobs]
     with VerifierPool(workers=workers, tasks=tasks, verify_kwargs={"seeds": seeds}) as pool:
         pool.wait_ready()
         pool.verify_many(batch, timeout_s=120.0)  # warm every worker
@@ -193,9 +216,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         sys.stdout.flush()
 
     pool = time_pool(jobs, seeds, args.workers, max(1, args.repeats))
-    one = figures["verify"]
+    open_pool = time_pool(jobs, seeds, args.workers, max(1, args.repeats), open_mode=True)
+    one, opened = figures["verify"], figures["open"]
     print(f"pool CPU per candidate: caller {pool.caller_cpu_ms:.2f} ms, workers {pool.worker_cpu_ms:.2f} ms "
           f"(one process: {one.cpu_ms:.2f} ms); {pool.passed} passed; {_load()}")
+    print(f"open mode: {opened.rate:.1f}/s in one process ({opened.rate / one.rate:.2f}x closed), "
+          f"pool {open_pool.rate:.1f}/s ({open_pool.rate / pool.rate:.2f}x closed); {open_pool.passed} passed")
     print(f"pool of {args.workers} workers: {pool.rate:.1f}/s, {pool.rate / one.rate:.2f}x one process")
     harness = figures["pytest"]
     print(f"verify throughput {one.rate:.1f}/s, pytest harness {harness.rate:.1f}/s, ratio {one.rate / harness.rate:.1f}x")

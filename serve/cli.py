@@ -15,7 +15,7 @@ from typing import Any, Optional
 
 import typer
 
-from stepforge.errors import cli_errors, fail
+from stepforge.errors import ConfigError, cli_errors, fail
 
 
 class BackendChoice(str, Enum):
@@ -47,9 +47,16 @@ def _backend_config(config_file: Optional[Path], overrides: dict[str, Any]):
 
 
 def _run_guarded(fn) -> None:
-    """Run `fn`, turning expected errors into one line on stderr (exit 2)."""
+    """Run `fn`, turning expected errors (and invalid option values) into one line each on stderr (exit 2)."""
+    from pydantic import ValidationError
+
+    from stepforge.config_io import format_problems
+
     with cli_errors():
-        fn()
+        try:
+            fn()
+        except ValidationError as exc:
+            raise ConfigError(format_problems(exc, "options")) from None
 
 
 BACKEND_OPT = typer.Option(None, "--backend", help="Backend kind (default hf).")
@@ -167,12 +174,15 @@ def serve(
     _offline_quiet()
 
     def run() -> None:
+        from stepforge.config_io import validate
+
         from .base import make_backend
         from .openai_schema import ServerLimits
         from .server import run_server
 
-        limits = ServerLimits(max_n=max_n, max_tokens=max_completion_tokens, max_prompts=max_prompts,
-                              max_body_bytes=max_body_bytes, body_timeout_s=body_timeout, max_queued_units=max_queued_units)
+        limits = validate(ServerLimits, {"max_n": max_n, "max_tokens": max_completion_tokens, "max_prompts": max_prompts,
+                                         "max_body_bytes": max_body_bytes, "body_timeout_s": body_timeout,
+                                         "max_queued_units": max_queued_units}, "options", what="server limits")
         config = _backend_config(
             config_file,
             {"kind": backend.value if backend else None, "model": model, "served_model_name": served_model_name,

@@ -73,7 +73,7 @@ class _Strict(BaseModel):
 class _SamplingBody(_Strict):
     model: Name | None = None
     n: int = Field(default=1, ge=1)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    temperature: float = 1.0  # checked by check_temperature (vLLM's own range and greedy rule)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     top_k: int = Field(default=0, ge=-1)  # vLLM's extra field; 0 or -1 = off
     repetition_penalty: float = Field(default=1.0, gt=0.0)  # vLLM's extra field

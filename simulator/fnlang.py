@@ -12,10 +12,17 @@ the size of its result from the argument shapes and raises `ResourceError`
 if it would pass the element cap (the streams' cap, `max_elements`), divided
 by the number of elements evaluated at once under vmap (`for_batch`). Python
 integers stay below 2**62, and `**` of integers is bounded before it runs.
+
+The closures of an accepted body depend only on its text, its fn's name and
+arity, the size values, the parameter names and the vocabulary (the values a
+body reads come in per call), so they are kept in a small LRU: a candidate's
+fns, verified at several bindings or again in another candidate, are parsed
+and compiled once.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any, Iterable, Mapping, Optional
 
 from stepforge.simulator.errors import FnLanguageError
@@ -24,6 +31,24 @@ from stepforge.simulator.fnlang_parse import MAX_BODY_CHARS, MAX_DEPTH, MAX_STAT
 from stepforge.simulator.fnlang_vocab import STANDARD
 from stepforge.simulator.fns import FnSignature, StepFn, make_fn
 from stepforge.simulator.interpreter import DEFAULT_MAX_ELEMENTS
+
+_COMPILED: "OrderedDict[tuple, Any]" = OrderedDict()  # see the module docstring
+_MAX_COMPILED = 2048
+
+
+def _compiled(apply: str, sig: FnSignature, sizes: dict[str, int], parameters: frozenset[str],
+              vocabulary: frozenset[str]):
+    key = (apply, sig.func_name, len(sig.input_type.fields()), len(sig.output_type.fields()), sig.is_fold,
+           tuple(sorted(sizes.items())), parameters, vocabulary)
+    run = _COMPILED.get(key)
+    if run is None:
+        run = compile_body(parse_body(apply, sig.func_name), sig, sizes, parameters, vocabulary)
+        _COMPILED[key] = run
+        if len(_COMPILED) > _MAX_COMPILED:
+            _COMPILED.popitem(last=False)
+    else:
+        _COMPILED.move_to_end(key)
+    return run
 
 
 class OpenCompiler:
@@ -41,10 +66,9 @@ class OpenCompiler:
         self.max_elements = int(max_elements)
 
     def __call__(self, apply: str, sig: FnSignature, namespace: Mapping[str, Any]) -> InterpretedBody:
-        tree = parse_body(apply, sig.func_name)
         sizes = {k: v for k, v in namespace.items()
                  if k.endswith("_value") and isinstance(v, int) and not isinstance(v, bool)}
-        run = compile_body(tree, sig, sizes, self.parameters, self.vocabulary)
+        run = _compiled(apply, sig, sizes, self.parameters, self.vocabulary)
         return InterpretedBody(run, namespace.get("input_data", {}), self.max_elements)
 
 

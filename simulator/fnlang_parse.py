@@ -15,7 +15,7 @@ import math
 import operator
 from typing import Callable, Mapping, Optional
 
-from stepforge.simulator import fnlang_eval as E
+import stepforge.simulator.fnlang_eval as E
 from stepforge.simulator.errors import FnLanguageError
 from stepforge.simulator.fnlang_vocab import ATTRIBUTES, KEYWORDS, KNOWN, pointwise
 from stepforge.simulator.fns import FnSignature

@@ -38,10 +38,21 @@ def pointwise(args: tuple, kwargs: dict) -> Optional[int]:
     shapes = _tensor_shapes(list(args) + list(kwargs.values()))
     if len(shapes) < 2:
         return None
-    try:
-        return _numel(torch.broadcast_shapes(*shapes))
-    except RuntimeError:
-        return None
+    out = _broadcast(shapes)
+    return None if out is None else _numel(out)
+
+
+def _broadcast(shapes: list[tuple[int, ...]]) -> Optional[list[int]]:
+    """torch's broadcasting rule in plain Python (torch.broadcast_shapes costs more than most ops it sizes)."""
+    rank = max((len(s) for s in shapes), default=0)
+    out = [1] * rank
+    for shape in shapes:
+        for i, d in enumerate(shape, rank - len(shape)):
+            if d != 1:
+                if out[i] != 1 and out[i] != d:
+                    return None
+                out[i] = d
+    return out
 
 
 def _no_growth(args: tuple, kwargs: dict) -> None:
@@ -50,12 +61,15 @@ def _no_growth(args: tuple, kwargs: dict) -> None:
 
 def _matmul(args: tuple, kwargs: dict) -> Optional[int]:
     a, b = (args + (None, None))[:2]
-    if not (isinstance(a, Tensor) and isinstance(b, Tensor)):
-        return None
-    try:  # meta tensors carry shapes only: this allocates nothing
-        return _numel(torch.matmul(torch.empty(a.shape, device="meta"), torch.empty(b.shape, device="meta")).shape)
-    except RuntimeError:
-        return None
+    if not (isinstance(a, Tensor) and isinstance(b, Tensor)) or a.dim() == 0 or b.dim() == 0:
+        return None  # torch.matmul refuses 0-d operands itself
+    sa, sb = tuple(a.shape), tuple(b.shape)
+    left = (1,) + sa if len(sa) == 1 else sa  # torch.matmul's rule: a vector is a matrix, then the axis is dropped
+    right = sb + (1,) if len(sb) == 1 else sb
+    batch = _broadcast([left[:-2], right[:-2]])
+    if left[-1] != right[-2] or batch is None:
+        return None  # the op raises, naming the shapes
+    return _numel(batch + ([left[-2]] if len(sa) > 1 else []) + ([right[-1]] if len(sb) > 1 else []))
 
 
 def _outer(args: tuple, kwargs: dict) -> Optional[int]:

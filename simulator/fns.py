@@ -13,7 +13,6 @@ cached per fn. `StepFn.call` evaluates one element (the naive interpreter).
 
 from __future__ import annotations
 
-import ast
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
@@ -22,6 +21,7 @@ import torch
 
 from stepforge.simulator.batching import fast_batching_enabled, vmap
 from stepforge.simulator.errors import SimulatorError, StepRuntimeError
+from stepforge.simulator.fn_bodies import BodyCompiler, FnSignature, body_returns, compile_trusted_body
 from stepforge.simulator.shapes import SizeSymbol, shape_values
 from stepforge.simulator.types import ElemType, LeafType, parse_dtype
 
@@ -63,54 +63,6 @@ def build_namespace(
 def namespace_binding(ns: Mapping[str, Any]) -> dict[str, int]:
     """The size binding a namespace ended with (after `global` ran)."""
     return dict(ns["ctx"])
-
-
-def _function_module(source: str, label: str) -> ast.Module:
-    tree = ast.parse(source, filename=label)
-    if not tree.body:
-        raise ValueError(f"{label}: empty body")
-    has_return = body_returns(tree)
-    body = tree.body
-    if not has_return:
-        last = body[-1]
-        if not isinstance(last, ast.Expr):
-            raise ValueError(f"{label}: the body needs a `return` or must end with an expression")
-        body = body[:-1] + [ast.Return(value=last.value)]
-    args = ast.arguments(
-        posonlyargs=[],
-        args=[ast.arg("input"), ast.arg("state")],
-        kwonlyargs=[],
-        kw_defaults=[],
-        defaults=[ast.Constant(None)],
-    )
-    fdef = ast.FunctionDef(name="_step_fn", args=args, body=body, decorator_list=[], returns=None, type_params=[])
-    module = ast.Module(body=[fdef], type_ignores=[])
-    return ast.fix_missing_locations(module)
-
-
-def body_returns(body: "str | ast.AST") -> bool:
-    """Whether a fn body (source or parsed) has a `return` of its own, outside nested defs and lambdas."""
-    stack = list(ast.iter_child_nodes(ast.parse(body) if isinstance(body, str) else body))
-    while stack:
-        node = stack.pop()
-        if isinstance(node, ast.Return):
-            return True
-        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
-            stack.extend(ast.iter_child_nodes(node))
-    return False
-
-
-@dataclass(frozen=True)
-class FnSignature:
-    """What a body compiler knows of the fn it compiles."""
-
-    func_name: str
-    input_type: ElemType
-    output_type: ElemType
-    is_fold: bool
-
-
-BodyCompiler = Callable[[str, FnSignature, dict], Callable]
 
 
 @dataclass
@@ -258,7 +210,8 @@ class StepFn:
             columns = [x.unbind(axis) for x in xs]  # every step's slice at once
             history = []
             for t in range(steps):
-                st = self._normalise(body([c[t] for c in columns], list(st)))
+                step_body = body if layout is None else self.body  # under vmap: the bound per element
+                st = self._normalise(step_body([c[t] for c in columns], list(st)))
                 got = [o.shape for o in st]
                 if got != inner:
                     if layout != "aligned" or got != want:
@@ -354,60 +307,8 @@ class StepFn:
         args = [*inputs, *(state or [])]
         signature = (state is not None,) + tuple((a.shape, a.dtype) for a in args)
         if signature not in self._direct:
-            self._direct[signature] = self._trial(len(inputs), state is not None, args)
+            self._direct[signature] = _trial_layout(self, len(inputs), state is not None, args)
         return self._direct[signature]
-
-    def _trial(self, n_in: int, has_state: bool, like: list[torch.Tensor]) -> Optional[str]:
-        if not like or any(a.dim() == 0 or a.shape[0] < 1 for a in like) or not all(a.is_floating_point() for a in like):
-            return None
-        gen = torch.Generator(device=like[0].device).manual_seed(12345)
-        rows = min(like[0].shape[0], _TRIAL_ROWS)  # the trial's cost is bounded, whatever the batch
-        trial = [torch.randn((rows,) + a.shape[1:], generator=gen, dtype=a.dtype, device=a.device) for a in like]
-
-        body = self._body_for(like[0].shape[0])
-
-        def element(*args):
-            return tuple(self._normalise(body(list(args[:n_in]), list(args[n_in:]) if has_state else None)))
-
-        try:
-            want = vmap(element, [t.clone() for t in trial])
-        except Exception:
-            return None  # the body does not vmap: the usual path finds out and falls back to elements
-        self._vmappable = True
-        shapes = [w.shape for w in want]
-        layouts = ("plain", "aligned") if len({a.dim() for a in like}) > 1 else ("plain",)
-        for layout in layouts:
-            try:
-                got = self._call_whole(trial[:n_in], trial[n_in:] if has_state else None, layout, shapes)
-            except Exception:
-                continue
-            if got is not None and all(torch.allclose(g, w, rtol=1e-5, atol=1e-6, equal_nan=True)
-                                       for g, w in zip(got, want)) and self._rows_independent(trial, n_in, has_state,
-                                                                                          layout, shapes, got):
-                return layout
-        return None
-
-    def _rows_independent(self, trial, n_in: int, has_state: bool, layout: str, shapes, got) -> bool:
-        """Row 0 of the outputs stays the same when every other row moves far both ways.
-
-        Agreement with vmap on one random batch is not enough: `maximum(state, x + y.sum())`
-        reduces over the batch yet agrees whenever `state` dominates. A body that mixes rows
-        changes row 0 once the other rows move far.
-        """
-        if trial[0].shape[0] < 2:
-            return True  # one row: nothing to mix
-        for shift in (1e3, -1e3):
-            moved = [t.clone() for t in trial]
-            for t in moved:
-                t[1:] += shift
-            try:
-                again = self._call_whole(moved[:n_in], moved[n_in:] if has_state else None, layout, shapes)
-            except Exception:
-                return False
-            if again is None or not all(torch.allclose(a[0], g[0], rtol=1e-5, atol=1e-6, equal_nan=True)
-                                        for a, g in zip(again, got)):
-                return False
-        return True
 
     def _call_whole(self, inputs, state, layout: str, shapes) -> list[torch.Tensor] | None:
         """The body called once on the batch in `layout`; None if it modified an input in place
@@ -449,6 +350,58 @@ class StepFn:
 _TRIAL_ROWS = 64  # batch rows of a trial (a body that mixes rows disagrees with vmap on any 2 or more)
 
 
+def _trial_layout(fn: "StepFn", n_in: int, has_state: bool, like: list[torch.Tensor]) -> Optional[str]:
+    """The layout in which `fn`'s body batches by itself on random inputs like `like`, or None."""
+    if not like or any(a.dim() == 0 or a.shape[0] < 1 for a in like) or not all(a.is_floating_point() for a in like):
+        return None
+    gen = torch.Generator(device=like[0].device).manual_seed(12345)
+    rows = min(like[0].shape[0], _TRIAL_ROWS)  # the trial's cost is bounded, whatever the batch
+    trial = [torch.randn((rows,) + a.shape[1:], generator=gen, dtype=a.dtype, device=a.device) for a in like]
+
+    def element(*args):
+        return tuple(fn._normalise(fn.body(list(args[:n_in]), list(args[n_in:]) if has_state else None)))
+
+    try:
+        want = vmap(element, [t.clone() for t in trial])
+    except Exception:
+        return None  # the body does not vmap: the usual path finds out and falls back to elements
+    fn._vmappable = True
+    shapes = [w.shape for w in want]
+    layouts = ("plain", "aligned") if len({a.dim() for a in like}) > 1 else ("plain",)
+    for layout in layouts:
+        try:
+            got = fn._call_whole(trial[:n_in], trial[n_in:] if has_state else None, layout, shapes)
+        except Exception:
+            continue
+        if got is not None and all(torch.allclose(g, w, rtol=1e-5, atol=1e-6, equal_nan=True)
+                                   for g, w in zip(got, want)) and _rows_independent(fn, trial, n_in, has_state,
+                                                                                      layout, shapes, got):
+            return layout
+    return None
+
+def _rows_independent(fn: "StepFn", trial, n_in: int, has_state: bool, layout: str, shapes, got) -> bool:
+    """Row 0 of the outputs stays the same when every other row moves far both ways.
+
+    Agreement with vmap on one random batch is not enough: `maximum(state, x + y.sum())`
+    reduces over the batch yet agrees whenever `state` dominates. A body that mixes rows
+    changes row 0 once the other rows move far.
+    """
+    if trial[0].shape[0] < 2:
+        return True  # one row: nothing to mix
+    for shift in (1e3, -1e3):
+        moved = [t.clone() for t in trial]
+        for t in moved:
+            t[1:] += shift
+        try:
+            again = fn._call_whole(moved[:n_in], moved[n_in:] if has_state else None, layout, shapes)
+        except Exception:
+            return False
+        if again is None or not all(torch.allclose(a[0], g[0], rtol=1e-5, atol=1e-6, equal_nan=True)
+                                    for a, g in zip(again, got)):
+            return False
+    return True
+
+
 def _aligned(tensors: list[torch.Tensor], rank: int) -> list[torch.Tensor]:
     """Each (batch, *elem) tensor as (batch, 1, ..., 1, *elem) of `rank` dims."""
     return [t if t.dim() == rank else t.reshape(t.shape[:1] + (1,) * (rank - t.dim()) + t.shape[1:]) for t in tensors]
@@ -460,15 +413,6 @@ def _versions(tensors: list[torch.Tensor]) -> list[int] | None:
         return [t._version for t in tensors]
     except RuntimeError:
         return None
-
-
-def compile_trusted_body(apply: str, sig: FnSignature, namespace: dict) -> Callable:
-    """A task file's body as a Python function whose globals are `namespace` (task-file code only)."""
-    label = f"<fn {sig.func_name}>"
-    module = _function_module(apply, label)
-    local: dict[str, Any] = {}
-    exec(compile(module, label, "exec"), namespace, local)  # task-file code, run in a worker
-    return local["_step_fn"]
 
 
 def make_fn(

@@ -85,3 +85,12 @@ def make_task(name: str):
     from stepforge.benchmark.schema import Task
 
     return Task.from_yaml(_MINIMAL_TASK.format(name=name))
+
+
+# The 8 groups of the published 26-task benchmark (docs/benchmark.md); every other group holds added tasks.
+PUBLISHED_GROUPS = ("attention", "bmm", "gemm", "norm", "rope", "moe-index", "moe-expert", "moe-end-to-end")
+
+
+def added_task_keys(tasks) -> list[str]:
+    """The keys of the tasks outside the published benchmark's groups, in benchmark order."""
+    return [key for key, task in tasks.items() if task.group not in PUBLISHED_GROUPS]

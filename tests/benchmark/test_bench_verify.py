@@ -1,5 +1,5 @@
-"""scripts/bench_verify.py runs every mode and ends with the pool line and the throughput line
-(the figures themselves are not tested)."""
+"""scripts/bench_verify.py runs every mode and ends with the open-mode line, the pool line and the
+throughput line (the figures themselves are not tested)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,10 @@ def test_script_prints_the_pool_and_throughput_lines_last():
                          capture_output=True, text=True, timeout=600, env=dict(os.environ))
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
-    rows = {line.split()[0]: line.split() for line in lines if re.match(r"(verify|pytest harness) +\d", line)}
+    rows = {line.split()[0]: line.split() for line in lines if re.match(r"(verify|pytest harness|open mode) +\d", line)}
     assert rows["verify"][-2:] == ["1", "1"] and rows["pytest"][-2:] == ["1", "1"]  # candidates, passed
+    assert rows["open"][-2:] == ["1", "1"]
+    assert re.fullmatch(r"open mode: \d+\.\d/s in one process \(\d+\.\d\dx closed\), pool \d+\.\d/s "
+                        r"\(\d+\.\d\dx closed\); 1 passed", lines[-3])
     assert re.fullmatch(r"pool of 1 workers: \d+\.\d/s, \d+\.\d\dx one process", lines[-2])
     assert re.fullmatch(r"verify throughput \d+\.\d/s, pytest harness \d+\.\d/s, ratio \d+\.\dx", lines[-1])

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from support import PUBLISHED_GROUPS, added_task_keys
 
 from stepforge.benchmark.schema import (
     GROUP_ORDER,
@@ -34,10 +35,20 @@ TASKS = load_benchmark()
 
 def test_benchmark_has_the_26_tasks_of_benchmark_md_keyed_by_group_and_id():
     expected = {f"{g}/{i}" for g, ids in BENCHMARK_IDS.items() for i in ids}
-    assert set(TASKS) == expected
-    assert len(TASKS) == 26
+    published = {key for key, task in TASKS.items() if task.group in BENCHMARK_IDS}
+    assert published == expected
+    assert len(published) == 26
     for key, task in TASKS.items():
         assert key == f"{task.group}/{task.test_name}"
+
+
+def test_added_tasks_live_in_their_own_groups_listed_in_the_group_order():
+    added = added_task_keys(TASKS)
+    assert len(added) >= 30
+    groups = {TASKS[key].group for key in added}
+    assert len(groups) >= 6
+    assert groups.isdisjoint(BENCHMARK_IDS) and groups <= set(GROUP_ORDER)
+    assert tuple(GROUP_ORDER[:len(PUBLISHED_GROUPS)]) == PUBLISHED_GROUPS == tuple(BENCHMARK_IDS)
 
 
 def test_benchmark_order_is_stable_and_follows_the_group_order():
@@ -179,8 +190,8 @@ MALFORMED = {
     "init count": (_set(["fns", 2, "init"], [0, 0]), "fns[2].init", "output_dtype has 1"),
     "bad dtype": (_set(["inputs", 0, "dtype"], "Bufer(fp32, [D])"), "inputs[0].dtype", "expected fp32"),
     "dtype not text": (_set(["outputs", 0, "dtype"], 3), "outputs[0].dtype", "dtype string"),
-    "missing oracle": (_delete(["outputs", 0, "data_transform"]), "outputs[0].data_transform", "required key missing"),
-    "missing fns": (_delete(["fns"]), "fns", "required key missing"),
+    "missing oracle": (_delete(["outputs", 0, "data_transform"]), "outputs[0].data_transform", "required key is missing"),
+    "missing fns": (_delete(["fns"]), "fns", "required key is missing"),
     "unknown top key": (_set(["fn"], []), "fn", "unknown key 'fn'"),
     "unknown fn key": (_set(["fns", 1, "body"], "x"), "fns[1].body", "unknown key 'body'"),
     "bad dim": (_set(["inputs", 0, "dims"], ["D", "N+1"]), "inputs[0].dims", "item 1"),

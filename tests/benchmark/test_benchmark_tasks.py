@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
+from support import added_task_keys
 
 from stepforge import simulator as sim
 from stepforge.benchmark.schema import load_benchmark
@@ -10,6 +14,7 @@ from stepforge.benchmark.verifier import verify
 
 TASKS = load_benchmark()
 SEEDS = (0, 1, 2, 3)
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "benchmark.md"
 
 # docs/benchmark.md: fns and Copies of the non-MoE tasks (and the approximate length of the reference).
 TABLE = {
@@ -75,3 +80,33 @@ def test_rope_bindings_keep_d_even_and_every_binding_is_distinct_from_the_defaul
             assert any(b.get(k) != v for k, v in {"M": 5, "N": 7, "K": 9, "D": 16}.items()), key
         if task.group == "rope":
             assert all(b.get("D", 16) % 2 == 0 for b in task.bindings), key
+
+
+def _copies(task) -> int:
+    program = sim.parse_program(task.impl)
+    return sum(1 for st in program.statements if isinstance(st, sim.program.Apply) and st.call.op == "Copy")
+
+
+def _added_table() -> dict[str, tuple[int, int, int, bool]]:
+    """docs/benchmark.md's table of added tasks: key -> (fns, lines, copies, routes)."""
+    rows = re.findall(r"^\| `([\w-]+/[\w.-]+)` \| (\d+) \| (\d+) \| (\d+) \| ?(route)? ?\|", DOCS.read_text(), re.M)
+    return {key: (int(f), int(lines), int(c), bool(route)) for key, f, lines, c, route in rows}
+
+
+def test_the_added_tasks_table_of_benchmark_md_matches_the_task_files():
+    table = _added_table()
+    added = added_task_keys(TASKS)
+    assert sorted(table) == sorted(added)
+    for key in added:
+        task = TASKS[key]
+        routes = "step.Partition(" in task.impl and "step.Merge(" in task.impl
+        assert table[key] == (len(task.fns), task.reference_lines(), _copies(task), routes), key
+
+
+def test_added_tasks_are_described_and_enough_of_them_route_or_copy_twice():
+    added = added_task_keys(TASKS)
+    for key in added:
+        task = TASKS[key]
+        assert task.description and len(task.bindings) >= 2, key
+    hard = [key for key in added if _added_table()[key][3] or _copies(TASKS[key]) >= 2]
+    assert len(hard) >= 10, hard

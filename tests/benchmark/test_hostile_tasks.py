@@ -72,8 +72,8 @@ def test_min_max_on_the_multihot_input_loads_and_verifies_unchanged(tmp_path, ke
 
 @pytest.mark.parametrize("change,key,fragment", [
     (lambda d: d.update(data_gen={"min": 0, "max": 1}), "min", "not both"),
-    (lambda d: d.pop("max"), "max", "required key missing"),
-    (lambda d: d.pop("min"), "min", "required key missing"),
+    (lambda d: d.pop("max"), "max", "required key is missing"),
+    (lambda d: d.pop("min"), "min", "required key is missing"),
     (lambda d: d.update(min=3, max=1), "data_gen", "min <= max"),
     (lambda d: d.update(min=-1), "data_gen.min", "non-negative"),
     (lambda d: d.update(max="three"), "data_gen.max", "non-negative"),
@@ -243,3 +243,22 @@ def test_huge_multihot_counts_are_rejected(tmp_path):
     with pytest.raises(TaskFileError) as info:
         task_from_dict(data, "huge.yaml")
     assert len(info.value.message) < 300 and f"inputs[{index}].data_gen.max" in info.value.message
+
+
+def _bomb(levels: int = 12) -> str:
+    lines = ['a0: &a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    lines += [f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("text,expected", [
+    ((TASKS_ROOT / f"{NORM}.yaml").read_text().replace("fns:", "fns: []\nfns:", 1), "duplicate key"),
+    (_bomb(), "alias"),
+    ("a: " + "[" * 200 + "]" * 200 + "\n", "nested"),
+    (b"test_name: \xff\xfe\n", "not utf-8"),
+])
+def test_a_task_file_goes_through_the_bounded_reader(tmp_path, text, expected):
+    path = tmp_path / "G_0_8_01.yaml"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    error = _error(path)
+    assert str(path) in error.message and expected in error.message.lower() and len(error.message) < 300

@@ -57,8 +57,15 @@ def test_open_mode_uses_the_closed_caches_and_builds_fns_once_per_binding():
         return build(namespace)
 
     verdict = verifier.verify(task, candidate.impl, seeds=(0, 1, 2), fns=counting)
-    assert verdict.passed and verdict.runs == 3 * len(verifier.resolve_bindings(task))
-    assert len(builds) == len(verifier.resolve_bindings(task))  # once per binding, not per (binding, seed)
+    n_bindings = len(verifier.resolve_bindings(task))
+    assert verdict.passed and verdict.runs == 3 * n_bindings
+    assert len(builds) == n_bindings  # once per binding, not per (binding, seed)
+    counting.key = build.key  # a keyed builder's fns are kept in the task's cache entry, per binding
+    for _ in range(2):
+        assert verifier.verify(task, candidate.impl, seeds=(0, 1, 2), fns=counting).passed
+    assert len(builds) == 2 * n_bindings
+    other = fn_builder(task, wrong_op(TASKS["norm/G_0_8_01"]))
+    assert other.key != build.key and fn_builder(task, reference_candidate(task)).key == build.key
     assert warm.verify(task.key, candidate).passed
     after = warm.stats()
     assert (after["misses"], after["entries"], after["bytes"]) == (before["misses"], before["entries"], before["bytes"])

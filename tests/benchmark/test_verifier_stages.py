@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
+from support import added_task_keys
 
 from stepforge import simulator as sim
 from stepforge.benchmark.schema import TaskFileError, load_benchmark
@@ -285,3 +287,103 @@ def test_random_program_mutations_always_get_a_verdict():
             if verdict.passed:  # an equivalent program (e.g. a repeated fn list): right at every binding too
                 assert verify(task, impl, seeds=(1,)).passed
     assert {"parse", "type", "affine"} <= seen_stages
+
+
+# -- the added tasks: every mutation of the reference is rejected ------------------------------
+
+_COPY = re.compile(r"^(\w+), (\w+) = step\.Copy\(\)\.apply\((\w+)\)$")
+
+
+def _fn_swaps(task):
+    """The reference with one fn use replaced by another fn of the same signature (and fold-ness)."""
+    def signature(fn):
+        return (str(fn.input_dtype), str(fn.output_dtype), fn.init is None)
+
+    for fn in task.fns:
+        for other in task.fns:
+            if other.func_name != fn.func_name and signature(other) == signature(fn):
+                for match in re.finditer(rf"\b{fn.func_name}\b", task.impl):
+                    yield task.impl[:match.start()] + other.func_name + task.impl[match.end():]
+
+
+def _fn_list_rotations(task):
+    """The reference with a list of expert fns rotated by one place."""
+    for match in re.finditer(r"= \[(fn_\w+(?:, fn_\w+)+)\]", task.impl):
+        names = match.group(1).split(", ")
+        rotated = ", ".join(names[1:] + names[:1])
+        yield task.impl[:match.start(1)] + rotated + task.impl[match.end(1):]
+
+
+def _copies_removed(task):
+    """The reference with one Copy dropped and both of its results read from the copied stream."""
+    lines = task.impl.splitlines()
+    for i, line in enumerate(lines):
+        match = _COPY.match(line)
+        if match:
+            a, b, source = match.groups()
+            rest = [re.sub(rf"\b({a}|{b})\b", source, later) for later in lines[i + 1:]]
+            yield "\n".join(lines[:i] + rest) + "\n"
+
+
+def _statements_dropped(task):
+    lines = task.impl.splitlines()
+    for i in range(len(lines) - 1):
+        yield "\n".join(lines[:i] + lines[i + 1:]) + "\n"
+
+
+def _sizes_changed(task):
+    """The reference with one size keyword given another size symbol or a literal."""
+    for match in re.finditer(r"\b(n|S|N)=(\w+)", task.impl):
+        for other in {"M", "N", "K", "D", "2"} - {match.group(2)}:
+            yield task.impl[:match.start(2)] + other + task.impl[match.end(2):]
+
+
+def _arguments_rotated(task):
+    """The reference with the streams of one tuple argument rotated by one place (not the two results
+    of one Copy, which hold the same values)."""
+    copies = [set(m.groups()[:2]) for m in map(_COPY.match, task.impl.splitlines()) if m]
+    for match in re.finditer(r"\.apply\(\((\w+(?:, \w+)+)\)\)", task.impl):
+        names = match.group(1).split(", ")
+        if set(names) in copies:
+            continue
+        rotated = ", ".join(names[1:] + names[:1])
+        yield task.impl[:match.start(1)] + rotated + task.impl[match.end(1):]
+
+
+def _levels_changed(task):
+    """The reference with one level keyword (a=, b=, L=) one higher or one lower."""
+    for match in re.finditer(r"\b(a|b|L)=\[?(\d+)", task.impl):
+        value = int(match.group(2))
+        for other in {value - 1, value + 1} - {-1}:
+            yield task.impl[:match.start(2)] + str(other) + task.impl[match.end(2):]
+
+
+ADDED = added_task_keys(TASKS)
+
+
+@pytest.mark.parametrize("key", ADDED)
+def test_every_mutation_of_an_added_task_is_rejected(key):
+    task = TASKS[key]
+    counts = {}
+    for kind, mutants in (("fn swap", _fn_swaps(task)), ("fn list", _fn_list_rotations(task)),
+                          ("copy", _copies_removed(task)), ("drop", _statements_dropped(task)),
+                          ("size", _sizes_changed(task)), ("level", _levels_changed(task))):
+        for impl in mutants:
+            assert impl != task.impl
+            verdict = verify(task, impl, seeds=(0, 1))
+            assert not verdict.passed, f"{kind} mutation passed:\n{impl}"
+            if kind == "copy":
+                assert verdict.stage == "affine" and verdict.affine_ok is False, verdict.message
+            counts[kind] = counts.get(kind, 0) + 1
+    assert counts.get("drop", 0) == len(task.impl.splitlines()) - 1
+
+
+@pytest.mark.parametrize("key", ADDED)
+def test_rotated_arguments_of_an_added_task_are_rejected_or_equivalent(key):
+    """Rotating the streams of a tuple argument is wrong unless the fn is symmetric in them (a product,
+    a sum): then the program must be right at every binding and seed."""
+    task = TASKS[key]
+    for impl in _arguments_rotated(task):
+        verdict = verify(task, impl, seeds=(0,), bindings=[{}])
+        if verdict.passed:
+            assert verify(task, impl, seeds=(1, 2, 3)).passed, impl

@@ -21,6 +21,7 @@ from stepforge.simulator import (
     ScalarType,
     StepRuntimeError,
     TupleType,
+    batching,
     parse_dims,
     parse_dtype,
 )
@@ -614,5 +615,5 @@ def test_bodies_that_batch_by_themselves_skip_vmap_and_others_keep_it():
         layouts[name] = set(f._direct.values())
     # elementwise: plain; a scalar times a Buffer: aligned; a body mixing batch rows: vmap
     assert layouts == {"times2p1": {"plain"}, "scale_buf": {"aligned"}, "minus_first": {None}, "rowsum": {None}}
-    with fns_module.batching.fast_batching(False):
+    with batching.fast_batching(False):
         assert not fns_for(B)["times2p1"]._batches_itself([x], None)
