@@ -58,7 +58,7 @@ def render_open_task(task: "Task") -> str:
     hit = _OPEN_IR.get(id(task))
     if hit is not None and hit[0] is task:
         return hit[1]
-    from stepforge.benchmark.schema import _Dumper, _Flow, _FlowList
+    from stepforge.benchmark.task_model import _Dumper, _Flow, _FlowList
 
     data = task.to_dict(include_impl=False, include_meta=False)
     data.pop("fns", None)
