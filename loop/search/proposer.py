@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import itertools
+import time
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
+from stepforge.benchmark.schema import FnDecl
 from stepforge.loop.candidates import candidate_impl
-from stepforge.loop.interfaces import Demonstration, Proposal, ProposalRequest, Proposer, task_ir
+from stepforge.loop.interfaces import Demonstration, Proposal, ProposalRequest, Proposer
 from stepforge.loop.search.config import SearchConfig, as_config
-from stepforge.loop.search.open_library import as_candidate, fn_library, library_task
+from stepforge.loop.search.open_library import as_candidate, fn_library
 from stepforge.loop.search.portfolio import interleave, portfolio_members
 from stepforge.loop.search.prior import OpPrior
 from stepforge.loop.search.results import Candidate, SearchStats
@@ -60,6 +64,11 @@ def fit_prior(demonstrations: Sequence[Demonstration | tuple[str, Optional[str]]
     return OpPrior(mix=cfg.mix).fit(pairs, target_ir=target_ir, floor=cfg.similarity_floor)
 
 
+OPEN_SUBSET_MAX = 3  # most library fns one open-mode search wires
+OPEN_SUBSET_EXPANSIONS = 400
+OPEN_SUBSET_SECONDS = 0.5
+
+
 class SearchProposer(Proposer):
     """The model-free proposer: type-directed best-first search (see loop/search/__init__.py).
 
@@ -72,9 +81,12 @@ class SearchProposer(Proposer):
     (since the previous one; the last one also carries the search after it).
     `last_stats` holds each request's `SearchStats` of the latest call.
 
-    Open mode (`request.mode == "open"`): the search runs over a generated fn
-    library (`open_library.py`) and each proposal is a candidate, the library
-    fns its program uses and the program.
+    Open mode (`request.mode == "open"`): the search wires a task's fns, all
+    of them, so it runs over subsets of a generated fn library
+    (`open_library.py`), smallest first, each with a small budget
+    (`OPEN_SUBSET_EXPANSIONS`, `OPEN_SUBSET_SECONDS`) and all within
+    `max_seconds` per request; each proposal is a candidate, the library fns
+    its program uses and the program.
     """
 
     name = "search"
@@ -109,10 +121,10 @@ class SearchProposer(Proposer):
         return prior
 
     def _task(self, request: ProposalRequest) -> SearchTask:
-        key = hashlib.sha256((request.mode + "\0" + request.task_ir).encode()).hexdigest()
+        key = hashlib.sha256(request.task_ir.encode()).hexdigest()
         task = self._tasks.get(key)
         if task is None:
-            task = SearchTask.from_task(library_task(request.task) if request.mode == "open" else request.task)
+            task = SearchTask.from_task(request.task)
             if len(self._tasks) > 64:
                 self._tasks.clear()
             self._tasks[key] = task
@@ -120,10 +132,37 @@ class SearchProposer(Proposer):
 
     def iter_candidates(self, request: ProposalRequest, stats: Optional[SearchStats] = None) -> Iterator[Candidate]:
         """The candidates of one request, lazily (for callers that verify as they go)."""
-        target_ir = task_ir(library_task(request.task)) if request.mode == "open" else request.task_ir
-        prior = self._prior(request.demonstrations, target_ir)
+        if request.mode == "open":
+            yield from self._open_candidates(request, stats)
+            return
+        prior = self._prior(request.demonstrations, request.task_ir)
         return search_programs(self._task(request), n=request.n, temperature=request.temperature,
                                seed=request.seed, config=self.config, prior=prior, stats=stats)
+
+    def _open_candidates(self, request: ProposalRequest, stats: Optional[SearchStats]) -> Iterator[Candidate]:
+        """Programs over subsets of the generated library (see the class docstring), each once."""
+        library = fn_library(request.task)
+        small = self.config.model_copy(update={"max_expansions": min(self.config.max_expansions,
+                                                                     OPEN_SUBSET_EXPANSIONS),
+                                               "max_seconds": min(self.config.max_seconds, OPEN_SUBSET_SECONDS)})
+        t0 = time.perf_counter()
+        found: set[str] = set()
+        for size in range(1, OPEN_SUBSET_MAX + 1):
+            for subset in itertools.combinations(library, size):
+                if len(found) >= request.n or time.perf_counter() - t0 > self.config.max_seconds:
+                    return
+                task = request.task.model_copy(update={"fns": [FnDecl(**f.model_dump()) for f in subset]})
+                sub_request = request.model_copy(update={"task": task, "mode": "closed", "n": 1})
+                prior = self._prior(request.demonstrations, sub_request.task_ir)
+                for cand in search_programs(self._task(sub_request), n=1, temperature=request.temperature,
+                                            seed=request.seed, config=small, prior=prior):
+                    if cand.text not in found:
+                        found.add(cand.text)
+                        if stats is not None:
+                            stats.candidates += 1
+                        yield dataclasses.replace(cand, seconds=time.perf_counter() - t0)
+        if stats is not None:
+            stats.seconds = time.perf_counter() - t0
 
     def propose(self, requests: list[ProposalRequest]) -> list[list[Proposal]]:
         results: list[list[Proposal]] = []
