@@ -136,8 +136,8 @@ class SearchProposer(Proposer):
             yield from self._open_candidates(request, stats)
             return
         prior = self._prior(request.demonstrations, request.task_ir)
-        return search_programs(self._task(request), n=request.n, temperature=request.temperature,
-                               seed=request.seed, config=self.config, prior=prior, stats=stats)
+        yield from search_programs(self._task(request), n=request.n, temperature=request.temperature,
+                                   seed=request.seed, config=self.config, prior=prior, stats=stats)
 
     def _open_candidates(self, request: ProposalRequest, stats: Optional[SearchStats]) -> Iterator[Candidate]:
         """Programs over subsets of the generated library (see the class docstring), each once."""
