@@ -44,7 +44,7 @@ def _at(node: yaml.Node) -> str:
 
 
 class _BoundedLoader(yaml.SafeLoader):
-    """SafeLoader with duplicate keys refused and nesting bounded while composing."""
+    """SafeLoader with duplicate keys refused and nesting bounded while scanning and composing."""
 
     def __init__(self, stream):
         super().__init__(stream)
@@ -59,6 +59,13 @@ class _BoundedLoader(yaml.SafeLoader):
             return super().compose_node(parent, index)
         finally:
             self._depth -= 1
+
+    def fetch_flow_collection_start(self, TokenClass):
+        # the scanner reads a run of `[` or `{` to its end before composing starts: bound it here
+        if self.flow_level >= MAX_YAML_DEPTH:
+            raise yaml.scanner.ScannerError(None, None, f"nested more than {MAX_YAML_DEPTH} levels deep",
+                                            self.get_mark())
+        super().fetch_flow_collection_start(TokenClass)
 
     def construct_mapping(self, node, deep=False):
         if isinstance(node, yaml.MappingNode):
@@ -108,8 +115,9 @@ def read_yaml_text(text: str | bytes, source: str = "<yaml>") -> Any:
         text = decode_text(text, source)
     if len(text) > MAX_YAML_BYTES:
         raise YamlError(source, "(file)", f"larger than {MAX_YAML_BYTES // (1024 * 1024)} MiB")
-    loader = _BoundedLoader(text)
+    loader = None
     try:
+        loader = _BoundedLoader(text)  # the reader refuses unprintable characters here already
         node = loader.get_single_node()
         if node is None:
             return None
@@ -118,12 +126,15 @@ def read_yaml_text(text: str | bytes, source: str = "<yaml>") -> Any:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark is not None else "(YAML)"
+        if isinstance(exc, yaml.reader.ReaderError):
+            where = f"character {exc.position + 1}"
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise YamlError(source, where, f"not valid YAML: {problem}") from None
     except RecursionError:
         raise YamlError(source, "(YAML)", f"nested more than {MAX_YAML_DEPTH} levels deep") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def decode_text(data: bytes, source: str) -> str:

@@ -56,3 +56,12 @@ def short_repr(value: object, limit: int = 60) -> str:
     text = shorter.repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
+
+
+def short_text(text: object, limit: int = 160) -> str:
+    """`str(text)` on one line (runs of whitespace become one space), cut to `limit` characters."""
+    try:
+        line = " ".join(str(text)[: limit * 4].split())
+    except Exception:  # noqa: BLE001 - an object whose text cannot be made
+        line = f"<{type(text).__name__}>"
+    return line if len(line) <= limit else line[: limit - 3] + "..."

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from stepforge.errors import fail
+from stepforge.errors import cli_errors, fail
 
 
 def _task_error_line(exc) -> str:
@@ -44,14 +45,19 @@ def _load_task(key_or_file: str, root: Optional[Path]):
 
 
 def read_impl(path: Path) -> str:
-    """A program from a file: plain STeP text, or a task-like YAML with an `impl:` key; `-` reads stdin."""
-    text = sys.stdin.read() if str(path) == "-" else path.read_text(encoding="utf-8")
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
+    """A program from a file: plain STeP text, or a task-like YAML with an `impl:` key; `-` reads stdin.
 
+    `ConfigError` naming the file when it is not UTF-8 or its YAML is refused (see `config_io.read_yaml_text`).
+    """
+    from stepforge.config_io import YamlError, decode_text, read_text_file, read_yaml_text
+
+    text = decode_text(sys.stdin.buffer.read(), "<stdin>") if str(path) == "-" else read_text_file(path, "program file")
+    if path.suffix in (".yaml", ".yml"):
         try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError:
+            data = read_yaml_text(text, str(path))
+        except YamlError:
+            if re.search(r"^impl[ \t]*:", text, re.M):
+                raise  # a task-like file that the reader refuses (bad YAML, a duplicate key, an alias bomb)
             data = None
         if isinstance(data, dict) and isinstance(data.get("impl"), str):
             return data["impl"]
@@ -113,7 +119,8 @@ def _program(task, impl: Optional[Path]) -> str:
     if impl is not None:
         if str(impl) != "-" and not impl.is_file():
             fail(f"--impl {impl}: no such file")
-        return read_impl(impl)
+        with cli_errors():
+            return read_impl(impl)
     if not task.impl:
         fail(f"task {task.key} has no reference impl; pass the program with --impl")
     return task.impl
@@ -144,22 +151,38 @@ def register(app: typer.Typer) -> None:
 
     @app.command("tasks")
     def tasks_cmd(
+        patterns: Optional[list[str]] = typer.Argument(None, help="task keys, globs or split names (published, new, all)"),
+        split: Optional[str] = typer.Option(None, "--split", help="published, new or all"),
+        groups: Optional[list[str]] = typer.Option(None, "--group", help="a group name or glob (repeatable)"),
+        difficulty: Optional[list[str]] = typer.Option(None, "--difficulty", help="easy, medium or hard (repeatable)"),
+        mode: Optional[str] = typer.Option(None, "--mode", help="closed or open: the tasks posable in that mode"),
         root: Optional[Path] = typer.Option(None, help="benchmark folder (default: the packaged tasks)"),
         as_json: bool = typer.Option(False, "--json", help="one JSON object per task"),
         open_mode: bool = typer.Option(False, "--open", help="only the tasks that can be posed in open mode"),
     ) -> None:
-        """List the benchmark tasks: key, group, number of fns, reference lines and Copies."""
+        """List the benchmark tasks: key, group, split, difficulty, number of fns, reference lines and Copies."""
         from stepforge.benchmark.schema import TaskFileError, load_benchmark
+        from stepforge.benchmark.selection import select, split_of, task_difficulty
+        from stepforge.errors import ConfigError
 
         try:
             tasks = load_benchmark(root)
         except TaskFileError as exc:
             fail(_task_error_line(exc))
+        if open_mode:  # --open is --mode open
+            if mode not in (None, "open"):
+                fail(f"--open selects the open-mode tasks; it contradicts --mode {mode}")
+            mode = "open"
+        spec = {k: v for k, v in dict(split=split, keys=patterns, groups=groups, difficulty=difficulty,
+                                      mode=mode).items() if v}
+        try:
+            tasks = {k: tasks[k] for k in select(spec, tasks, "tasks")} if spec else tasks
+        except ConfigError as exc:
+            fail(str(exc).splitlines()[0])
         rows = []
         for key, t in tasks.items():
-            if open_mode and not t.open:
-                continue
-            rows.append({"key": key, "group": t.group, "test_name": t.test_name, "fns": len(t.fns),
+            rows.append({"key": key, "group": t.group, "test_name": t.test_name, "split": split_of(key),
+                         "difficulty": task_difficulty(t), "fns": len(t.fns),
                          "lines": t.reference_lines(), "copies": (t.impl or "").count("step.Copy()"),
                          "bindings": len(t.bindings)})
         if as_json:
@@ -169,12 +192,13 @@ def register(app: typer.Typer) -> None:
         from rich.console import Console
         from rich.table import Table
 
-        table = Table(title=f"{len(rows)} tasks" + (" (open mode)" if open_mode else ""))
-        for col in ("key", "group", "fns", "lines", "copies", "bindings"):
-            table.add_column(col, justify="left" if col in ("key", "group") else "right")
+        table = Table(title=f"{len(rows)} tasks" + (" (open mode)" if mode == "open" else ""))
+        cols = ("key", "group", "split", "difficulty", "fns", "lines", "copies", "bindings")
+        for col in cols:
+            table.add_column(col, justify="right" if col in ("fns", "lines", "copies", "bindings") else "left")
         for r in rows:
-            table.add_row(r["key"], r["group"], str(r["fns"]), str(r["lines"]), str(r["copies"]), str(r["bindings"]))
-        Console().print(table)
+            table.add_row(*(str(r[c] if r[c] is not None else "-") for c in cols))
+        Console(width=160).print(table)
 
     @app.command("verify")
     def verify_cmd(

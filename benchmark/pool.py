@@ -102,6 +102,18 @@ def _worker_main(conn, torch_threads: int) -> None:  # pragma: no cover - runs i
 # ---------------------------------------------------------------------------
 # caller side
 
+
+def pop_for_worker(pending: deque, known: set, key_of) -> Any:
+    """Pop the first of `pending` whose task key (`key_of(item)`) a worker already holds (`known`),
+    looking at most `_LOOK_AHEAD` items ahead, else the first: a task is set up in few workers."""
+    for i, item in enumerate(pending):
+        if i >= _LOOK_AHEAD:
+            break
+        if key_of(item) in known:
+            del pending[i]
+            return item
+    return pending.popleft()
+
 _START_LOCK = threading.Lock()
 
 
@@ -323,13 +335,7 @@ class VerifierPool:
 
     def _next_job_for(self, w: _Worker, resolved) -> int:
         """The first pending job whose task `w` already holds (within a look-ahead), else the first."""
-        for i, idx in enumerate(self._pending):
-            if i >= _LOOK_AHEAD:
-                break
-            if resolved[idx][0] in w.known:
-                del self._pending[i]
-                return idx
-        return self._pending.popleft()
+        return pop_for_worker(self._pending, w.known, lambda idx: resolved[idx][0])
 
     def _dispatch(self, w: _Worker, idx: int, resolved, kwargs, limit: float) -> None:
         key, task, impl = resolved[idx]

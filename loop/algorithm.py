@@ -232,7 +232,7 @@ class SelfImprovementLoop:
         total = len(plan.tasks) * len(s.temperatures) * s.n
         self.events.step_started(round_, step, plan.demonstrations, plan.tasks, total, len(old),
                                  sum(1 for r in old if r.correct))
-        new = self.executor.run(jobs)
+        new = self.executor.run(jobs, solved={r.task for r in old if r.correct})
         self.replayed_samples += len(old)
         self.new_samples += len(new)
         t_index = {float(t): i for i, t in enumerate(s.temperatures)}

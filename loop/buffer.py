@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
 from stepforge.benchmark.schema import Task
-from stepforge.errors import StepforgeError
+from stepforge.errors import StepforgeError, short_text
 from stepforge.loop.interfaces import BufferEntry, Demonstration
 
 
@@ -153,14 +153,16 @@ def read_seed_buffer(path: str | Path) -> list[BufferEntry]:
     file they were read from unless already set (an entry that was itself seeded keeps its origin)."""
     from pydantic import ValidationError
 
+    from stepforge.config_io import read_text_file, validation_problems
+
     file = seed_buffer_file(path)
     if not file.is_file():
         what = "no buffer.jsonl in the run directory" if Path(path).expanduser().is_dir() else "no such file"
         raise SeedBufferError(f"{file}: {what}")
     try:
-        text = file.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise SeedBufferError(f"{file}: cannot read it: {exc.strerror or exc}") from None
+        text = read_text_file(file, "seed buffer")
+    except StepforgeError as exc:
+        raise SeedBufferError(str(exc)) from None
     out: list[BufferEntry] = []
     seen: set[str] = set()
     for number, line in enumerate(text.splitlines(), start=1):
@@ -168,8 +170,13 @@ def read_seed_buffer(path: str | Path) -> list[BufferEntry]:
             continue
         try:
             entry = BufferEntry.model_validate(json.loads(line))
-        except (ValueError, ValidationError) as exc:
-            raise SeedBufferError(f"{file}: line {number}: not a buffer entry: {str(exc).splitlines()[0]}") from None
+        except ValidationError as exc:
+            key, problem = validation_problems(exc, BufferEntry)[0]
+            raise SeedBufferError(f"{file}: line {number}: not a buffer entry: {key or '(top level)'}: "
+                                  f"{problem}") from None
+        except (ValueError, RecursionError) as exc:
+            why = "nested too deep" if isinstance(exc, RecursionError) else short_text(exc, 80)
+            raise SeedBufferError(f"{file}: line {number}: not a buffer entry: not JSON ({why})") from None
         if entry.task_key in seen:
             raise SeedBufferError(f"{file}: line {number}: task {entry.task_key} appears twice")
         seen.add(entry.task_key)

@@ -1,4 +1,4 @@
-"""`stepforge improve` and `stepforge report`.
+"""`stepforge improve`, `stepforge library` and `stepforge report`.
 
 Expected failures (a bad config or override, a missing model directory, a
 run directory in use or not resumable, a broken task file, a backend that
@@ -41,7 +41,7 @@ def print_summary(summary: dict, run_dir: Path, stream=None) -> None:
 
 
 def register(app: typer.Typer) -> None:
-    """Add `improve` and `report` to the root app."""
+    """Add `improve`, `library` and `report` to the root app."""
 
     @app.command("improve")
     def improve_cmd(
@@ -73,13 +73,43 @@ def register(app: typer.Typer) -> None:
             typer.echo(f"{outcome.run_dir}: the run had already finished; summary and report rewritten", err=True)
         print_summary(outcome.summary, outcome.run_dir)
 
+    @app.command("library")
+    def library_cmd(
+        run_dirs: list[Path] = typer.Argument(..., help="run directories of `stepforge improve`"),
+        out: Path = typer.Option(..., "--out", help="the library folder to write (new or empty)"),
+        timeout: Optional[float] = typer.Option(None, "--timeout", metavar="SECONDS",
+                                                help="time limit per verification (default: the pool's)"),
+        workers: int = typer.Option(2, "--workers", min=1, help="verifier worker processes"),
+    ) -> None:
+        """Write the runs' earned programs, each verified again, as an operator library (YAML, pytest, index)."""
+        from stepforge.loop.library import INDEX, build_library
+
+        if timeout is not None and not 0 < timeout < float("inf"):
+            fail(f"--timeout must be a positive number of seconds, got {timeout:g}")
+        with cli_errors():
+            lib = build_library(run_dirs, out, timeout, workers)
+        typer.echo(f"wrote {len(lib.written)} operators to {out} (index: {out / INDEX}); "
+                   f"{len(lib.rejected)} not written, {len(lib.superseded)} superseded")
+        for c in lib.rejected:
+            typer.echo(f"  not written: {c.key} ({c.mode}, {c.run.name}): {c.problem}")
+
     @app.command("report")
-    def report_cmd(run_dir: Path = typer.Argument(..., help="a run directory of `stepforge improve`")) -> None:
-        """Write summary.json, report.md and plots (PNG) for a run directory."""
+    def report_cmd(
+        run_dirs: list[Path] = typer.Argument(..., help="run directories of `stepforge improve`"),
+        compare: Optional[Path] = typer.Option(None, "--compare", help="also write families.md/.png comparing the runs here"),
+    ) -> None:
+        """Write summary.json, report.md and plots (PNG) for each run; with --compare, solved per family across runs."""
         from stepforge.loop.reporting.report import PLOTS, write_report
 
-        with cli_errors():
-            summary = write_report(run_dir)
-        typer.echo(f"wrote {run_dir / 'report.md'}, {run_dir / 'summary.json'}, "
-                   + ", ".join(str(run_dir / p) for p in PLOTS))
-        print_summary(summary, run_dir)
+        for run_dir in run_dirs:
+            with cli_errors():
+                summary = write_report(run_dir)
+            typer.echo(f"wrote {run_dir / 'report.md'}, {run_dir / 'summary.json'}, "
+                       + ", ".join(str(run_dir / p) for p in PLOTS if (run_dir / p).is_file()))
+            print_summary(summary, run_dir)
+        if compare is not None:
+            from stepforge.loop.reporting.families import compare_runs
+
+            with cli_errors():
+                path = compare_runs(run_dirs, compare)
+            typer.echo(f"wrote {path} and its plot")

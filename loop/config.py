@@ -52,15 +52,15 @@ self-improvement round); `single` and `agent` always stop after round 0.
 
 from __future__ import annotations
 
-import fnmatch
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Mapping, Optional, Sequence
 
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from stepforge.benchmark.selection import TaskSpec, as_spec
 from stepforge.config_io import StrictModel, apply_overrides, format_problems, parse_override, read_mapping
-from stepforge.errors import ConfigError
+from stepforge.errors import ConfigError, short_repr
 from stepforge.serve.base import check_temperature
 from stepforge.serve.config import BackendConfig
 
@@ -140,7 +140,7 @@ class ProposerConfig(StrictModel):
         if self.kind == "custom" and not self.factory:
             raise ValueError("kind 'custom' needs factory: 'package.module:function'")
         if self.factory and ":" not in self.factory:
-            raise ValueError(f"factory: expected 'package.module:function', got {self.factory!r}")
+            raise ValueError(f"factory: expected 'package.module:function', got {short_repr(self.factory)}")
         return self
 
     @property
@@ -188,7 +188,10 @@ class VerifierConfig(StrictModel):
 
 
 class RayConfig(StrictModel):
-    """Ray cluster: `address` (or $RAY_ADDRESS) joins a cluster, null starts a local one."""
+    """Ray cluster: `address` (else $RAY_ADDRESS) joins a cluster by its GCS address (HEAD:6379), `auto`
+    (the `ray start` cluster of this machine) or ray://HEAD:10001; null or `local` starts a private
+    instance of `num_cpus` CPUs (`num_cpus` is ignored when joining). The dashboard URL
+    (http://HEAD:8265) is for `ray job submit` / scripts/sweep.py, not here."""
 
     address: Optional[str] = None
     num_cpus: Optional[int] = Field(default=None, ge=1)
@@ -198,8 +201,8 @@ class ImproveConfig(StrictModel):
     """The whole experiment (see the module docstring)."""
 
     name: str = "improve"
-    tasks: list[str] = Field(default_factory=lambda: ["*"], min_length=1)
-    mode: Literal["closed", "open"] = "closed"  # a task pattern's own `open:` / `closed:` prefix wins
+    tasks: TaskSpec = Field(default_factory=lambda: ["*"])  # keys/globs/splits, or {split, groups, difficulty, mode}
+    mode: Literal["closed", "open"] = "closed"  # a task pattern's `open:`/`closed:` prefix or a selection's mode wins
     variant: Variant = "agent+si"
     proposer: ProposerConfig = Field(default_factory=ProposerConfig)
     guardian: GuardianConfig = Field(default_factory=GuardianConfig)
@@ -211,6 +214,8 @@ class ImproveConfig(StrictModel):
     max_demonstrations: Optional[int] = Field(default=None, ge=0)
     seed_buffer: Optional[str] = None  # a run dir or buffer.jsonl whose entries start D (see the module docstring)
     chunk_size: int = Field(default=8, ge=1)
+    # a streaming proposer (search) stops sampling a task in a step once a sample is correct (loop/early_stop.py)
+    stop_when_solved: bool = True
     verifier: VerifierConfig = Field(default_factory=VerifierConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
     progress: bool = True
@@ -218,8 +223,9 @@ class ImproveConfig(StrictModel):
     @field_validator("tasks", mode="before")
     @classmethod
     def _tasks(cls, v):
-        if isinstance(v, str):
-            return [v]
+        v = as_spec(v)
+        if isinstance(v, list) and not v:
+            raise ValueError("expected at least one task key, glob or split")
         return v
 
     @field_validator("temperatures")
@@ -282,55 +288,50 @@ def _split_mode(pattern: str) -> tuple[Optional[str], str]:
     return None, pattern
 
 
-def task_modes(patterns: list[str], keys: list[str], default: str = "closed", where: str = "config",
-               tasks: Optional[dict] = None) -> dict[str, str]:
-    """Each selected task key's mode: its pattern's `open:`/`closed:` prefix, else `default`.
+def strip_modes(spec: Any) -> Any:
+    """The task spec without the `open:` / `closed:` prefixes of its patterns (what `select_tasks` reads)."""
+    if isinstance(spec, str):
+        return _split_mode(spec.strip())[1]
+    if isinstance(spec, list):
+        return [strip_modes(p) if isinstance(p, str) else p for p in spec]
+    return spec
+
+
+def task_modes(spec: Any, tasks: Mapping[str, Any], default: str = "closed", where: str = "config") -> dict[str, str]:
+    """Each selected task key's mode: its pattern's `open:`/`closed:` prefix, or the selection
+    mapping's `mode`, else `default` (the config's `mode`).
 
     A task named by patterns of both modes, or posed open while its file says
-    `open: false` (`tasks`: key -> Task, checked when given), is a ConfigError.
+    `open: false`, is a ConfigError.
     """
-    select_tasks(patterns, keys, where)  # every pattern valid and matching, errors naming its index
+    keys = select_tasks(strip_modes(spec), tasks, where)  # every pattern valid and matching
     modes: dict[str, str] = {}
-    for i, pattern in enumerate(patterns):
-        mode, bare = _split_mode(pattern.strip())
-        for key in select_tasks([bare], keys, where):
-            mode_here = mode or default
-            if modes.get(key, mode_here) != mode_here:
-                raise ConfigError(f"{where}: tasks[{i}]: task {key} is selected in both modes; "
-                                  f"a task takes one mode per run")
-            modes[key] = mode_here
-    if tasks is not None:
-        closed_only = [k for k, m in modes.items() if m == "open" and not tasks[k].open]
-        if closed_only:
-            raise ConfigError(f"{where}: tasks: {', '.join(closed_only)} cannot be posed in open mode (open: false); "
-                              f"select them with closed:PATTERN")
-    return {k: modes[k] for k in keys if k in modes}
+    if isinstance(spec, (str, list)):
+        for i, pattern in enumerate([spec] if isinstance(spec, str) else spec):
+            mode, bare = _split_mode(pattern.strip()) if isinstance(pattern, str) else (None, pattern)
+            for key in select_tasks([bare], tasks, where):
+                mode_here = mode or default
+                if modes.get(key, mode_here) != mode_here:
+                    raise ConfigError(f"{where}: tasks[{i}]: task {key} is selected in both modes; "
+                                      f"a task takes one mode per run")
+                modes[key] = mode_here
+    else:
+        chosen = spec.get("mode") if isinstance(spec, Mapping) else getattr(spec, "mode", None)
+        modes = {k: chosen or default for k in keys}
+    closed_only = [k for k, m in modes.items() if m == "open" and not getattr(tasks[k], "open", True)]
+    if closed_only:
+        raise ConfigError(f"{where}: tasks: {', '.join(closed_only)} cannot be posed in open mode (open: false); "
+                          f"select them with closed:PATTERN")
+    return {k: modes[k] for k in keys}
 
 
-def select_tasks(patterns: list[str], keys: list[str], where: str = "config") -> list[str]:
-    """Task keys matching `patterns` (exact keys, test names or globs, each with an optional
-    `open:` / `closed:` mode prefix), in benchmark order.
+def select_tasks(spec: Any, tasks: Sequence[str] | Mapping[str, Any], where: str = "config") -> list[str]:
+    """Task keys that `spec` selects (keys, test names, globs, splits, or a mapping of groups, difficulty,
+    mode; see benchmark/selection.py), in benchmark order. `tasks`: the keys, or key -> Task (needed by
+    difficulty and mode filters). A pattern that matches nothing is an error naming it."""
+    from stepforge.benchmark.selection import select
 
-    A pattern that matches nothing is an error naming it.
-    """
-    chosen: set[str] = set()
-    for i, pattern in enumerate(patterns):
-        if not isinstance(pattern, str) or not _split_mode(pattern.strip())[1]:
-            raise ConfigError(f"{where}: tasks[{i}]: expected a task key or glob such as attention/*, got {pattern!r}")
-        pattern = _split_mode(pattern.strip())[1]
-        if any(ch in pattern for ch in "*?["):
-            hits = [k for k in keys if fnmatch.fnmatchcase(k, pattern)]
-        else:
-            hits = [k for k in keys if k == pattern or k.rsplit("/", 1)[-1] == pattern]
-            if len(hits) > 1 and pattern not in keys:
-                raise ConfigError(f"{where}: tasks[{i}]: {pattern!r} names {len(hits)} tasks ({', '.join(hits)}); "
-                                  f"expected a unique key such as {hits[0]}")
-        if not hits:
-            sample = ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
-            raise ConfigError(f"{where}: tasks[{i}]: {pattern!r} matches no task; expected a key or glob over "
-                              f"the benchmark's keys ({sample})")
-        chosen.update(hits)
-    return [k for k in keys if k in chosen]
+    return select(spec, tasks, f"{where}: tasks")
 
 
 # ---------------------------------------------------------------------------

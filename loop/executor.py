@@ -29,15 +29,27 @@ from __future__ import annotations
 import hashlib
 import json
 import queue
+import re
 import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Collection, Optional
 
 from stepforge.benchmark.schema import Task
 from stepforge.benchmark.verdict import Verdict, failed
-from stepforge.loop.interfaces import Demonstration, Guardian, GuardRequest, Proposal, ProposalRequest, Proposer
+from stepforge.errors import short_text
+from stepforge.loop.early_stop import run_streaming
+from stepforge.loop.interfaces import (
+    Demonstration,
+    Guardian,
+    GuardRequest,
+    GuardResult,
+    Proposal,
+    ProposalRequest,
+    Proposer,
+    StreamingProposer,
+)
 from stepforge.loop.progress import Events
 from stepforge.loop.runstore import SampleRecord
 from stepforge.loop.verifiers import VerifierBackend
@@ -83,7 +95,8 @@ class SampleJob:
 
     def request(self) -> ProposalRequest:
         return ProposalRequest(task_key=self.task, task=self.spec, demonstrations=self.demonstrations,
-                               n=self.n, temperature=self.temperature, seed=self.seed, mode=self.mode)
+                               n=self.n, temperature=self.temperature, seed=self.seed, round=self.round,
+                               mode=self.mode)
 
 
 def default_extract(raw: str) -> tuple[Optional[str], str]:
@@ -114,6 +127,33 @@ def _extracted(value: Any) -> tuple[Optional[str], str]:
     if program is None and not reason:
         reason = "no program found in the reply"
     return (str(program) if program is not None else None), reason
+
+
+# ---------------------------------------------------------------------------
+# one candidate's failure stays that candidate's verdict
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def storable(text: str) -> str:
+    """`text` with lone surrogates (which UTF-8 cannot hold) replaced by U+FFFD, so its record can be written."""
+    return _SURROGATE.sub("\ufffd", text) if _SURROGATE.search(text) else text
+
+
+def _storable_proposal(proposal: Proposal) -> Proposal:
+    raw, error = storable(proposal.raw), storable(proposal.error) if proposal.error is not None else None
+    return proposal if (raw, error) == (proposal.raw, proposal.error) else \
+        proposal.model_copy(update={"raw": raw, "error": error})
+
+
+def contained(what: str, fn: Callable, *args) -> tuple[Any, Optional[str]]:
+    """`(fn(*args), None)`, or `(None, one-line reason)` when it raises: for work on one candidate, whose
+    failure must end as that candidate's failed sample, never as the run's end."""
+    try:
+        return fn(*args), None
+    except Exception as exc:  # noqa: BLE001 - any failure of untrusted input or a plug-in is the candidate's
+        detail = short_text(exc)
+        return None, storable(f"{what} failed: {type(exc).__name__}" + (f": {detail}" if detail else ""))
 
 
 # ---------------------------------------------------------------------------
@@ -174,9 +214,11 @@ class _Generated:
     programs: list[list[Optional[str]]]
     reasons: list[list[str]]  # why extraction failed, per proposal ("" when it did not)
     guarded: list[list[Optional[Any]]]
+    guard_errors: list[list[Optional[str]]]  # why the guardian gave no result, per proposal (None when it did)
     generate_s: float
     guard_s: float
     n_guarded: int
+    first: int = 0  # sample index of each job's first proposal (a streamed proposal's own index)
 
 
 class Executor:
@@ -187,8 +229,9 @@ class Executor:
                  chunk_size: int = 8, guard_temperature: float = 0.0,
                  sink: Optional[Callable[[list[SampleRecord]], None]] = None,
                  prompt_sink: Optional[Callable[[dict[str, list[dict[str, str]]]], None]] = None,
-                 events: Optional[Events] = None):
+                 events: Optional[Events] = None, stop_when_solved: bool = True):
         self.proposer = proposer
+        self.stop_when_solved = stop_when_solved
         self.guardian = guardian
         self.verifier = verifier
         self.extract = extract or default_extract
@@ -212,18 +255,26 @@ class Executor:
         if len(proposals) != len(jobs):
             raise RuntimeError(f"proposer {getattr(self.proposer, 'name', '?')} returned {len(proposals)} lists "
                                f"for {len(jobs)} requests")
-        proposals = [list(p)[: j.n] for p, j in zip(proposals, jobs)]
-        extracted = [[(None, p.error) if p.error is not None
-                      else _extracted((self.open_extract if job.mode == "open" else self.extract)(p.raw))
+        return self._prepare(jobs, [list(p)[: j.n] for p, j in zip(proposals, jobs)], generate_s)
+
+    def _prepare(self, jobs: list[SampleJob], proposals: list[list[Proposal]], generate_s: float,
+                 first: int = 0) -> _Generated:
+        """Extract and guard the programs of the jobs' proposals, indexed from `first` (on the generation thread).
+
+        One candidate's failure (its reply cannot be read, the guardian fails on it) is that candidate's
+        failed sample, never the run's end."""
+        proposals = [[_storable_proposal(p) for p in props] for props in proposals]
+        extracted = [[(None, p.error) if p.error is not None else self._extract_one(p.raw, job.mode)
                       for p in props] for props, job in zip(proposals, jobs)]
         programs = [[prog for prog, _ in row] for row in extracted]
         reasons = [[why for _, why in row] for row in extracted]
         guarded: list[list[Optional[Any]]] = [[None] * len(props) for props in proposals]
+        guard_errors: list[list[Optional[str]]] = [[None] * len(props) for props in proposals]
         guard_s, n_guarded = 0.0, 0
         if self.guardian is not None:
             requests, where = [], []
             for a, (job, progs) in enumerate(zip(jobs, programs)):
-                for b, prog in enumerate(progs):
+                for b, prog in enumerate(progs, first):
                     if prog is not None and b not in job.skip:
                         requests.append(GuardRequest(task_key=job.task, task=job.spec, program=prog,
                                                      temperature=self.guard_temperature,
@@ -231,20 +282,53 @@ class Executor:
                         where.append((a, b))
             if requests:
                 t1 = time.perf_counter()
-                results = self.guardian.repair(requests)
+                results = self._guard(requests)
                 guard_s = time.perf_counter() - t1
-                if len(results) != len(requests):
-                    raise RuntimeError(f"guardian returned {len(results)} results for {len(requests)} requests")
-                for (a, b), res in zip(where, results):
-                    guarded[a][b] = res
+                for (a, b), (res, error) in zip(where, results):
+                    guarded[a][b - first], guard_errors[a][b - first] = res, error
                 n_guarded = len(requests)
-        return _Generated(jobs, proposals, programs, reasons, guarded, generate_s, guard_s, n_guarded)
+        return _Generated(jobs, proposals, programs, reasons, guarded, guard_errors, generate_s, guard_s, n_guarded,
+                          first)
+
+    def _extract_one(self, raw: str, mode: str = "closed") -> tuple[Optional[str], str]:
+        """(program, "") or (None, reason) for one reply (open mode: a candidate); an extractor that raises
+        is that reply's reason."""
+        extract = self.open_extract if mode == "open" else self.extract
+        value, error = contained("reading the reply", lambda text: _extracted(extract(text)), raw)
+        return (None, error) if error is not None else value
+
+    def _guard(self, requests: list[GuardRequest]) -> list[tuple[Optional[GuardResult], Optional[str]]]:
+        """(result, None) or (None, reason) per request. When the guardian fails on the batch, each
+        request is guarded alone, so one request it cannot handle fails only that request's samples."""
+        results, error = contained(f"the {self.guardian.name} guardian", self._guard_batch, requests)
+        if error is None:
+            return [(res, None) for res in results]
+        if len(requests) == 1:
+            return [(None, error)]
+        out: list[tuple[Optional[GuardResult], Optional[str]]] = []
+        for req in requests:
+            one, error = contained(f"the {self.guardian.name} guardian", self._guard_batch, [req])
+            out.append((one[0], None) if error is None else (None, error))
+        return out
+
+    def _guard_batch(self, requests: list[GuardRequest]) -> list[GuardResult]:
+        results = list(self.guardian.repair(requests))
+        if len(results) != len(requests) or not all(isinstance(r, GuardResult) for r in results):
+            raise RuntimeError(f"returned {len(results)} results for {len(requests)} requests")
+        return [r.model_copy(update={"program": storable(r.program)}) for r in results]
 
     # -- main thread ------------------------------------------------------
-    def run(self, jobs: list[SampleJob]) -> list[SampleRecord]:
-        """Every job's new samples (indices in `skip` left out), in job and index order."""
+    def run(self, jobs: list[SampleJob], solved: Collection[str] = ()) -> list[SampleRecord]:
+        """Every job's new samples (indices in `skip` left out), in job and index order.
+
+        With `stop_when_solved` and a streaming proposer, a task's sampling
+        stops once one of its samples is correct (`loop/early_stop.py`);
+        tasks in `solved` (already correct in this step) are then not sampled.
+        """
         if not jobs:
             return []
+        if self.stop_when_solved and isinstance(self.proposer, StreamingProposer):
+            return run_streaming(self, jobs, solved)
         chunks = [jobs[i : i + self.chunk_size] for i in range(0, len(jobs), self.chunk_size)]
         futures: list[Future] = [self._gen.submit(self._generate, chunk) for chunk in chunks]
         pending: dict[int, SampleRecord] = {}
@@ -283,12 +367,14 @@ class Executor:
         prompts: dict[str, list[dict[str, str]]] = {}
         n_props = sum(len(p) for p in gen.proposals) or 1
         now = time.time()
-        for job, props, progs, whys, guards in zip(gen.jobs, gen.proposals, gen.programs, gen.reasons, gen.guarded):
+        for job, props, progs, whys, guards, guard_errors in zip(gen.jobs, gen.proposals, gen.programs, gen.reasons,
+                                                                 gen.guarded, gen.guard_errors):
             if not props:  # nothing came back (a search that found no program): n failed samples
                 why = f"the {getattr(self.proposer, 'name', 'proposer')} returned no proposal"
                 props = [Proposal(raw="", error=why)] * job.n
-                progs, whys, guards = [None] * job.n, [why] * job.n, [None] * job.n
-            for b, (prop, prog, why, guard) in enumerate(zip(props, progs, whys, guards)):
+                progs, whys, guards, guard_errors = [None] * job.n, [why] * job.n, [None] * job.n, [None] * job.n
+            for b, (prop, prog, why, guard, guard_error) in enumerate(zip(props, progs, whys, guards, guard_errors),
+                                                                      gen.first):
                 if b in job.skip:
                     continue
                 pid = prompt_id(prop.messages)
@@ -308,6 +394,8 @@ class Executor:
                     verdict = failed("generate", prop.error)
                 elif prog is None:
                     verdict = failed("parse", why)
+                elif guard_error is not None:  # the guardian failed on this candidate: not verified
+                    verdict, guarded = failed("generate", guard_error), None
                 else:
                     verdict = Verdict(passed=False, stage="pending")
                 out.append(SampleRecord(
@@ -315,7 +403,8 @@ class Executor:
                     of=len(props), seed=job.seed, demonstrations=job.demo_keys, prompt_id=pid, raw=prop.raw, mode=job.mode,
                     program=prog, guarded=guarded if prog is not None else None, guard_changed=changed,
                     verdict=verdict, prompt_tokens=prop.prompt_tokens, completion_tokens=prop.completion_tokens,
-                    guard_prompt_tokens=g_prompt, guard_completion_tokens=g_completion, timings=timings, time=now))
+                    guard_prompt_tokens=g_prompt, guard_completion_tokens=g_completion, timings=timings, time=now,
+                    cost=dict(prop.cost), dropped_demonstrations=list(prop.dropped)))
         if prompts and self.prompt_sink is not None:
             self.prompt_sink(prompts)
         return out
@@ -325,7 +414,11 @@ class Executor:
             if timeout > 0:
                 time.sleep(min(timeout, 0.05))
             return
-        done = self.verifier.poll(timeout)
+        self._emit([rec for _, rec in self._verified(pending, self.verifier.poll(timeout))], records)
+
+    @staticmethod
+    def _verified(pending: dict[int, SampleRecord], done: list[tuple[int, Verdict]]) -> list[tuple[int, SampleRecord]]:
+        """The pending records of the finished tickets, their verdicts filled in (and taken out of `pending`)."""
         batch = []
         for ticket, verdict in done:
             rec = pending.pop(ticket)
@@ -334,8 +427,8 @@ class Executor:
             rec.correct = verdict.passed
             rec.timings["verify_s"] = verdict.seconds
             rec.time = time.time()
-            batch.append(rec)
-        self._emit(batch, records)
+            batch.append((ticket, rec))
+        return batch
 
     def _emit(self, batch: list[SampleRecord], records: list[SampleRecord]) -> None:
         if not batch:

@@ -10,6 +10,7 @@ once per task object.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Iterator
 
 from pydantic import BaseModel, Field
 
@@ -59,6 +60,7 @@ class ProposalRequest(_HasTask):
     temperature: float = 0.7
     seed: int = 0
     mode: str = "closed"  # open: the task is posed without its fns; the answer is a candidate (fns + impl)
+    round: int = 0  # Algorithm 1's round (a search proposer may give later rounds a larger budget)
 
 
 class Proposal(BaseModel):
@@ -70,6 +72,10 @@ class Proposal(BaseModel):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     seconds: float = 0.0
+    # what a proposer without tokens spent on this proposal (the search: its share of the request's
+    # expansions and candidates); summed per round by the report
+    cost: dict[str, float] = Field(default_factory=dict)
+    dropped: list[str] = Field(default_factory=list)  # demonstrations left out to fit the context (easiest first)
 
 
 class Proposer(ABC):
@@ -80,6 +86,19 @@ class Proposer(ABC):
     @abstractmethod
     def propose(self, requests: list[ProposalRequest]) -> list[list[Proposal]]:
         """One list of up to `n` proposals per request, in request order."""
+
+
+class StreamingProposer(Proposer):
+    """A proposer that can give one request's proposals one at a time, each only when asked for.
+
+    The executor uses `iter_proposals` to stop a request (and the task's
+    other requests of the step) once a verified sample is correct, so a
+    streaming proposer spends no work on samples that are not needed.
+    """
+
+    @abstractmethod
+    def iter_proposals(self, request: ProposalRequest) -> Iterator[Proposal]:
+        """Up to `request.n` proposals, lazily; the work for each is done when it is asked for."""
 
 
 class BufferEntry(BaseModel):

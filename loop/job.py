@@ -152,6 +152,8 @@ def start_ray(cfg) -> None:
 
     try:
         init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    except ConfigError:
+        raise
     except (ConnectionError, RuntimeError, ValueError, TimeoutError) as exc:
         target = cfg.ray.address or "a local instance"
         raise ImproveError(f"ray: cannot start or join {target}: {exc}".splitlines()[0]) from None
@@ -317,8 +319,8 @@ def run_improve(config_path: Optional[str | Path] = None, *, run_dir: Optional[s
                 cfg = C.resolve_model_paths(C.load_config(config_path, overrides))
                 where = str(config_path) if config_path is not None else "config"
             tasks_all = load_benchmark()
-            keys = C.select_tasks(cfg.tasks, list(tasks_all), where)
-            modes = C.task_modes(cfg.tasks, list(tasks_all), cfg.mode, where, tasks_all)
+            keys = C.select_tasks(C.strip_modes(cfg.tasks), tasks_all, where)
+            modes = C.task_modes(cfg.tasks, tasks_all, cfg.mode, where)
             if cfg.proposer.tiny_model and cfg.proposer.backend is not None:
                 ensure_tiny_model(cfg.proposer.backend.model)
             C.check_model_paths(cfg, where)
@@ -340,6 +342,7 @@ def run_improve(config_path: Optional[str | Path] = None, *, run_dir: Optional[s
                 events = stack.enter_context(contextlib.closing(make_events(cfg, len(keys), progress)))
                 executor = Executor(components.proposer, components.guardian, components.verifier,
                                     chunk_size=cfg.chunk_size, guard_temperature=cfg.guardian.temperature,
+                                    stop_when_solved=cfg.stop_when_solved,
                                     sink=store.append_samples, prompt_sink=store.add_prompts, events=events)
                 stack.callback(executor.close)
                 loop = SelfImprovementLoop(tasks, executor, settings_from_config(cfg), store=store,

@@ -13,6 +13,21 @@ from typing import Any, Sequence
 from stepforge.loop.runstore import SampleRecord
 
 
+def spend_text(records_tokens: int, cost: dict[str, float], seconds: float) -> str:
+    """What a step spent, as a rate: tokens for models, expansions (and candidates) for the search."""
+    seconds = max(seconds, 1e-6)
+    if records_tokens or not cost:
+        return f"{records_tokens / seconds:.0f} tok/s"
+    return f"{cost.get('expansions', 0) / seconds:.0f} expansions/s, {cost.get('candidates', 0):.0f} candidates"
+
+
+def add_cost(total: dict[str, float], records: Sequence[SampleRecord]) -> None:
+    """Add the records' `cost` into `total`."""
+    for rec in records:
+        for key, value in rec.cost.items():
+            total[key] = total.get(key, 0.0) + value
+
+
 class Events:
     """Callbacks of a running step (the default does nothing)."""
 
@@ -31,7 +46,7 @@ class Events:
 
 
 class RichProgress(Events):
-    """A rich progress bar per step: samples, passes, tasks done, tokens/s."""
+    """A rich progress bar per step: samples, passes, tasks done, what was spent (tokens/s or expansions/s)."""
 
     def __init__(self, n_tasks: int, console: Any = None):
         from rich.console import Console
@@ -41,33 +56,35 @@ class RichProgress(Events):
         self.n_tasks = n_tasks
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                  TextColumn("pass {task.fields[passed]}"), TextColumn("tasks {task.fields[tasks]}"),
-                                 TextColumn("{task.fields[tps]} tok/s"), TimeElapsedColumn(),
+                                 TextColumn("{task.fields[spent]}"), TimeElapsedColumn(),
                                  console=self.console, transient=False)
         self.progress.start()
         self.solved = 0
         self._bar = None
         self._tokens = 0
+        self._cost: dict[str, float] = {}
         self._t0 = time.monotonic()
         self._tasks_done: set[str] = set()
         self._by_task: dict[str, int] = {}
         self._per_task = 0
 
     def step_started(self, round_, step, demonstrations, tasks, total, done, done_correct) -> None:
-        self._tokens, self._t0 = 0, time.monotonic()
+        self._tokens, self._cost, self._t0 = 0, {}, time.monotonic()
         self._by_task = {}
         self._tasks_done = set()
         self._per_task = total // max(len(tasks), 1)
         self._bar = self.progress.add_task(f"round {round_} step {step} ({len(demonstrations)} demos)",
                                            total=total, completed=done, passed=done_correct,
-                                           tasks=f"{self.solved}/{self.n_tasks}", tps="-")
+                                           tasks=f"{self.solved}/{self.n_tasks}", spent="-")
 
     def samples_recorded(self, records) -> None:
         if self._bar is None:
             return
         self._tokens += sum(r.completion_tokens for r in records)
-        rate = self._tokens / max(time.monotonic() - self._t0, 1e-6)
+        add_cost(self._cost, records)
+        spent = spend_text(self._tokens, self._cost, time.monotonic() - self._t0)
         passed = self.progress.tasks[-1].fields["passed"] + sum(1 for r in records if r.correct)
-        self.progress.update(self._bar, advance=len(records), passed=passed, tps=f"{rate:.0f}")
+        self.progress.update(self._bar, advance=len(records), passed=passed, spent=spent)
 
     def step_finished(self, round_, step, solved, unsolved) -> None:
         self.solved += len(solved)
@@ -87,10 +104,12 @@ class LogProgress(Events):
         self.n_tasks = n_tasks
         self.solved = 0
         self._samples = self._correct = self._tokens = 0
+        self._cost: dict[str, float] = {}
         self._t0 = time.monotonic()
 
     def step_started(self, round_, step, demonstrations, tasks, total, done, done_correct) -> None:
         self._samples, self._correct, self._tokens, self._t0 = done, done_correct, 0, time.monotonic()
+        self._cost = {}
         print(f"round {round_} step {step}: {len(tasks)} tasks, {len(demonstrations)} demonstrations, "
               f"{total} samples ({done} already recorded)", file=self.stream, flush=True)
 
@@ -98,10 +117,11 @@ class LogProgress(Events):
         self._samples += len(records)
         self._correct += sum(1 for r in records if r.correct)
         self._tokens += sum(r.completion_tokens for r in records)
+        add_cost(self._cost, records)
 
     def step_finished(self, round_, step, solved, unsolved) -> None:
         self.solved += len(solved)
         secs = time.monotonic() - self._t0
         print(f"round {round_} step {step}: {self._samples} samples, {self._correct} correct, "
               f"solved {len(solved)} new ({self.solved}/{self.n_tasks}), {unsolved} unsolved, "
-              f"{self._tokens / max(secs, 1e-6):.0f} tok/s, {secs:.1f} s", file=self.stream, flush=True)
+              f"{spend_text(self._tokens, self._cost, secs)}, {secs:.1f} s", file=self.stream, flush=True)

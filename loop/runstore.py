@@ -45,10 +45,10 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Optional
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from stepforge.benchmark.verdict import Verdict
-from stepforge.errors import StepforgeError
+from stepforge.errors import StepforgeError, short_text
 from stepforge.loop.interfaces import BufferEntry
 
 CONFIG = "config.yaml"
@@ -87,6 +87,7 @@ class SampleRecord(BaseModel):
     of: int  # how many proposals the request returned (index < of)
     seed: int
     demonstrations: list[str] = Field(default_factory=list)
+    dropped_demonstrations: list[str] = Field(default_factory=list)  # not in the prompt: it would not fit the context
     prompt_id: Optional[str] = None
     raw: str
     mode: str = "closed"  # open: program/guarded are candidates (fns + impl YAML)
@@ -101,6 +102,7 @@ class SampleRecord(BaseModel):
     guard_prompt_tokens: int = 0
     guard_completion_tokens: int = 0
     timings: dict[str, float] = Field(default_factory=dict)  # generate_s, guard_s, verify_s
+    cost: dict[str, float] = Field(default_factory=dict)  # Proposal.cost (the search's expansions, candidates)
     time: float = 0.0  # unix time the sample was recorded
 
     @property
@@ -190,11 +192,12 @@ def load_jsonl(path: Path, repair: bool = False) -> list[dict]:
                 value = json.loads(line.decode("utf-8"))
                 if not isinstance(value, dict):
                     raise ValueError("not a JSON object")
-            except (ValueError, UnicodeDecodeError) as exc:
+            except (ValueError, UnicodeDecodeError, RecursionError) as exc:
                 if number == len(lines) and not tail.strip():
                     tail = line  # the last line: torn, treat like a missing newline
                     break
-                raise RunStoreError(f"{path}: line {number}: not a JSON record ({exc}); "
+                why = "nested too deep" if isinstance(exc, RecursionError) else short_text(exc, 80)
+                raise RunStoreError(f"{path}: line {number}: not a JSON record ({why}); "
                                     f"the run directory is corrupt") from None
             out.append(value)
         offset += len(line) + 1
@@ -204,6 +207,28 @@ def load_jsonl(path: Path, repair: bool = False) -> list[dict]:
             fh.flush()
             os.fsync(fh.fileno())
     return out
+
+
+def validated_records(path: Path, model: type[BaseModel], what: str, repair: bool = False) -> list[Any]:
+    """Every line of a JSONL file as a `model`; RunStoreError naming the file, the line and the first problem."""
+    from stepforge.config_io import validation_problems
+
+    out = []
+    for number, data in enumerate(load_jsonl(path, repair=repair), start=1):
+        try:
+            out.append(model.model_validate(data))
+        except ValidationError as exc:
+            key, problem = validation_problems(exc, model)[0]
+            raise RunStoreError(f"{path}: record {number}: {key or '(top level)'}: {problem} "
+                                f"(expected {what}); the run directory is corrupt") from None
+    return out
+
+
+class PromptRecord(BaseModel):
+    """One line of prompts.jsonl: a proposer prompt and its id."""
+
+    prompt_id: str
+    messages: list[dict[str, str]]
 
 
 # ---------------------------------------------------------------------------
@@ -287,17 +312,21 @@ class RunStore:
 
     # -- config -----------------------------------------------------------
     def config_text(self) -> str:
-        return self.path(CONFIG).read_text(encoding="utf-8")
+        from stepforge.config_io import read_text_file
+
+        return read_text_file(self.path(CONFIG), "run config")
+
+    def config_data(self) -> dict[str, Any]:
+        """config.yaml as a mapping, read by the bounded reader (`config_io.read_mapping`)."""
+        from stepforge.config_io import read_mapping
+
+        return read_mapping(self.path(CONFIG), "settings (tasks, proposer, ...)", noun="run config")
 
     # -- samples ----------------------------------------------------------
     def load_samples(self, repair: bool = False) -> dict[str, SampleRecord]:
         """The recorded samples by key (a torn last line dropped)."""
         out: dict[str, SampleRecord] = {}
-        for i, data in enumerate(load_jsonl(self.path(SAMPLES), repair=repair), start=1):
-            try:
-                rec = SampleRecord.model_validate(data)
-            except ValueError as exc:
-                raise RunStoreError(f"{self.path(SAMPLES)}: record {i}: not a sample record: {exc}") from None
+        for rec in validated_records(self.path(SAMPLES), SampleRecord, "a sample record", repair):
             out.setdefault(rec.key, rec)
         return out
 
@@ -313,8 +342,8 @@ class RunStore:
     # -- prompts ----------------------------------------------------------
     def load_prompts(self, repair: bool = False) -> dict[str, list[dict[str, str]]]:
         out = {}
-        for data in load_jsonl(self.path(PROMPTS), repair=repair):
-            out[data["prompt_id"]] = data["messages"]
+        for rec in validated_records(self.path(PROMPTS), PromptRecord, "a prompt record {prompt_id, messages}", repair):
+            out[rec.prompt_id] = rec.messages
         self._prompt_ids = set(out)
         return out
 
@@ -327,7 +356,7 @@ class RunStore:
 
     # -- steps ------------------------------------------------------------
     def load_steps(self, repair: bool = False) -> list[StepRecord]:
-        out = [StepRecord.model_validate(d) for d in load_jsonl(self.path(STEPS), repair=repair)]
+        out = validated_records(self.path(STEPS), StepRecord, "a step record", repair)
         self._step_ids = {(s.round, s.step) for s in out}
         return out
 
@@ -344,7 +373,7 @@ class RunStore:
         atomic_write_text(self.path(BUFFER), "".join(e.model_dump_json() + "\n" for e in entries))
 
     def load_buffer(self) -> list[BufferEntry]:
-        return [BufferEntry.model_validate(d) for d in load_jsonl(self.path(BUFFER))]
+        return validated_records(self.path(BUFFER), BufferEntry, "a buffer entry")
 
     def write_state(self, state: dict[str, Any]) -> None:
         state = {**state, "updated": time.time()}
@@ -364,9 +393,15 @@ class RunStore:
         if not path.exists():
             return {}
         try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except ValueError as exc:
-            raise RunStoreError(f"{path}: not valid JSON: {exc}") from None
+            value = json.loads(path.read_bytes().decode("utf-8"))
+        except RecursionError:
+            raise RunStoreError(f"{path}: not valid JSON: nested too deep") from None
+        except ValueError as exc:  # UnicodeDecodeError too
+            raise RunStoreError(f"{path}: not valid JSON: {short_text(exc, 80)}") from None
+        if not isinstance(value, dict):
+            raise RunStoreError(f"{path}: (top level): expected a JSON object, got {type(value).__name__}; "
+                                f"the run directory is corrupt")
+        return value
 
     def prepare_resume(self) -> tuple[dict[str, SampleRecord], list[StepRecord]]:
         """Cut torn last lines off every log and load what was recorded."""
@@ -397,4 +432,5 @@ __all__ = [
     "atomic_write_text",
     "load_jsonl",
     "sample_key",
+    "validated_records",
 ]

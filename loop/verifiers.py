@@ -5,7 +5,8 @@
 - `PoolVerifier`: the benchmark's `VerifierPool` (warm worker processes, a
   time limit per verification, a worker that exceeds it is replaced).
 - `RayVerifier`: Ray actors each holding a warm verifier, one verification
-  in flight per actor; one that exceeds `timeout_s` is killed and replaced
+  in flight per actor, a task's candidates sent to an actor that already
+  holds the task when one is free; one that exceeds `timeout_s` is killed and replaced
   and the candidate is scored `timeout`; one that dies is replaced and the
   candidate scored `runtime`.
 
@@ -24,9 +25,11 @@ import queue
 import threading
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+from stepforge.benchmark.pool import pop_for_worker
 from stepforge.benchmark.verdict import Verdict, failed
 from stepforge.registry import Registry
 
@@ -151,29 +154,24 @@ class PoolVerifier(VerifierBackend):
 
 
 class VerifierActor:
-    """A Ray actor holding a warm verifier (the benchmark loaded once, caches kept)."""
+    """A Ray actor holding a warm verifier (benchmark/warm.py: the benchmark loaded once, each
+    task's fns, inputs and oracle outputs cached across candidates)."""
 
     def __init__(self, verify_kwargs: dict[str, Any]):
         os.environ.setdefault("OMP_NUM_THREADS", "1")
         import torch
 
         torch.set_num_threads(1)
-        from stepforge.benchmark.schema import load_benchmark
+        from stepforge.benchmark.warm import WarmVerifier
 
-        self.tasks = load_benchmark()
-        self.verify_kwargs = dict(verify_kwargs)
+        self.warm = WarmVerifier(verify_kwargs=verify_kwargs)
 
     def ready(self) -> int:
         return os.getpid()
 
     def verify(self, task_key: str, program: str, mode: str = "closed") -> dict:
-        from stepforge.benchmark.verifier import verify
-
-        if mode == "open":
-            from stepforge.benchmark.open_mode import verify_open
-
-            return verify_open(self.tasks[task_key], program, **self.verify_kwargs).model_dump()
-        return verify(self.tasks[task_key], program, **self.verify_kwargs).model_dump()
+        impl = _open_impl(program) if mode == "open" else program
+        return impl.model_dump() if isinstance(impl, Verdict) else self.warm.verify_dict(task_key, impl)
 
 
 @dataclass
@@ -183,6 +181,7 @@ class _Slot:
     job: Optional[tuple[int, str, str, str]] = None
     ref: Any = None
     dispatched: float = 0.0
+    known: set = field(default_factory=set)  # task keys this actor has set up
 
 
 class RayVerifier(VerifierBackend):
@@ -198,7 +197,7 @@ class RayVerifier(VerifierBackend):
         self.num_cpus = num_cpus
         self.startup_timeout_s = startup_timeout_s
         self._cls = ray.remote(max_restarts=0, max_task_retries=0)(VerifierActor)
-        self._queue: list[tuple[int, str, str, str]] = []
+        self._queue: deque[tuple[int, str, str, str]] = deque()
         self._done: list[tuple[int, Verdict]] = []
         self._pending = 0
         self.replacements = 0
@@ -215,7 +214,7 @@ class RayVerifier(VerifierBackend):
         except Exception:  # noqa: BLE001 - already gone
             pass
         fresh = self._spawn()
-        slot.actor, slot.ready_ref, slot.job, slot.ref = fresh.actor, fresh.ready_ref, None, None
+        slot.actor, slot.ready_ref, slot.job, slot.ref, slot.known = fresh.actor, fresh.ready_ref, None, None, set()
         self.replacements += 1
         self._started = time.monotonic()
 
@@ -227,9 +226,10 @@ class RayVerifier(VerifierBackend):
     def _dispatch(self) -> None:
         for slot in self.slots:
             if self._queue and slot.ready_ref is None and slot.job is None:
-                job = self._queue.pop(0)
+                job = pop_for_worker(self._queue, slot.known, lambda item: item[1])
                 slot.job, slot.ref, slot.dispatched = job, slot.actor.verify.remote(job[1], job[2], job[3]), \
                     time.monotonic()
+                slot.known.add(job[1])
 
     def _fail(self, job: tuple[int, str, str, str], stage: str, message: str) -> tuple[int, Verdict]:
         affine_ok = None

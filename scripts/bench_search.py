@@ -56,7 +56,7 @@ class Attempt:
 
 
 def attempt(proposer: SearchProposer, task: Task, demos: list[Demonstration], n: int, task_seconds: float) -> Attempt:
-    request = ProposalRequest(task_key=task.key, task_ir=task.to_yaml(include_impl=False), demonstrations=demos,
+    request = ProposalRequest(task_key=task.key, task=task, demonstrations=demos,
                               n=n, temperature=0.0, seed=0)
     stats = SearchStats()
     start = time.perf_counter()
@@ -89,10 +89,10 @@ def demonstrations_for(task: Task, tasks: dict[str, Task], earned: dict[str, str
     demos = []
     for key, impl in earned.items():
         if key != task.key:
-            demos.append(Demonstration(task_key=key, task_ir=tasks[key].to_yaml(include_impl=False), impl=impl))
+            demos.append(Demonstration(task_key=key, task=tasks[key], impl=impl))
     for key, other in tasks.items():
         if key != task.key and other.group == task.group and key not in earned and other.impl:
-            demos.append(Demonstration(task_key=key, task_ir=other.to_yaml(include_impl=False), impl=other.impl))
+            demos.append(Demonstration(task_key=key, task=other, impl=other.impl))
     return demos
 
 

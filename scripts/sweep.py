@@ -38,9 +38,14 @@ How a job finds the project (`ray.code`):
 - `installed`: the nodes' Python has stepforge installed (same image or
   venv); the working dir holds only the configs.
 
-`ray.python` is the interpreter of the entrypoint (default `python`, the one
-on the nodes' PATH, usually the Python that started Ray); `ray.env_vars` are
-added to the job's runtime environment (HF offline flags are always set).
+`ray.python` is the interpreter of the entrypoint; by default the one running
+this script (`sys.executable`: the project's venv, where typer, torch and the
+rest are installed), which is right for a head on this machine and for nodes
+that share the venv's path (one image, or a shared file system). Set it when
+the nodes' environment lives elsewhere (e.g. `/opt/venv/bin/python`); a bare
+`python` is whatever the job's PATH finds first, usually not the venv.
+`ray.env_vars` are added to the job's runtime environment (HF offline flags
+are always set).
 
 Jobs are submitted with the `ray job submit --no-wait` CLI (so the commands
 printed by `plan` are exactly what runs); their status and logs are followed
@@ -163,7 +168,7 @@ def stage_working_dir(cfg: SweepConfig, into: Path) -> str:
 
 def entrypoint(cfg: SweepConfig, job: Job, config_rel: str) -> list[str]:
     """The job's command: an ordinary `stepforge improve` (new or --resume) or `stepforge ablate`."""
-    base = [cfg.ray.python, "-m", "stepforge.cli"]
+    base = [cfg.ray.python or sys.executable, "-m", "stepforge.cli"]
     if cfg.command == "improve":
         if (Path(job.run_dir) / "config.yaml").is_file():
             return base + ["improve", "--resume", job.run_dir, "--no-progress"]
@@ -323,6 +328,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
+    if os.environ.get("RAY_ADDRESS") == "local":
+        # a driver's "start a private instance" setting names no Jobs API, and Ray's job client would
+        # take it to mean "find the cluster running here" (failing when several run)
+        del os.environ["RAY_ADDRESS"]
     log = lambda msg: print(f"[sweep] {msg}", file=sys.stderr, flush=True)  # noqa: E731
     overrides = list(args.overrides)
     for key, value in (("config", args.base_config), ("command", args.command), ("runs_root", args.runs_root),

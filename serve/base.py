@@ -218,6 +218,21 @@ class ModelBackend(ABC):
     def count_tokens(self, text: str) -> int:
         """Number of tokens the model's tokenizer gives `text`."""
 
+    def context_length(self) -> int | None:
+        """The model's context window in tokens (prompt + generation); None when unknown."""
+        return getattr(self, "max_model_len", None)
+
+    def count_prompts(self, requests: list[GenerationRequest]) -> list[int]:
+        """Prompt tokens of each request as the engine encodes it (its chat template applied);
+        a backend without a local tokenizer counts the message texts."""
+        from .prompts import encode_prompt
+
+        tokenizer = getattr(self, "tokenizer", None)
+        if tokenizer is not None:
+            return [len(encode_prompt(tokenizer, r)) for r in requests]
+        return [self.count_tokens(r.prompt if r.messages is None else "\n".join(m["content"] for m in r.messages))
+                for r in requests]
+
     def close(self) -> None:  # noqa: B027 - optional: a backend may hold nothing
         """Release the model and any pools or connections."""
 

@@ -73,7 +73,18 @@ class BackendConfig(StrictModel):
             raise ValueError("kind 'openai' needs base_url (e.g. http://127.0.0.1:8000/v1)")
         if self.kind != "vllm" and self.tensor_parallel_size != 1:
             raise ValueError("tensor_parallel_size applies to kind 'vllm' only")
+        if self.num_gpus is not None:
+            self._check_num_gpus(self.num_gpus)
         return self
+
+    def _check_num_gpus(self, gpus: float) -> None:
+        # A Ray actor sees only the GPUs it reserves: fewer than its engine uses is a config error.
+        tp = self.tensor_parallel_size
+        if self.kind == "vllm" and gpus < tp and not (tp == 1 and gpus > 0):
+            raise ValueError(f"num_gpus {gpus:g} is below tensor_parallel_size {tp}: each replica must reserve "
+                             f"the {tp} GPU(s) its engine uses (a fraction of one GPU only shares it when tp is 1)")
+        if self.kind == "hf" and self.device == "cuda" and gpus == 0:
+            raise ValueError("num_gpus 0 with device 'cuda': the replica would use a GPU it does not reserve")
 
     @property
     def name(self) -> str:

@@ -14,6 +14,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Never join a cluster running on this machine (a `ray start --head`, or the stale current-cluster file of
+# one that was killed): every driver the suite starts, in process or through the CLI, gets a private instance.
+os.environ["RAY_ADDRESS"] = "local"
 
 STAND_INS = Path(__file__).resolve().parent / "stand_ins"
 
@@ -72,14 +75,11 @@ def long_prompt(tiny_model_dir) -> str:
 
 @pytest.fixture(scope="module")
 def ray_local():
-    """A local 2-CPU Ray instance for one test module (an outer RAY_ADDRESS is set aside meanwhile)."""
+    """A private local 2-CPU Ray instance for one test module (never a cluster already on the machine)."""
     import ray
 
     from stepforge.serve.actors import init_ray
 
-    saved = os.environ.pop("RAY_ADDRESS", None)
-    init_ray(num_cpus=2)
+    init_ray("local", num_cpus=2)
     yield ray
     ray.shutdown()
-    if saved is not None:
-        os.environ["RAY_ADDRESS"] = saved

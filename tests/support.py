@@ -87,6 +87,26 @@ def make_task(name: str):
     return Task.from_yaml(_MINIMAL_TASK.format(name=name))
 
 
+def edited_run_copy(run, dest, impls: dict, name: str, **config):
+    """A copy of a run directory with some earned programs replaced (task key -> impl) and config keys set."""
+    import json
+    import shutil
+
+    import yaml
+
+    from stepforge.loop.runstore import load_jsonl
+
+    shutil.copytree(run, dest)
+    entries = load_jsonl(dest / "buffer.jsonl")
+    for e in entries:
+        e["impl"] = impls.get(e["task_key"], e["impl"])
+    (dest / "buffer.jsonl").write_text("".join(json.dumps(e) + "\n" for e in entries))
+    cfg = yaml.safe_load((dest / "config.yaml").read_text())
+    cfg.update(name=name, **config)
+    (dest / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return dest
+
+
 # The 8 groups of the published 26-task benchmark (docs/benchmark.md); every other group holds added tasks.
 PUBLISHED_GROUPS = ("attention", "bmm", "gemm", "norm", "rope", "moe-index", "moe-expert", "moe-end-to-end")
 

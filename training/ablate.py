@@ -20,7 +20,9 @@ seeded buffer. The config each arm ran is kept in RUN_DIR/configs/<arm>.yaml.
 
 Split (`split`): `source_run` names an improve run whose buffer is the earned
 experience: train = the tasks it earned, test = the other tasks of
-`split.tasks`. Or `split.train` / `split.test` name them (keys or globs).
+`split.tasks`. Or `split.train` / `split.test` name them: keys or globs, a split name
+(`published`, `new`, `all`), or a selection mapping (benchmark/selection.py), e.g.
+`split: {train: published, test: new}` for train-on-published, test-on-new.
 
 Seeded in-context arms (`seed_si: true`, the default, with a source run): the
 train split's earned entries are written to RUN_DIR/seed_buffer.jsonl and the
@@ -62,6 +64,7 @@ from typing import Any, Literal, Optional
 import yaml
 from pydantic import Field, field_validator, model_validator
 
+from stepforge.benchmark.selection import TaskSpec, as_spec
 from stepforge.config_io import StrictModel
 from stepforge.errors import StepforgeError
 from stepforge.training.ablate_report import render_markdown, write_csv, write_plot
@@ -80,20 +83,20 @@ class AblationError(StepforgeError):
 
 class SplitSettings(StrictModel):
     source_run: Optional[str] = None
-    tasks: list[str] = Field(default_factory=lambda: ["*"], min_length=1)
-    train: Optional[list[str]] = None
-    test: Optional[list[str]] = None
+    tasks: TaskSpec = Field(default_factory=lambda: ["*"])
+    train: Optional[TaskSpec] = None  # a split name (published, new), keys/globs, or a selection mapping
+    test: Optional[TaskSpec] = None
 
     @field_validator("tasks", "train", "test", mode="before")
     @classmethod
     def _listify(cls, v):
-        return [v] if isinstance(v, str) else v
+        return as_spec(v)
 
     @model_validator(mode="after")
     def _one_kind(self) -> "SplitSettings":
         if self.source_run is None and not self.test:
             raise ValueError("give source_run (an improve run: train = the tasks it solved, test = the rest of "
-                             "tasks) or test (and optionally train) as task keys or globs")
+                             "tasks) or test (and optionally train) as task keys, globs, a split name or a selection")
         if self.source_run is not None and (self.train is not None or self.test is not None):
             raise ValueError("give either source_run or train/test, not both")
         return self
@@ -299,10 +302,42 @@ def ensure_adapter(cfg: AblationConfig, run_dir: Path, split: dict[str, list[str
     if not split["train"]:
         raise AblationError("sft: no training task (split.train is empty and there is no source run)")
     extra = split["train"] if (cfg.sft.train_extra or cfg.split.source_run is None) else []
-    log(f"sft: training on {len(split['train'])} tasks -> {out}")
-    outcome = run_sft(run_dir=cfg.split.source_run, model=cfg.model, out=out, settings=settings,
-                      extra_tasks=extra, only_tasks=split["train"])
-    return outcome.out
+    kwargs = {"run_dir": cfg.split.source_run, "model": cfg.model, "out": out, "settings": settings,
+              "extra_tasks": extra, "only_tasks": split["train"]}
+    options = sft_task_options(_cluster_gpus())
+    where = f"a Ray task reserving {options['num_gpus']:g} GPU" if options else "this process"
+    log(f"sft: training on {len(split['train'])} tasks in {where} -> {out}")
+    if options is None:
+        return run_sft(**kwargs).out
+    import ray
+
+    task = ray.remote(_train_sft_task).options(**options)
+    return Path(ray.get(task.remote(kwargs)))
+
+
+def sft_task_options(cluster_gpus: float) -> Optional[dict[str, Any]]:
+    """Ray options of the SFT training task: one GPU when the cluster has one (the driver reserves
+    none), the worker exiting afterwards so the GPU is free before the arms' model actors start.
+    None: no GPU anywhere, train in this process."""
+    if cluster_gpus < 1:
+        return None
+    return {"num_cpus": 1, "num_gpus": 1, "max_calls": 1, "max_retries": 0}
+
+
+def _cluster_gpus() -> float:
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return 0.0
+    return float(ray.cluster_resources().get("GPU", 0.0))
+
+
+def _train_sft_task(kwargs: dict[str, Any]) -> str:
+    """`run_sft` inside a Ray worker that reserves a GPU; the adapter folder."""
+    from .pipeline import run_sft
+
+    return str(run_sft(**kwargs).out)
 
 
 # ---------------------------------------------------------------------------
@@ -399,11 +434,10 @@ def run_ablation(config_path: str | Path, *, run_dir: str | Path | None = None, 
     (out / "split.json").write_text(json.dumps(split, indent=2) + "\n", encoding="utf-8")
     if seed_path is not None:  # an arm run keeps its own copy of the seed, so rewriting this is harmless
         seed_path.write_text("".join(e.model_dump_json() + "\n" for e in seed), encoding="utf-8")
-    adapter = ensure_adapter(cfg, out, split, base, log)
-
     ray_started = _start_ray(arm_cfgs.values())
     rows = []
     try:
+        adapter = ensure_adapter(cfg, out, split, base, log)  # on a GPU of the cluster when it has one
         (out / "configs").mkdir(exist_ok=True)
         for arm in cfg.arms:
             arm_adapter = adapter if arm.startswith("sft") else None
@@ -442,7 +476,8 @@ def _is_expected(exc: BaseException) -> bool:
 
 
 def _start_ray(arm_cfgs) -> bool:
-    """Start (or join) Ray once for all arms when they generate with a model; True if started here."""
+    """Start (or join) Ray once, for the SFT training and all arms, when the arms generate with a model;
+    True if started here."""
     import ray
 
     if ray.is_initialized():
@@ -469,4 +504,5 @@ __all__ = [
     "load_ablation_config",
     "run_ablation",
     "seed_entries",
+    "sft_task_options",
 ]

@@ -151,12 +151,13 @@ def benchmark_tasks() -> dict[str, Any]:
     return load_benchmark()
 
 
-def select_task_keys(patterns: Sequence[str], where: str = "data.extra_tasks") -> list[str]:
-    """Benchmark keys matching `patterns` (keys, unique test names or globs), in benchmark order."""
+def select_task_keys(patterns: Any, where: str = "data.extra_tasks") -> list[str]:
+    """Benchmark keys that `patterns` select (keys, unique test names, globs, split names, or a selection
+    mapping; benchmark/selection.py), in benchmark order."""
     from stepforge.loop.config import ConfigError, select_tasks
 
     try:
-        return select_tasks(list(patterns), list(benchmark_tasks()), where)
+        return select_tasks(patterns, benchmark_tasks(), where)
     except ConfigError as exc:
         raise DatasetError(str(exc)) from None
 

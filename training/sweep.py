@@ -68,7 +68,7 @@ class Grid(StrictModel):
 class RaySettings(StrictModel):
     address: Optional[str] = None
     code: Literal["upload", "installed"] = "upload"
-    python: str = "python"
+    python: Optional[str] = None  # the entrypoint's interpreter; None: the one running the sweep (its venv)
     env_vars: dict[str, str] = Field(default_factory=dict)
     excludes: list[str] = Field(default_factory=list)
     entrypoint_num_cpus: float = Field(default=1.0, ge=0)

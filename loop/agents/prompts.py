@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import yaml
 
+from stepforge.config_io import read_yaml_text
+from stepforge.errors import ConfigError
 from stepforge.loop.interfaces import Demonstration, task_ir
 from stepforge.simulator.fns import body_returns
 
@@ -80,8 +82,8 @@ _TOP_KEY = re.compile(r"^[^\s#]")
 def strip_impl(task_ir: str) -> str:
     """`task_ir` without its `impl` key; the rest of the text is kept as it is."""
     try:
-        data = yaml.safe_load(task_ir)
-    except yaml.YAMLError:
+        data = read_yaml_text(task_ir, "the task IR")
+    except ConfigError:
         return task_ir
     if not (isinstance(data, dict) and "impl" in data):
         return task_ir
@@ -97,8 +99,8 @@ def strip_impl(task_ir: str) -> str:
             out.append(line)
     text = "".join(out)
     try:
-        stripped = yaml.safe_load(text)
-    except yaml.YAMLError:
+        stripped = read_yaml_text(text, "the task IR")
+    except ConfigError:
         stripped = None
     if isinstance(stripped, dict) and "impl" not in stripped:
         return text

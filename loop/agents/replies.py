@@ -31,8 +31,8 @@ import textwrap
 from dataclasses import dataclass
 from typing import Optional
 
-import yaml
-
+from stepforge.config_io import read_yaml_text
+from stepforge.errors import ConfigError
 from stepforge.simulator import ProgramSyntaxError, parse_program
 from stepforge.simulator.program import MAX_PROGRAM_CHARS
 
@@ -244,8 +244,8 @@ def _yaml_impls(block: str) -> list[str]:
         return []
     out = []
     try:
-        data = yaml.safe_load(block)
-    except Exception:  # noqa: BLE001 - any YAML problem (or a pathological nesting): use the indent rule
+        data = read_yaml_text(block, "the reply's YAML block")
+    except ConfigError:  # not YAML, or past the reader's bounds (an alias bomb, deep nesting): the indent rule
         data = None
     if isinstance(data, dict) and isinstance(data.get("impl"), str) and data["impl"].strip():
         out.append(data["impl"])

@@ -157,6 +157,15 @@ def _count(items: Iterable[str]) -> dict[str, int]:
     return dict(out)
 
 
+def cost_totals(records: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """The records' `cost` (what proposers without tokens spent, e.g. search expansions), summed by key."""
+    total: dict[str, float] = defaultdict(float)
+    for rec in records:
+        for key, value in (rec.get("cost") or {}).items():
+            total[key] += float(value)
+    return {k: round(v, 4) for k, v in total.items()}
+
+
 def round_metrics(samples: Sequence[Mapping[str, Any]], steps: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Per round: steps, samples, correct, tasks solved (new), tokens, wall seconds."""
     rounds: dict[int, dict[str, Any]] = {}
@@ -178,6 +187,7 @@ def round_metrics(samples: Sequence[Mapping[str, Any]], steps: Sequence[Mapping[
             "prompt_tokens": int(sum(prompts.values())),
             "completion_tokens": int(sum(x.get("completion_tokens", 0) for x in recs)),
             "guard_tokens": int(sum(x.get("guard_prompt_tokens", 0) + x.get("guard_completion_tokens", 0) for x in recs)),
+            "cost": cost_totals(recs),
         })
         r["seconds"] = round(r["seconds"], 4)
     ordered = [rounds[k] for k in sorted(rounds)]

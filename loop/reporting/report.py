@@ -16,21 +16,25 @@ entries: demonstrations only, never counted as solved). Keys whose name contains
 are timings; everything else is a deterministic function of the config.
 
 Plots (PNG, matplotlib Agg): `tasks_solved.png` (tasks solved, cumulative,
-after each round) and `tokens.png` (prompt and completion tokens per round).
+after each round), the plot of what the proposer spent (`tokens.png`: prompt and
+completion tokens per round, for models; `search.png`: expansions and candidates
+per round from the samples' `cost`, for the search; none when nothing was
+spent) and `families.png` (solved fraction per task family). `families` in
+summary.json: per group, the mode, tasks, solved, round-0 pass@1 and solved per
+difficulty (loop/reporting/families.py).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
-import yaml
-
+from stepforge.loop.reporting import families as F
 from stepforge.loop.reporting import metrics as M
 from stepforge.loop.runstore import REPORT, RunStore
 
-PLOTS = ("tasks_solved.png", "tokens.png")
+PLOTS = ("tasks_solved.png", "tokens.png", "search.png", "families.png")  # tokens.png for model runs, search.png for the search
 
 
 def _group_of(task: str) -> str:
@@ -50,7 +54,7 @@ def _inputs_by_task(keys: list[str]) -> dict[str, list[str]]:
 
 def build_summary(store: RunStore) -> dict[str, Any]:
     """The run's metrics from its files."""
-    config = yaml.safe_load(store.config_text()) or {}
+    config = store.config_data()
     state = store.load_state()
     samples = store.sample_dicts()
     steps = [s.model_dump() for s in store.load_steps()]
@@ -76,6 +80,7 @@ def build_summary(store: RunStore) -> dict[str, Any]:
         groups[_group_of(task)]["solved"] += 1 if task in earned else 0
     wall = sum(float(s.get("seconds", 0.0)) for s in steps)
     run = M.run_metrics(samples, steps, n_tasks, wall_seconds=wall)
+    run["cost"] = M.cost_totals(samples)
     run["tasks_solved"] = len(earned)
     run["task_completion"] = len(earned) / n_tasks if n_tasks else 0.0
     programs = M.program_metrics(buffer, _inputs_by_task(list(earned)))
@@ -85,7 +90,7 @@ def build_summary(store: RunStore) -> dict[str, Any]:
     for group in groups:
         groups[group]["mode"] = _mode_label({modes[t] for t in tasks_in_run if _group_of(t) == group})
     run["mode"] = _mode_label(set(modes.values()))
-    return {
+    summary = {
         "name": config.get("name"),
         "variant": config.get("variant"),
         "mode": run["mode"],
@@ -104,6 +109,8 @@ def build_summary(store: RunStore) -> dict[str, Any]:
         "buffer": [e["task_key"] for e in buffer],
         "seeded": [e["task_key"] for e in seeded],
     }
+    summary["families"] = F.family_summary(summary, config.get("mode") or "closed")
+    return summary
 
 
 def run_modes(state: dict, config: dict, tasks: list[str]) -> dict[str, str]:
@@ -149,6 +156,15 @@ def write_plots(store: RunStore, summary: dict[str, Any]) -> list[Path]:
     plt.close(fig)
     out.append(path)
 
+    spend = spend_plot(summary)
+    for stale in PLOTS[1:]:
+        if stale != spend and store.path(stale).is_file():
+            store.path(stale).unlink()  # a plot of what this run did not spend
+    if spend == PLOTS[2]:
+        out.append(_search_plot(plt, store, rounds, xs))
+    if spend != PLOTS[1]:
+        return out
+
     fig, ax = plt.subplots(figsize=(5.5, 3.5), dpi=120)
     prompt = [r["prompt_tokens"] for r in rounds]
     completion = [r["completion_tokens"] for r in rounds]
@@ -156,6 +172,7 @@ def write_plots(store: RunStore, summary: dict[str, Any]) -> list[Path]:
     ax.bar(xs, completion, bottom=prompt, label="completion")
     ax.set_xlabel("round")
     ax.set_ylabel("tokens")
+    ax.set_ylim(bottom=0)
     ax.set_xticks(xs or [0])
     ax.set_title("tokens per round")
     ax.legend()
@@ -164,7 +181,42 @@ def write_plots(store: RunStore, summary: dict[str, Any]) -> list[Path]:
     fig.savefig(path)
     plt.close(fig)
     out.append(path)
+
+    path = store.path(PLOTS[2])
+    F.plot_families(path, list(summary["families"]), [(summary.get("name") or "run", summary["families"])])
+    out.append(path)
     return out
+
+
+def spend_plot(summary: dict[str, Any]) -> Optional[str]:
+    """The plot of what the run spent: tokens.png (models), search.png (the search), None (nothing)."""
+    run = summary["run"]
+    if run.get("prompt_tokens", 0) + run.get("completion_tokens", 0) > 0:
+        return PLOTS[1]
+    if any(run.get("cost", {}).values()):
+        return PLOTS[2]
+    return None
+
+
+def _search_plot(plt, store: RunStore, rounds: list[dict[str, Any]], xs: list[int]) -> Path:
+    fig, ax = plt.subplots(figsize=(5.5, 3.5), dpi=120)
+    ax.bar(xs, [r.get("cost", {}).get("expansions", 0) for r in rounds], label="expansions")
+    ax.set_xlabel("round")
+    ax.set_ylabel("search expansions")
+    ax.set_ylim(bottom=0)
+    ax.set_xticks(xs or [0])
+    twin = ax.twinx()
+    twin.plot(xs, [r.get("cost", {}).get("candidates", 0) for r in rounds], marker="o", color="C1",
+              label="candidates")
+    twin.set_ylabel("candidates")
+    twin.set_ylim(bottom=0)
+    ax.set_title("search spending per round")
+    fig.legend(loc="upper right")
+    fig.tight_layout()
+    path = store.path(PLOTS[2])
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 # ---------------------------------------------------------------------------
@@ -191,7 +243,7 @@ def _table(headers: list[str], rows: list[list[Any]]) -> str:
 
 
 def render_markdown(store: RunStore, summary: dict[str, Any]) -> str:
-    config = yaml.safe_load(store.config_text()) or {}
+    config = store.config_data()
     run = summary["run"]
     proposer = config.get("proposer") or {}
     backend = proposer.get("backend") or {}
@@ -224,7 +276,13 @@ def render_markdown(store: RunStore, summary: dict[str, Any]) -> str:
                        "completion tokens", "wall s"], [[
         r["round"], r["steps"], r.get("samples", 0), r.get("correct", 0), len(r["solved"]), r["solved_total"],
         r.get("prompt_tokens", 0), r.get("completion_tokens", 0), _f(r["seconds"], 1)] for r in summary["rounds"]]))
-    out += ["", "![tasks solved](tasks_solved.png) ![tokens](tokens.png)", ""]
+    if any(run.get("cost", {}).values()):
+        out += ["", "The search spends expansions, not tokens; per round:", ""]
+        out.append(_table(["round", "expansions", "generated", "candidates"], [[
+            r["round"], *(_f(r.get("cost", {}).get(k, 0), 0) for k in ("expansions", "generated", "candidates"))]
+            for r in summary["rounds"]]))
+    spend = spend_plot(summary)
+    out += ["", "![tasks solved](tasks_solved.png)" + (f" ![{spend[:-4]}]({spend})" if spend else ""), ""]
     out += ["## Steps (demonstration groups)", "",
             "Step j of a round shows the demonstrations E[0] + ... + E[j] (hardest first).", ""]
     out.append(_table(["round", "step", "demonstrations", "tasks sampled", "solved", "samples", "correct", "wall s"], [[
@@ -233,6 +291,7 @@ def render_markdown(store: RunStore, summary: dict[str, Any]) -> str:
     out += ["", "## Per task group", ""]
     out.append(_table(["group", "mode", "tasks", "solved"],
                       [[g, v.get("mode", "closed"), v["tasks"], v["solved"]] for g, v in summary["groups"].items()]))
+    out += [""] + F.render_families(summary) + ["![solved per family](families.png)"]
     out += ["", "## Per task", "",
             "pass@1 and pass@n use the unbiased estimator over the task's samples of one step (all temperatures); "
             "`round 0` is base knowledge only, `at solve` the step that solved it.", ""]

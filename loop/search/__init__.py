@@ -68,6 +68,11 @@ Budget: for each sample, each search of the portfolio may take at most
 its previous program; the portfolio stops at `n` distinct programs or when
 every search has spent its budget. With the expansion budget binding, the
 result is a function of (task, demonstrations, n, temperature, seed, config).
+`expansion_schedule` / `candidate_schedule` set `max_expansions` and the
+programs per request by Algorithm 1's round (`ProposalRequest.round`).
+`SearchProposer.iter_proposals` gives a request's programs lazily, so the
+loop's executor stops the search once one is verified correct
+(loop/early_stop.py).
 
 Every emitted program is parsed, type-checked (`typecheck_program`) against
 the task's types, checked for the affine rule and for the declared output

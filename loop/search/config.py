@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class SearchConfig(BaseModel):
@@ -14,6 +14,12 @@ class SearchConfig(BaseModel):
 
     max_expansions: int = Field(default=6000, ge=1, description="per sample and search of the portfolio: "
                                 "expansions allowed after its previous program")
+    expansion_schedule: list[int] = Field(default_factory=list, description="max_expansions by Algorithm 1's "
+                                          "round: round r uses entry min(r, len - 1), so tasks still unsolved get "
+                                          "a larger budget later (empty: max_expansions in every round)")
+    candidate_schedule: list[int] = Field(default_factory=list, description="programs per request by "
+                                          "Algorithm 1's round (at most the request's n): round r uses entry "
+                                          "min(r, len - 1) (empty: the request's n)")
     max_seconds: float = Field(default=15.0, gt=0, description="per sample and search of the portfolio: seconds "
                                "(of its own work) allowed after its previous program")
     heuristic_weights: list[float] = Field(default_factory=lambda: [2.0, 4.0], min_length=1,
@@ -34,6 +40,27 @@ class SearchConfig(BaseModel):
     base_share: float = Field(default=0.25, ge=0, lt=1, description="with demonstrations: share of the samples "
                               "drawn from a second search in the base prior's order, so demonstrations cannot hide "
                               "what the base prior finds (0: learned prior only)")
+
+
+    @field_validator("expansion_schedule", "candidate_schedule")
+    @classmethod
+    def _schedule(cls, v: list[int]) -> list[int]:
+        if any(int(x) < 1 for x in v):
+            raise ValueError(f"expected counts >= 1, got {v}")
+        return v
+
+    def candidates(self, round_: int, n: int) -> int:
+        """Programs a request of round `round_` asking for `n` gets at most (`candidate_schedule`)."""
+        if not self.candidate_schedule:
+            return n
+        return min(n, self.candidate_schedule[min(max(round_, 0), len(self.candidate_schedule) - 1)])
+
+    def for_round(self, round_: int) -> "SearchConfig":
+        """These settings with the round's `max_expansions` (from `expansion_schedule`)."""
+        if not self.expansion_schedule:
+            return self
+        budget = self.expansion_schedule[min(max(round_, 0), len(self.expansion_schedule) - 1)]
+        return self if budget == self.max_expansions else self.model_copy(update={"max_expansions": budget})
 
 
 def as_config(config: Any) -> SearchConfig:

@@ -42,8 +42,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Optional, Sequence
 
-import yaml
-
+from stepforge.config_io import read_yaml_text
+from stepforge.errors import ConfigError
 from stepforge.simulator.program import Apply, Comprehension, FnList, NameRef, OpCall, Program, Return, parse_program
 
 BOS = "<s>"
@@ -179,8 +179,8 @@ def fn_order_category(index: int, used_indices: Iterable[int], reused: bool) -> 
 @functools.lru_cache(maxsize=512)
 def _task_fn_order(task_ir: str) -> dict[str, int]:
     try:
-        data = yaml.safe_load(task_ir)
-    except yaml.YAMLError:
+        data = read_yaml_text(task_ir, "the task IR")
+    except ConfigError:
         return {}
     if not isinstance(data, dict) or not isinstance(data.get("fns"), list):
         return {}
@@ -200,8 +200,8 @@ def _abstract_dtype(dtype) -> str:
 def task_signature(task_ir: str) -> frozenset[str]:
     """What a task looks like to the search: its fns' abstracted types (and foldness), its streams' types and ranks."""
     try:
-        data = yaml.safe_load(task_ir)
-    except yaml.YAMLError:
+        data = read_yaml_text(task_ir, "the task IR")
+    except ConfigError:
         return frozenset()
     if not isinstance(data, dict):
         return frozenset()

@@ -10,12 +10,12 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 
 from stepforge.benchmark.schema import FnDecl
 from stepforge.loop.candidates import candidate_impl
-from stepforge.loop.interfaces import Demonstration, Proposal, ProposalRequest, Proposer
+from stepforge.loop.interfaces import Demonstration, Proposal, ProposalRequest, StreamingProposer
 from stepforge.loop.search.config import SearchConfig, as_config
 from stepforge.loop.search.open_library import as_candidate, fn_library
 from stepforge.loop.search.portfolio import interleave, portfolio_members
 from stepforge.loop.search.prior import OpPrior
-from stepforge.loop.search.results import Candidate, SearchStats
+from stepforge.loop.search.results import Candidate, SearchStats, search_cost
 from stepforge.loop.search.tables import TaskTables
 from stepforge.loop.search.task import SearchTask
 
@@ -69,7 +69,7 @@ OPEN_SUBSET_EXPANSIONS = 400
 OPEN_SUBSET_SECONDS = 0.5
 
 
-class SearchProposer(Proposer):
+class SearchProposer(StreamingProposer):
     """The model-free proposer: type-directed best-first search (see loop/search/__init__.py).
 
     `SearchProposer(config)` takes a `SearchConfig`, a mapping of its keys,
@@ -80,6 +80,10 @@ class SearchProposer(Proposer):
     token counts are 0, `seconds` is the search time spent on that proposal
     (since the previous one; the last one also carries the search after it).
     `last_stats` holds each request's `SearchStats` of the latest call.
+    `iter_proposals` gives the same proposals lazily (the executor stops it
+    once a sample is correct). A request of round r searches with
+    `SearchConfig.for_round(r)`'s expansion budget and at most
+    `SearchConfig.candidates(r, n)` programs.
 
     Open mode (`request.mode == "open"`): the search wires a task's fns, all
     of them, so it runs over subsets of a generated fn library
@@ -133,11 +137,12 @@ class SearchProposer(Proposer):
     def iter_candidates(self, request: ProposalRequest, stats: Optional[SearchStats] = None) -> Iterator[Candidate]:
         """The candidates of one request, lazily (for callers that verify as they go)."""
         if request.mode == "open":
-            yield from self._open_candidates(request, stats)
-            return
+            return self._open_candidates(request, stats)
         prior = self._prior(request.demonstrations, request.task_ir)
-        yield from search_programs(self._task(request), n=request.n, temperature=request.temperature,
-                                   seed=request.seed, config=self.config, prior=prior, stats=stats)
+        n = self.config.candidates(request.round, request.n)
+        return search_programs(self._task(request), n=n, temperature=request.temperature,
+                               seed=request.seed, config=self.config.for_round(request.round), prior=prior,
+                               stats=stats)
 
     def _open_candidates(self, request: ProposalRequest, stats: Optional[SearchStats]) -> Iterator[Candidate]:
         """Programs over subsets of the generated library (see the class docstring), each once."""
@@ -149,7 +154,7 @@ class SearchProposer(Proposer):
         found: set[str] = set()
         for size in range(1, OPEN_SUBSET_MAX + 1):
             for subset in itertools.combinations(library, size):
-                if len(found) >= request.n or time.perf_counter() - t0 > self.config.max_seconds:
+                if len(found) >= self.config.candidates(request.round, request.n) or time.perf_counter() - t0 > self.config.max_seconds:
                     return
                 task = request.task.model_copy(update={"fns": [FnDecl(**f.model_dump()) for f in subset]})
                 sub_request = request.model_copy(update={"task": task, "mode": "closed", "n": 1})
@@ -164,22 +169,30 @@ class SearchProposer(Proposer):
         if stats is not None:
             stats.seconds = time.perf_counter() - t0
 
+    def iter_proposals(self, request: ProposalRequest, stats: Optional[SearchStats] = None) -> Iterator[Proposal]:
+        """The request's proposals one at a time; `seconds` and `cost` are the search since the previous one."""
+        stats = stats if stats is not None else SearchStats()
+        last, spent = 0.0, search_cost(stats)
+        library = fn_library(request.task) if request.mode == "open" else None
+        for cand in self.iter_candidates(request, stats):
+            now = search_cost(stats)
+            raw = cand.text if library is None else as_candidate(cand.text, library)
+            yield Proposal(raw=raw, messages=None, prompt_tokens=0, completion_tokens=0,
+                           seconds=round(cand.seconds - last, 6), cost={k: now[k] - spent[k] for k in now})
+            last, spent = cand.seconds, now
+
     def propose(self, requests: list[ProposalRequest]) -> list[list[Proposal]]:
         results: list[list[Proposal]] = []
         self.last_stats = []
         for request in requests:
             stats = SearchStats()
-            proposals: list[Proposal] = []
-            last = 0.0
-            library = fn_library(request.task) if request.mode == "open" else None
-            for cand in self.iter_candidates(request, stats):
-                raw = cand.text if library is None else as_candidate(cand.text, library)
-                proposals.append(Proposal(raw=raw, messages=None, prompt_tokens=0, completion_tokens=0,
-                                          seconds=round(cand.seconds - last, 6)))
-                last = cand.seconds
-            if proposals and stats.seconds > last:  # the search after the last program counts too
+            proposals = list(self.iter_proposals(request, stats))
+            spent = sum(p.seconds for p in proposals)
+            if proposals and stats.seconds > spent:  # the search after the last program counts too
                 tail = proposals[-1]
-                proposals[-1] = tail.model_copy(update={"seconds": round(tail.seconds + stats.seconds - last, 6)})
+                proposals[-1] = tail.model_copy(update={"seconds": round(tail.seconds + stats.seconds - spent, 6)})
+            for p in proposals:  # the request's spending, shared equally: per-round sums are the totals
+                p.cost = search_cost(stats, len(proposals))
             self.last_stats.append(stats)
             results.append(proposals)
         return results

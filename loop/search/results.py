@@ -27,3 +27,12 @@ class SearchStats:
     seconds: float = 0.0
     stopped: str = ""  # "n", "expansions", "seconds", "exhausted"
 
+
+
+COST_KEYS = ("expansions", "generated", "candidates")
+
+
+def search_cost(stats: SearchStats, shares: int = 1) -> dict[str, float]:
+    """What a search spent (`COST_KEYS` of its stats), split into `shares` equal parts."""
+    shares = max(int(shares), 1)
+    return {key: getattr(stats, key) / shares for key in COST_KEYS}

@@ -15,9 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import yaml
-
-from stepforge.errors import StepforgeError
+from stepforge.config_io import read_yaml_text
+from stepforge.errors import ConfigError, StepforgeError
 from stepforge.simulator.fns import StepFn, build_namespace, namespace_binding, parse_init
 from stepforge.simulator.shapes import DEFAULT_SIZES, Dim, as_dim, parse_dims
 from stepforge.simulator.types import BufferType, MultihotType, TupleType, parse_dtype
@@ -50,9 +49,9 @@ class SearchTask:
     @classmethod
     def from_ir(cls, text: str) -> "SearchTask":
         try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise SearchTaskError(f"the task IR is not valid YAML: {str(exc).splitlines()[0]}") from None
+            data = read_yaml_text(text, "the task IR")
+        except ConfigError as exc:
+            raise SearchTaskError(str(exc)) from None
         if not isinstance(data, dict):
             raise SearchTaskError("the task IR must be a YAML mapping with inputs, fns and outputs")
         return cls.from_dict(data)

@@ -112,6 +112,28 @@ def test_ray_verifier_actors_verify_and_replace_a_worker_past_its_time_limit(ray
         verifier.close()
 
 
+def test_ray_verifier_actors_share_the_candidates_of_two_tasks(ray_local):
+    from stepforge.benchmark.schema import load_benchmark
+    from stepforge.loop.verifiers import RayVerifier
+
+    tasks = load_benchmark()
+    a, b = tasks["rope/G_0_3_02"], tasks["moe-index/G_0_3_04"]
+    verifier = RayVerifier(2, timeout_s=120, verify_kwargs={"seeds": (0,)}, num_cpus=0.5)
+    try:
+        while any(slot.ready_ref is not None for slot in verifier.slots):  # both actors up first
+            verifier.poll(0.5)
+        items = [(i, (a if i % 2 else b).key, (a if i % 2 else b).impl) for i in range(8)]
+        verifier.submit(items)
+        got = {}
+        while verifier.pending():
+            got.update(dict(verifier.poll(0.5)))
+        assert sorted(got) == list(range(8)) and all(v.passed for v in got.values())
+        # the first two went to different actors; each holds what it verified (dispatch order: test_verifier_dispatch.py)
+        assert all(slot.known for slot in verifier.slots) and set.union(*(s.known for s in verifier.slots)) == {a.key, b.key}
+    finally:
+        verifier.close()
+
+
 def test_tiny_model_in_open_mode_runs_the_whole_path(ray_local, tiny_model_dir, tmp_path):
     """Open mode with the tiny model: open prompts, candidates parsed leniently, nothing solved, a report."""
     run = tmp_path / "run"

@@ -45,7 +45,9 @@ def test_default_and_smoke_configs():
     tasks = load_benchmark()
     published = [k for k, t in tasks.items() if t.group in PUBLISHED_GROUPS]
     assert select_tasks(default.tasks, list(tasks)) == published and len(published) == 26  # the main job
-    assert (default.granularity, default.temperatures) == (3, [0.4, 0.7, 1.0])
+    # the demo's budget: one search per task and step in the prior's order, stopped at the first correct program
+    assert (default.granularity, default.temperatures, default.stop_when_solved) == (3, [0.0], True)
+    assert default.proposer.options["candidate_schedule"] == [400, 40]
     assert not default.uses_ray()
     smoke = load_config(CONFIGS / "cpu_smoke.yaml")
     assert smoke.proposer.resolved_kind == "llm" and smoke.proposer.backend.kind == "hf"

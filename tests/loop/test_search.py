@@ -254,6 +254,36 @@ def test_proposer_contract_pickle_and_config():
         SearchProposer({"max_expansion": 1})  # a typo is an error, not a silent default
 
 
+def test_budget_schedules_give_later_rounds_more_expansions_and_candidates(bench):
+    task = bench["norm/G_0_16_01"]  # beyond every budget here: each request spends its whole budget
+    proposer = SearchProposer({"max_expansions": 999, "expansion_schedule": [30, 60, 90], "heuristic_weights": [2.0]})
+    spent = []
+    for round_ in (0, 1, 2, 5):
+        stats = SearchStats()
+        request = ProposalRequest(task_key=task.key, task=task, n=2, round=round_)
+        assert list(proposer.iter_proposals(request, stats)) == []
+        spent.append((stats.expansions, stats.stopped))
+    assert spent == [(30, "expansions"), (60, "expansions"), (90, "expansions"), (90, "expansions")]
+    assert SearchConfig(max_expansions=7).for_round(3).max_expansions == 7  # no schedule: max_expansions
+    many = SearchProposer({"max_expansions": 2000, "candidate_schedule": [2, 5]})
+    counts = [len(list(many.iter_proposals(ProposalRequest(task_key="many", task=Task.from_yaml(MANY), n=4,
+                                                           round=r)))) for r in (0, 1, 3)]
+    assert counts == [2, 4, 4]  # the schedule's count, never more than the request's n
+    with pytest.raises(ValueError):
+        SearchConfig(expansion_schedule=[10, 0])
+
+
+def test_iter_proposals_is_propose_one_at_a_time_and_lazy():
+    proposer = SearchProposer({"max_expansions": 2000})
+    request = ProposalRequest(task_key="many", task=Task.from_yaml(MANY), n=5, temperature=0.4, seed=3)
+    whole = [p.raw for p in proposer.propose([request])[0]]
+    stats = SearchStats()
+    stream = proposer.iter_proposals(request, stats)
+    first = next(stream)
+    assert first.raw == whole[0] and stats.candidates == 1  # no work beyond the first program yet
+    assert [first.raw] + [p.raw for p in stream] == whole
+
+
 def test_bad_task_ir_is_reported():
     with pytest.raises(SearchTaskError, match="inputs"):
         SearchTask.from_ir("test_name: x\nfns: []\n")

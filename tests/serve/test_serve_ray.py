@@ -45,8 +45,11 @@ def test_pool_spreads_a_batch_and_keeps_order(pool, hf_backend, ray_local, long_
     local = hf_backend.generate(reqs)
     assert [r.prompt_tokens for r in results] == [r.prompt_tokens for r in local]
     assert [r.texts for r in results] == [r.texts for r in local]
-    pids = ray_local.get([a.ready.remote() for a in pool.actors])
+    infos = ray_local.get([a.ready.remote() for a in pool.actors])
+    pids = [info["pid"] for info in infos]
     assert len(set(pids)) == 2 and os.getpid() not in pids
+    assert all(info["node_id"] == ray_local.get_runtime_context().get_node_id() for info in infos)
+    assert pool.actor_options["num_gpus"] == 0 and pool.config.device == "cpu"  # no GPU here: none reserved
     assert pool.count_tokens("E1 = step.Map") == hf_backend.count_tokens("E1 = step.Map")
     with pytest.raises(PromptTooLongError):  # the actor's typed error reaches the caller as itself
         pool.generate([GenerationRequest(prompt=long_prompt)])
@@ -65,6 +68,7 @@ def test_killed_actor_is_replaced_and_batch_completes(pool, ray_local):
     assert all(len(r.completions) == 4 for r in results)
     assert pool.replacements == replaced_before + 1
     assert victim_shard.attempts == 2 and pool.actors[victim_shard.slot] is not victim
+    assert victim not in pool._where and pool.actors[victim_shard.slot] in pool._where  # reaped, then recorded
     again = pool.generate(reqs[:2])  # the replacement serves, and seeds still reproduce
     assert [r.texts for r in again] == [r.texts for r in results[:2]]
 
@@ -78,3 +82,21 @@ def test_unplaceable_pool_fails_instead_of_hanging(ray_local, tiny_model_dir):
     config = BackendConfig(kind="hf", model=str(tiny_model_dir), num_gpus=1, startup_timeout_s=2)  # this cluster has no GPU
     with pytest.raises(BackendUnavailableError, match="not ready after 2s"):
         ModelPool(config, replicas=1)  # the timeout comes from the config
+
+
+def test_an_engine_error_in_an_actor_reaches_the_driver_with_its_log(ray_local):
+    """What a failed engine wrote to stderr in its actor (vLLM's engine core writes the root cause
+    there) is in the actor's log file, which `with_engine_log` quotes in the driver's error."""
+    from stepforge.serve.actors import log_tail, own_log_path, with_engine_log
+
+    @ray_local.remote(num_cpus=0)
+    def fail_like_an_engine():
+        import sys
+
+        print("RuntimeError: the engine core ran out of GPU memory", file=sys.stderr, flush=True)
+        return str(with_engine_log(RuntimeError("Engine core initialization failed. See root cause above."),
+                                   own_log_path())), log_tail(own_log_path())
+
+    message, tail = ray_local.get(fail_like_an_engine.remote())
+    assert "ran out of GPU memory" in tail
+    assert message.startswith("RuntimeError: Engine core initialization failed") and "ran out of GPU memory" in message

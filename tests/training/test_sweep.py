@@ -67,7 +67,8 @@ def test_grid_expands_into_ordinary_runs(tmp_path):
         c = load_config(REPO / "configs" / "default.yaml", job.overrides)
         assert c.variant == job.params["variants"] and c.granularity == 3 and c.temperatures == [0.4, 1.0]
     cmd = sweep.entrypoint(cfg, first, "configs/default.yaml")
-    assert cmd[:6] == ["python", "-m", "stepforge.cli", "improve", "--config", "configs/default.yaml"]
+    # the default interpreter is the one running the sweep (the venv that has typer, torch, ...), not a bare python
+    assert cmd[:6] == [sys.executable, "-m", "stepforge.cli", "improve", "--config", "configs/default.yaml"]
     assert cmd[-1] == "--no-progress" and ["--run-dir", first.run_dir] == cmd[6:8]
     (Path(first.run_dir)).mkdir(parents=True)
     (Path(first.run_dir) / "config.yaml").write_text("{}")
@@ -164,7 +165,8 @@ def ray_head(tmp_path):
            "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1", f"--temp-dir={temp}",
            "--disable-usage-stats"] + [f"--{k}={v}" for k, v in ports.items()]
     log = open(tmp_path / "ray-head.log", "w")
-    head = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a head as a user starts it
+    head = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     url = f"http://127.0.0.1:{ports['dashboard-port']}"
     try:
         ready = False
@@ -227,12 +229,15 @@ def _stop_group(proc: subprocess.Popen) -> None:
 
 
 def test_two_job_sweep_on_a_local_ray_cluster(ray_head, tmp_path):
+    """The shipped configs/sweep_search.yaml as the README runs it (no `ray.python`), on a grid of two jobs."""
     runs = tmp_path / "runs"
-    path = _write(tmp_path, name="rt", command="improve", config="configs/default.yaml", runs_root=str(runs),
-                  grid={"variants": ["agent"], "seeds": [0, 1], "temperatures": [[0.4]]},
-                  set=["tasks=[moe-index/G_0_3_04]", "n=2", "max_rounds=1", "verifier.workers=1"],
-                  ray={"code": "upload", "python": sys.executable, "entrypoint_num_cpus": 1}, poll_s=1)
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "sweep.py"), "run", "--config", str(path),
+    path = REPO / "configs" / "sweep_search.yaml"
+    assert yaml.safe_load(path.read_text())["ray"].get("python") is None
+    sets = [f"runs_root={runs}", "name=rt", "grid.variants=[agent]", "grid.m=[3]", "grid.seeds=[0, 1]",
+            "grid.temperatures=[[0.4]]", 'set=["tasks=[moe-index/G_0_3_04]", "n=2", "max_rounds=1", "verifier.workers=1"]',
+            "poll_s=1"]
+    sets = [part for text in sets for part in ("--set", text)]
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "sweep.py"), "run", "--config", str(path), *sets,
                            "--address", ray_head, "--timeout", "300"], capture_output=True, text=True, timeout=400,
                           cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -259,6 +264,6 @@ def test_two_job_sweep_on_a_local_ray_cluster(ray_head, tmp_path):
     assert "stepforge.cli improve --config configs/default.yaml" in logs.stdout, logs.stderr
 
     # running the sweep again submits nothing: both runs are finished
-    again = subprocess.run([sys.executable, str(REPO / "scripts" / "sweep.py"), "run", "--config", str(path),
+    again = subprocess.run([sys.executable, str(REPO / "scripts" / "sweep.py"), "run", "--config", str(path), *sets,
                             "--address", ray_head, "--timeout", "60"], capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and again.stderr.count("not submitted") == 2 and "submitted as" not in again.stderr

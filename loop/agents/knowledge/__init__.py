@@ -36,9 +36,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping
 
-import yaml
-
-from stepforge.errors import StepforgeError
+from stepforge.config_io import read_text_file, read_yaml_file
+from stepforge.errors import ConfigError, StepforgeError, short_repr
 
 KNOWLEDGE_DIR = Path(__file__).resolve().parent
 EXAMPLE_PREFIX = "kb_"
@@ -174,16 +173,14 @@ class Knowledge:
 
 def _read_yaml(path: Path) -> Any:
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise KnowledgeError(path, "", f"cannot read the file: {exc.strerror or exc}") from None
-    except yaml.YAMLError as exc:
-        raise KnowledgeError(path, "", f"not valid YAML: {str(exc).splitlines()[0]}") from None
+        return read_yaml_file(path, "knowledge file")
+    except ConfigError as exc:
+        raise KnowledgeError(path, "", str(exc).removeprefix(f"{path}: ")) from None
 
 
 def _text(path: Path, key: str, value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise KnowledgeError(path, key, f"expected non-empty text, got {value!r}")
+        raise KnowledgeError(path, key, f"expected non-empty text, got {short_repr(value)}")
     return value
 
 
@@ -194,9 +191,9 @@ def _load_sections(path: Path) -> tuple[Section, ...]:
     out = []
     for i, item in enumerate(data["sections"]):
         if not isinstance(item, dict) or set(item) != {"title", "place", "text"}:
-            raise KnowledgeError(path, f"sections[{i}]", f"expected keys title, place and text, got {item!r}")
+            raise KnowledgeError(path, f"sections[{i}]", f"expected keys title, place and text, got {short_repr(item)}")
         if item["place"] not in ("before", "after"):
-            raise KnowledgeError(path, f"sections[{i}].place", f"expected before or after, got {item['place']!r}")
+            raise KnowledgeError(path, f"sections[{i}].place", f"expected before or after, got {short_repr(item['place'])}")
         out.append(Section(_text(path, f"sections[{i}].title", item["title"]).strip(),
                            _text(path, f"sections[{i}].text", item["text"]), item["place"]))
     titles = [s.title for s in out]
@@ -220,7 +217,7 @@ def _load_operators(path: Path) -> tuple[OperatorDoc, ...]:
             got = sorted(item) if isinstance(item, dict) else repr(item)
             raise KnowledgeError(path, where, f"expected keys {', '.join(sorted(keys))}, got {got}")
         if item["op"] not in OPS:
-            raise KnowledgeError(path, f"{where}.op", f"unknown operator {item['op']!r}; expected one of {', '.join(OPS)}")
+            raise KnowledgeError(path, f"{where}.op", f"unknown operator {short_repr(item['op'])}; expected one of {', '.join(OPS)}")
         examples = item["examples"]
         if not isinstance(examples, list) or not examples or not all(isinstance(e, str) for e in examples):
             raise KnowledgeError(path, f"{where}.examples", "expected a non-empty list of example names")
@@ -242,13 +239,16 @@ def _load_examples(root: Path) -> dict[str, KnowledgeExample]:
 
     out = {}
     for path in sorted(root.glob(f"{EXAMPLE_PREFIX}*.yaml")):
-        text = path.read_text(encoding="utf-8")
+        try:
+            text = read_text_file(path, "worked example")
+        except ConfigError as exc:
+            raise KnowledgeError(path, "", str(exc).removeprefix(f"{path}: ")) from None
         try:
             task = Task.from_yaml(text, source=path)
         except TaskFileError as exc:
             raise KnowledgeError(path, exc.key, exc.expected) from None
         if task.test_name != path.stem:
-            raise KnowledgeError(path, "test_name", f"expected {path.stem!r} (the file name), got {task.test_name!r}")
+            raise KnowledgeError(path, "test_name", f"expected {path.stem!r} (the file name), got {short_repr(task.test_name)}")
         if not task.impl:
             raise KnowledgeError(path, "impl", "a worked example needs its impl")
         if not task.description:
@@ -273,7 +273,7 @@ def _load_guardian(path: Path, examples: dict[str, KnowledgeExample]) -> tuple[G
         if not isinstance(item, dict) or set(item) != {"task", "note", "before", "after"}:
             raise KnowledgeError(path, where, "expected keys task, note, before, after")
         if item["task"] not in examples:
-            raise KnowledgeError(path, f"{where}.task", f"no worked example {item['task']!r}")
+            raise KnowledgeError(path, f"{where}.task", f"no worked example {short_repr(item['task'])}")
         out.append(GuardianExample(item["task"], _text(path, f"{where}.note", item["note"]),
                                    _text(path, f"{where}.before", item["before"]),
                                    _text(path, f"{where}.after", item["after"])))
