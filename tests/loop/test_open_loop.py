@@ -277,12 +277,12 @@ def test_improve_in_open_mode_end_to_end(tmp_path, mode_setting):
 def test_open_mode_refuses_a_task_that_cannot_be_posed_openly():
     from stepforge.loop.config import ConfigError, task_modes
 
-    keys = list(TASKS)
     closed_only = {k: t.model_copy(update={"open": False}) if k == "bmm/bmm_0" else t for k, t in TASKS.items()}
     with pytest.raises(ConfigError, match="bmm/bmm_0 cannot be posed in open mode"):
-        task_modes(["bmm/*"], keys, "open", "cfg.yaml", closed_only)
-    assert task_modes(["closed:bmm/bmm_0", "gemm/*"], keys, "open", "cfg.yaml", closed_only)["bmm/bmm_0"] == "closed"
+        task_modes(["bmm/*"], closed_only, "open", "cfg.yaml")
+    assert task_modes(["closed:bmm/bmm_0", "gemm/*"], closed_only, "open", "cfg.yaml")["bmm/bmm_0"] == "closed"
+    assert set(task_modes({"groups": ["gemm"], "mode": "open"}, TASKS, "closed", "cfg.yaml").values()) == {"open"}
     with pytest.raises(ConfigError, match="both modes"):
-        task_modes(["open:bmm/*", "closed:bmm/bmm_0"], keys, "closed", "cfg.yaml")
-    with pytest.raises(ConfigError, match=r"tasks\[1\]: 'nope' matches no task"):
-        task_modes(["gemm/*", "open:nope"], keys, "closed", "cfg.yaml")
+        task_modes(["open:bmm/*", "closed:bmm/bmm_0"], TASKS, "closed", "cfg.yaml")
+    with pytest.raises(ConfigError, match="nope"):
+        task_modes(["gemm/*", "open:nope"], TASKS, "closed", "cfg.yaml")
