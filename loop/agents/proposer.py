@@ -83,9 +83,9 @@ class LLMProposer(Proposer):
         self.stop = list(stop or [])
 
     def messages_for(self, request: ProposalRequest, keep: Optional[int] = None) -> list[dict[str, str]]:
-        """The chat prompt with the first `keep` demonstrations (all by default)."""
+        """The chat prompt with the first `keep` demonstrations (all by default), in the request's mode."""
         demos = request.demonstrations if keep is None else request.demonstrations[:keep]
-        return proposer_messages(self.knowledge, demos, request.task, style=self.style)
+        return proposer_messages(self.knowledge, demos, request.task, style=self.style, mode=request.mode)
 
     def generation_request(self, request: ProposalRequest, index: int = 0, keep: Optional[int] = None) -> GenerationRequest:
         return GenerationRequest(

@@ -4,7 +4,8 @@ Everything is recomputed from the run directory's files (config.yaml,
 samples.jsonl, steps.jsonl, buffer.jsonl, state.json), so a report can be
 made for a finished, a killed or a resumed run, any time later.
 
-summary.json keys: `name`, `variant`, `status`, `stop_reason`, `run` (totals:
+summary.json keys: `name`, `variant`, `mode` (closed, open or mixed; each task
+and group names its own too), `status`, `stop_reason`, `run` (totals:
 samples, verifications, tokens, task completion, throughput), `rounds` (per
 round), `steps` (per step: demonstrations, tasks sampled, solved), `groups`
 (benchmark task groups: tasks, solved), `tasks` (per task: pass@1, pass@n,
@@ -85,9 +86,16 @@ def build_summary(store: RunStore) -> dict[str, Any]:
     run["tasks_solved"] = len(earned)
     run["task_completion"] = len(earned) / n_tasks if n_tasks else 0.0
     programs = M.program_metrics(buffer, _inputs_by_task(list(earned)))
+    modes = run_modes(state, config, tasks_in_run)
+    for task in tasks_in_run:
+        per_task[task]["mode"] = modes[task]
+    for group in groups:
+        groups[group]["mode"] = _mode_label({modes[t] for t in tasks_in_run if _group_of(t) == group})
+    run["mode"] = _mode_label(set(modes.values()))
     summary = {
         "name": config.get("name"),
         "variant": config.get("variant"),
+        "mode": run["mode"],
         "status": state.get("status", "unknown"),
         "stop_reason": state.get("stop_reason", ""),
         "run": run,
@@ -105,6 +113,18 @@ def build_summary(store: RunStore) -> dict[str, Any]:
     }
     summary["families"] = F.family_summary(summary, config.get("mode") or "closed")
     return summary
+
+
+def run_modes(state: dict, config: dict, tasks: list[str]) -> dict[str, str]:
+    """Each task's mode: the state's `modes` (written when any task runs open), else the config's mode."""
+    modes = state.get("modes") or {}
+    default = config.get("mode") or "closed"
+    return {t: modes.get(t, default) for t in tasks}
+
+
+def _mode_label(modes: set[str]) -> str:
+    """`closed`, `open`, or `mixed` for a set of task modes."""
+    return next(iter(modes)) if len(modes) == 1 else ("mixed" if modes else "closed")
 
 
 # ---------------------------------------------------------------------------
@@ -237,6 +257,7 @@ def render_markdown(store: RunStore, summary: dict[str, Any]) -> str:
     out = [f"# stepforge run: {summary.get('name')}", ""]
     out.append(_table(["setting", "value"], [
         ["variant", summary.get("variant")],
+        ["mode", summary.get("mode", "closed")],
         ["proposer", f"{kind} ({proposer.get('style', 'ir')} prompts), model {model}" if kind == "llm" else kind],
         ["guardian", guardian.get("kind", "rule") if config.get("variant") != "single" else "none (variant single)"],
         ["temperatures x n", f"{config.get('temperatures')} x {config.get('n')}"],
@@ -245,7 +266,7 @@ def render_markdown(store: RunStore, summary: dict[str, Any]) -> str:
         ["seed", config.get("seed")],
         ["status", f"{summary['status']}: {summary.get('stop_reason') or '-'}"],
     ]))
-    out += ["", "## Result", ""]
+    out += ["", f"## Result ({summary.get('mode', 'closed')} mode)", ""]
     out.append(_table(["tasks", "solved", "completion", "samples", "correct", "verifications", "prompt tokens",
                        "completion tokens", "wall s", "samples/s", "verifications/s"], [[
         run["tasks"], run["tasks_solved"], _pct(run["task_completion"]), run["samples"], run["correct_samples"],
@@ -272,7 +293,8 @@ def render_markdown(store: RunStore, summary: dict[str, Any]) -> str:
         s["round"], s["step"], ", ".join(s["demonstrations"]) or "(base knowledge only)", len(s["tasks"]),
         ", ".join(s["solved"]) or "-", s["samples"], s["correct"], _f(s["seconds"], 1)] for s in summary["steps"]]))
     out += ["", "## Per task group", ""]
-    out.append(_table(["group", "tasks", "solved"], [[g, v["tasks"], v["solved"]] for g, v in summary["groups"].items()]))
+    out.append(_table(["group", "mode", "tasks", "solved"],
+                      [[g, v.get("mode", "closed"), v["tasks"], v["solved"]] for g, v in summary["groups"].items()]))
     out += [""] + F.render_families(summary) + ["![solved per family](families.png)"]
     out += ["", "## Per task", "",
             "pass@1 and pass@n use the unbiased estimator over the task's samples of one step (all temperatures); "
