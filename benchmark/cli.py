@@ -256,14 +256,24 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(..., "--out", help="the pytest file to write, e.g. test_bmm0.py"),
         seeds: int = typer.Option(3, "--seeds", help="number of input seeds the test uses"),
         root: Optional[Path] = typer.Option(None, help="benchmark folder (default: the packaged tasks)"),
+        open_mode: bool = typer.Option(
+            False, "--open", help="open mode: --impl is a candidate YAML with fns and impl (default: the task's own)"),
     ) -> None:
-        """Write a standalone pytest file that checks a program against a task."""
+        """Write a standalone pytest file that checks a program (or an open candidate) against a task."""
         from stepforge.benchmark.export import write_export
 
         t = _load_task(task, root)
-        program = _program(t, impl)
+        if open_mode:
+            from stepforge.benchmark.open_mode import reference_candidate
+
+            if impl is not None and str(impl) != "-" and not impl.is_file():
+                fail(f"--impl {impl}: no such file")
+            program = (sys.stdin.read() if str(impl) == "-" else impl.read_text(encoding="utf-8")) \
+                if impl is not None else reference_candidate(t).to_yaml()
+        else:
+            program = _program(t, impl)
         try:
-            path = write_export(t, program, out, _parse_seeds(seeds))
+            path = write_export(t, program, out, _parse_seeds(seeds), open_mode)
         except (ValueError, OSError) as exc:
             fail(str(exc))
         typer.echo(f"wrote {path} (run: pytest {path})")

@@ -3,6 +3,11 @@
 The file embeds the task's YAML (without its reference impl) and the program,
 and checks them with stepforge's verifier: one test per size binding for the
 numbers, one for the affine rule. It needs only an installed stepforge.
+
+An open-mode solution (`open_mode=True`, OPEN_MODE.md) is a candidate, its
+own fns and impl as YAML: the file embeds the candidate, fns included, and
+checks it with `verify_open`, which interprets the fns with the fn language
+(the exported file never runs them as Python).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ embedded below.
 import pytest
 
 from stepforge.benchmark.schema import Task
-from stepforge.benchmark.verifier import verify
+{verify_import}
 
 TASK_YAML = {task_yaml}
 
@@ -41,12 +46,12 @@ def _label(binding):
 
 @pytest.mark.parametrize("binding", BINDINGS, ids=[_label(b) for b in BINDINGS])
 def test_program_matches_the_oracle(binding):
-    verdict = verify(TASK, IMPL, seeds=SEEDS, bindings=[binding], check_affine=False)
+    verdict = {verify}(TASK, IMPL, seeds=SEEDS, bindings=[binding], check_affine=False)
     assert verdict.functional_ok, f"{{verdict.stage}}: {{verdict.message}}"
 
 
 def test_program_obeys_the_affine_rule():
-    verdict = verify(TASK, IMPL, seeds=SEEDS[:1], bindings=[{{}}])
+    verdict = {verify}(TASK, IMPL, seeds=SEEDS[:1], bindings=[{{}}])
     assert verdict.affine_ok, f"{{verdict.stage}}: {{verdict.message}}"
 '''
 
@@ -59,9 +64,21 @@ def py_string(text: str) -> str:
     return repr(text)
 
 
-def export_test(task: Task, impl: str, seeds: Sequence[int] = (0, 1, 2), filename: str = "test_step.py") -> str:
-    """The text of a standalone pytest file checking `impl` against `task`."""
+def export_test(task: Task, impl: str, seeds: Sequence[int] = (0, 1, 2), filename: str = "test_step.py",
+                open_mode: bool = False) -> str:
+    """The text of a standalone pytest file checking `impl` against `task` (open mode: `impl` is a
+    candidate with its fns, checked against it as it is; ValueError if it is not one)."""
+    if open_mode:
+        from stepforge.benchmark.open_mode import CandidateError, load_candidate
+
+        try:
+            impl = load_candidate(impl).to_yaml()
+        except CandidateError as exc:
+            raise ValueError(f"not an open candidate: {exc}") from None
     return _TEMPLATE.format(
+        verify_import=("from stepforge.benchmark.open_mode import verify_open" if open_mode
+                       else "from stepforge.benchmark.verifier import verify"),
+        verify="verify_open" if open_mode else "verify",
         key=task.key,
         filename=filename,
         task_yaml=py_string(task.to_yaml(include_impl=False)),
@@ -70,13 +87,14 @@ def export_test(task: Task, impl: str, seeds: Sequence[int] = (0, 1, 2), filenam
     )
 
 
-def write_export(task: Task, impl: str, out: str | Path, seeds: Sequence[int] = (0, 1, 2)) -> Path:
+def write_export(task: Task, impl: str, out: str | Path, seeds: Sequence[int] = (0, 1, 2),
+                 open_mode: bool = False) -> Path:
     """Write the pytest file (parents created); returns its path."""
     out = Path(out)
     if not re.match(r"^test_.*\.py$|^.*_test\.py$", out.name):
         raise ValueError(f"{out.name}: pytest collects files named test_*.py or *_test.py")
     out.parent.mkdir(parents=True, exist_ok=True)
-    text = export_test(task, impl, seeds, out.name)
+    text = export_test(task, impl, seeds, out.name, open_mode)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(out)

@@ -51,7 +51,9 @@ included. Budgets (`loop/budget.py`) stop the loop with state `budget`.
 
 `run_algorithm1(tasks, proposer, guardian, verify, ...)` runs the loop in
 process with a plain verify function (the tests use it with a scripted
-proposer); the CLI's job around it (config, run directory, Ray, model pool,
+proposer); `modes` (task key -> `closed` | `open`, default closed) poses each
+task in its mode: an open task's samples, buffer entry and demonstrations
+carry candidates (fns + impl YAML) instead of programs. The CLI's job around it (config, run directory, Ray, model pool,
 verifier pool, summary and report) is `loop/job.py`.
 """
 
@@ -64,6 +66,7 @@ from typing import Any, Callable, Optional, Sequence
 from stepforge.benchmark.schema import Task
 from stepforge.loop.budget import BudgetMeter, BudgetReached
 from stepforge.loop.buffer import ExperienceBuffer, demonstration_sets, earn
+from stepforge.loop.candidates import check_mode
 from stepforge.loop.executor import Executor, SampleJob, derive_seed
 from stepforge.loop.interfaces import BufferEntry, Demonstration, Guardian, Proposer, RepairTurn
 from stepforge.loop.progress import Events
@@ -132,10 +135,11 @@ class SelfImprovementLoop:
                  store: Optional[RunStore] = None, cached: Optional[dict[str, SampleRecord]] = None,
                  prompts: Optional[dict[str, list[dict[str, str]]]] = None, events: Optional[Events] = None,
                  seed: Sequence[BufferEntry] = (), seed_tasks: Optional[dict[str, Task]] = None,
-                 budget: Optional[BudgetMeter] = None):
+                 modes: Optional[dict[str, str]] = None, budget: Optional[BudgetMeter] = None):
         if not tasks:
             raise ValueError("no tasks to run")
         self.tasks = dict(tasks)
+        self.modes = {k: check_mode((modes or {}).get(k, "closed")) for k in self.tasks}
         self.seeded = [e for e in seed if e.task_key not in self.tasks]
         self.seed_skipped = [e.task_key for e in seed if e.task_key in self.tasks]
         self.demo_tasks = {**dict(seed_tasks or {}), **self.tasks}
@@ -234,7 +238,7 @@ class SelfImprovementLoop:
                     continue
                 jobs.append(SampleJob(round=plan.round, step=plan.step, task=task, spec=self.tasks[task],
                                       temperature=float(t), n=s.n, seed=seed, demonstrations=demonstrations,
-                                      skip=frozenset(have)))
+                                      skip=frozenset(have), mode=self.modes[task]))
         return jobs, have_all
 
     def _step(self, round_: int, step: int, demos: Sequence[BufferEntry]) -> bool:
@@ -263,7 +267,8 @@ class SelfImprovementLoop:
                        for r in recs if r.correct and r.guarded]
             if correct:
                 solved.append(task)
-                entries.append(earn(task, correct, len(recs), round_, step, plan.demonstrations))
+                entries.append(earn(task, correct, len(recs), round_, step, plan.demonstrations,
+                                    mode=self.modes[task]))
         for entry in entries:
             self.buffer.add(entry)
         self.unsolved = [t for t in self.unsolved if t not in set(solved)]
@@ -328,7 +333,7 @@ class SelfImprovementLoop:
                     round=plan.round, step=plan.step, task=last.task, spec=self.tasks[last.task],
                     temperature=float(last.temperature), n=1, demonstrations=demonstrations,
                     seed=derive_seed(root.seed, root.index, "repair", turn), turn=turn, index=last.index,
-                    parent=last.key,
+                    parent=last.key, mode=self.modes[last.task],
                     history=[RepairTurn(reply=r.raw, program=r.guarded, verdict=r.verdict) for r in chain]))
             for rec in self._execute(jobs, old):
                 by_key[(rec.task, float(rec.temperature), rec.index)].append(rec)
@@ -348,6 +353,7 @@ class SelfImprovementLoop:
             "seed": self.settings.seed,
             "seed_scheme": SEED_SCHEME,
             "stop_reason": reason,
+            **({"modes": self.modes} if any(m != "closed" for m in self.modes.values()) else {}),
             **({"seeded": [e.task_key for e in self.seeded], "seed_skipped": self.seed_skipped}
                if self.seeded or self.seed_skipped else {}),
         })
@@ -357,14 +363,17 @@ def run_algorithm1(tasks: dict[str, Task], proposer: Proposer, guardian: Optiona
                    verify: Callable[[str, str], Any], settings: LoopSettings = LoopSettings(), *,
                    extract: Optional[Callable[[str], Optional[str]]] = None, chunk_size: int = 8,
                    events: Optional[Events] = None, seed: Sequence[BufferEntry] = (),
-                   seed_tasks: Optional[dict[str, Task]] = None) -> LoopResult:
-    """Algorithm 1 in this process: `verify(task_key, program)` returns a Verdict-like object.
+                   seed_tasks: Optional[dict[str, Task]] = None,
+                   modes: Optional[dict[str, str]] = None) -> LoopResult:
+    """Algorithm 1 in this process: `verify(task_key, program)` returns a Verdict-like object
+    (for an open task `verify(task_key, candidate, "open")`).
 
-    `seed` / `seed_tasks`: a seeded D (see `SelfImprovementLoop`)."""
+    `seed` / `seed_tasks`: a seeded D; `modes`: each task's mode (see `SelfImprovementLoop`)."""
     executor = Executor(proposer, guardian, InlineVerifier(verify), extract=extract, chunk_size=chunk_size,
                         events=events)
     try:
-        return SelfImprovementLoop(tasks, executor, settings, events=events, seed=seed, seed_tasks=seed_tasks).run()
+        return SelfImprovementLoop(tasks, executor, settings, events=events, seed=seed, seed_tasks=seed_tasks,
+                                   modes=modes).run()
     finally:
         executor.close()
 

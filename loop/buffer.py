@@ -80,8 +80,9 @@ def select_program(programs: Sequence[str]) -> tuple[str, int]:
 
 
 def earn(task_key: str, correct: Sequence[tuple[str, float, Optional[list[dict[str, str]]]]], n_samples: int,
-         round_: int, step: int = 0, demonstrations: Sequence[str] = ()) -> BufferEntry:
-    """filter(B) for one task: `correct` holds (program, temperature, prompt messages) of its correct samples."""
+         round_: int, step: int = 0, demonstrations: Sequence[str] = (), mode: str = "closed") -> BufferEntry:
+    """filter(B) for one task: `correct` holds (program, temperature, prompt messages) of its correct samples
+    (open mode: candidates, deduplicated with their fns)."""
     if not correct:
         raise ValueError(f"task {task_key}: no correct sample to earn")
     program, _ = select_program([p for p, _, _ in correct])
@@ -97,6 +98,7 @@ def earn(task_key: str, correct: Sequence[tuple[str, float, Optional[list[dict[s
         messages=messages,
         step=step,
         demonstrations=list(demonstrations),
+        mode=mode,
     )
 
 
@@ -133,7 +135,7 @@ class ExperienceBuffer:
     def demonstrations(entries: Sequence[BufferEntry], tasks: dict[str, Task]) -> list[Demonstration]:
         """The entries as prompt demonstrations (IR without impl, plus the earned impl)."""
         return [Demonstration(task_key=e.task_key, task=tasks[e.task_key], impl=e.impl,
-                              success_rate=e.success_rate, round=e.round) for e in entries]
+                              success_rate=e.success_rate, round=e.round, mode=e.mode) for e in entries]
 
 
 class SeedBufferError(StepforgeError, ValueError):

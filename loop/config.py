@@ -37,6 +37,13 @@ directory (seed_buffer.jsonl) when the run starts, so `--resume` replays the
 same demonstrations even if the source run changed. Only the adaptive
 variants use the seed (`single` and `agent` stop after round 0).
 
+Modes (/work/shared/OPEN_MODE.md): `mode: closed` (default) gives every task
+its fns and asks for the impl; `mode: open` shows the tasks without fns and
+asks for a candidate with fns and impl. A task pattern may set its own mode,
+`open:PATTERN` or `closed:PATTERN` (`tasks: ["closed:gemm/*", "open:norm/*"]`),
+so one run may mix them; a task takes one mode per run, and a task declared
+`open: false` cannot be run open.
+
 Rounds. Round 0 attempts every task with base knowledge only; each later
 round is one pass of Algorithm 1's `repeat` body. `max_rounds` counts all
 rounds including round 0 (so `max_rounds: 2` is round 0 plus one
@@ -205,6 +212,7 @@ class ImproveConfig(StrictModel):
 
     name: str = "improve"
     tasks: TaskSpec = Field(default_factory=lambda: ["*"])  # keys/globs/splits, or {split, groups, difficulty, mode}
+    mode: Literal["closed", "open"] = "closed"  # a task pattern's `open:`/`closed:` prefix or a selection's mode wins
     variant: Variant = "agent+si"
     proposer: ProposerConfig = Field(default_factory=ProposerConfig)
     guardian: GuardianConfig = Field(default_factory=GuardianConfig)
@@ -279,6 +287,54 @@ class ImproveConfig(StrictModel):
 
 # ---------------------------------------------------------------------------
 # task selection
+
+
+MODE_PREFIXES = ("closed:", "open:")
+
+
+def _split_mode(pattern: str) -> tuple[Optional[str], str]:
+    """(mode or None, pattern) of a task pattern with an optional `open:` / `closed:` prefix."""
+    for prefix in MODE_PREFIXES:
+        if pattern.startswith(prefix):
+            return prefix[:-1], pattern[len(prefix):].strip()
+    return None, pattern
+
+
+def strip_modes(spec: Any) -> Any:
+    """The task spec without the `open:` / `closed:` prefixes of its patterns (what `select_tasks` reads)."""
+    if isinstance(spec, str):
+        return _split_mode(spec.strip())[1]
+    if isinstance(spec, list):
+        return [strip_modes(p) if isinstance(p, str) else p for p in spec]
+    return spec
+
+
+def task_modes(spec: Any, tasks: Mapping[str, Any], default: str = "closed", where: str = "config") -> dict[str, str]:
+    """Each selected task key's mode: its pattern's `open:`/`closed:` prefix, or the selection
+    mapping's `mode`, else `default` (the config's `mode`).
+
+    A task named by patterns of both modes, or posed open while its file says
+    `open: false`, is a ConfigError.
+    """
+    keys = select_tasks(strip_modes(spec), tasks, where)  # every pattern valid and matching
+    modes: dict[str, str] = {}
+    if isinstance(spec, (str, list)):
+        for i, pattern in enumerate([spec] if isinstance(spec, str) else spec):
+            mode, bare = _split_mode(pattern.strip()) if isinstance(pattern, str) else (None, pattern)
+            for key in select_tasks([bare], tasks, where):
+                mode_here = mode or default
+                if modes.get(key, mode_here) != mode_here:
+                    raise ConfigError(f"{where}: tasks[{i}]: task {key} is selected in both modes; "
+                                      f"a task takes one mode per run")
+                modes[key] = mode_here
+    else:
+        chosen = spec.get("mode") if isinstance(spec, Mapping) else getattr(spec, "mode", None)
+        modes = {k: chosen or default for k in keys}
+    closed_only = [k for k, m in modes.items() if m == "open" and not getattr(tasks[k], "open", True)]
+    if closed_only:
+        raise ConfigError(f"{where}: tasks: {', '.join(closed_only)} cannot be posed in open mode (open: false); "
+                          f"select them with closed:PATTERN")
+    return {k: modes[k] for k in keys}
 
 
 def select_tasks(spec: Any, tasks: Sequence[str] | Mapping[str, Any], where: str = "config") -> list[str]:

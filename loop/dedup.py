@@ -15,13 +15,23 @@ a program (one statement per line) that `parse_program` reads.
 Statements are not reordered: two programs that list independent statements
 in a different order keep different keys (a conservative choice: they are
 never merged wrongly).
+
+Open-mode candidates (fns + impl, `loop/candidates.py`) have a key of both
+parts: the program's key with the candidate's fns renamed `f0, f1, ...` in
+order of first use, then each fn's types, init and body, the body with the
+names it assigns renamed `t0, t1, ...` in order of assignment and written
+back in one layout (`ast` parses it: parsing only, nothing runs; a final
+expression becomes a `return`). The fn's display `name` is not part of it.
 """
 
 from __future__ import annotations
 
+import ast
+import dataclasses
 import re
 from typing import Optional, Sequence
 
+from stepforge.loop.candidates import is_candidate, parse_candidate
 from stepforge.simulator import ProgramSyntaxError, parse_program
 from stepforge.simulator.printer import format_program
 from stepforge.simulator.program import Apply, Comprehension, FnList, NameRef, OpCall, Program, Return, SizeExpr
@@ -164,8 +174,99 @@ def canonical_form(program_text: str) -> Optional[str]:
 
 
 def _key(program_text: str) -> str:
-    form = canonical_form(program_text)
+    form = canonical_candidate(program_text) if is_candidate(program_text) else canonical_form(program_text)
     return form if form is not None else "\0unparsed\0" + program_text.strip()
+
+
+# ---------------------------------------------------------------------------
+# open-mode candidates
+
+
+def canonical_fn_body(apply: str) -> str:
+    """A fn body with its assigned names renamed in order (`t0, t1, ...`), in one layout; the text if unparsable."""
+    try:
+        tree = ast.parse(apply)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
+        return apply.strip()
+    if tree.body and isinstance(tree.body[-1], ast.Expr):
+        tree.body[-1] = ast.Return(tree.body[-1].value)
+    # ast.walk is breadth-first: the stores are numbered in source order
+    stores = sorted((n for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)),
+                    key=lambda n: (n.lineno, n.col_offset))
+    names: dict[str, str] = {}
+    for node in stores:
+        names.setdefault(node.id, f"t{len(names)}")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and node.id in names:
+            node.id = names[node.id]
+    try:
+        return ast.unparse(tree)
+    except (RecursionError, ValueError):
+        return apply.strip()
+
+
+def _rename_fns(statements: list, rename: dict[str, str]) -> list:
+    def kw(value):
+        if isinstance(value, NameRef):
+            return NameRef(rename.get(value.name, value.name))
+        if isinstance(value, tuple):
+            return tuple(kw(v) for v in value)
+        return value
+
+    out = []
+    for st in statements:
+        if isinstance(st, FnList):
+            st = dataclasses.replace(st, fns=tuple(rename.get(f, f) for f in st.fns))
+        elif isinstance(st, (Apply, Comprehension)):
+            st = dataclasses.replace(st, call=dataclasses.replace(
+                st.call, kwargs=tuple((k, kw(v)) for k, v in st.call.kwargs)))
+        out.append(st)
+    return out
+
+
+def _fn_uses(statements: list, fn_names: set[str]) -> list[str]:
+    """Fn names in order of first use in the (canonical) statements."""
+    seen: list[str] = []
+
+    def kw(value):
+        if isinstance(value, NameRef) and value.name in fn_names and value.name not in seen:
+            seen.append(value.name)
+        elif isinstance(value, tuple):
+            for v in value:
+                kw(v)
+
+    for st in statements:
+        if isinstance(st, FnList):
+            for f in st.fns:
+                kw(NameRef(f))
+        elif isinstance(st, (Apply, Comprehension)):
+            for _, v in st.call.kwargs:
+                kw(v)
+    return seen
+
+
+def canonical_candidate(text: str) -> Optional[str]:
+    """A key equal for open candidates that differ only in names (variables, fns, fn locals), order of
+    the fns, comments and layout; None if it is not a candidate or its program does not parse."""
+    cand = parse_candidate(text)
+    if cand is None:
+        return None
+    try:
+        statements = canonical_program(parse_program(cand.impl))
+    except ProgramSyntaxError:
+        return None
+    names = {f.func_name for f in cand.fns}
+    used = _fn_uses(statements, names)
+    fprefix = _prefix("f", _external_names(parse_program(cand.impl)) - names)
+    rename = {n: f"{fprefix}{i}" for i, n in enumerate(used)}
+    fns = {f.func_name: f for f in cand.fns}
+    lines = [format_program(_rename_fns(statements, rename)).rstrip("\n")]
+    parts = []
+    for n in used + sorted(names - set(used), key=lambda n: canonical_fn_body(fns[n].apply)):
+        f = fns[n]
+        parts.append(f"fn {rename.get(n, '?')}: {f.input_dtype!r} -> {f.output_dtype!r} init {f.init_list()!r}\n"
+                     + canonical_fn_body(f.apply))
+    return "\n".join(lines + parts) + "\n"
 
 
 def dedup(programs: Sequence[str]) -> list[str]:
@@ -181,7 +282,15 @@ def dedup(programs: Sequence[str]) -> list[str]:
 
 def program_size(program_text: str) -> tuple[float, int]:
     """(statements, characters): parsed statements (inf if it does not parse) and the characters of
-    its non-blank, non-comment lines, stripped."""
+    its non-blank, non-comment lines, stripped. An open candidate counts its fns' body lines as
+    statements and their characters too."""
+    cand = parse_candidate(program_text)
+    if cand is not None:
+        statements, chars = program_size(cand.impl)
+        for f in cand.fns:
+            body = [ln.strip() for ln in f.apply.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+            statements, chars = statements + len(body), chars + sum(len(ln) for ln in body)
+        return statements, chars
     lines = [ln.strip() for ln in program_text.splitlines()]
     chars = sum(len(ln) for ln in lines if ln and not ln.startswith("#"))
     try:
@@ -202,4 +311,4 @@ def select_shortest(programs: Sequence[str]) -> Optional[str]:
     return programs[best]
 
 
-__all__ = ["canonical_form", "canonical_program", "dedup", "program_size", "select_shortest"]
+__all__ = ["canonical_candidate", "canonical_fn_body", "canonical_form", "canonical_program", "dedup", "program_size", "select_shortest"]

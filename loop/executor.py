@@ -93,6 +93,7 @@ class SampleJob:
     index: Optional[int] = None
     parent: Optional[str] = None
     history: list[RepairTurn] = field(default_factory=list)
+    mode: str = "closed"  # open: candidates are fns + impl YAML (loop/candidates.py)
 
     @property
     def demo_keys(self) -> list[str]:
@@ -101,7 +102,7 @@ class SampleJob:
     def request(self) -> ProposalRequest:
         return ProposalRequest(task_key=self.task, task=self.spec, demonstrations=self.demonstrations,
                                n=self.n, temperature=self.temperature, seed=self.seed, round=self.round,
-                               history=self.history)
+                               mode=self.mode, history=self.history)
 
 
 def default_extract(raw: str) -> tuple[Optional[str], str]:
@@ -112,6 +113,13 @@ def default_extract(raw: str) -> tuple[Optional[str], str]:
     if found is None:
         return None, reason or "no program found in the reply"
     return found.program, ""
+
+
+def default_open_extract(raw: str) -> tuple[Optional[str], str]:
+    """(candidate YAML, "") or (None, reason) for an open-mode reply (`replies.extract_candidate_with_reason`)."""
+    from stepforge.loop.agents.replies import extract_candidate_with_reason
+
+    return extract_candidate_with_reason(raw)
 
 
 def _extracted(value: Any) -> tuple[Optional[str], str]:
@@ -223,7 +231,8 @@ class Executor:
     """Generates, guards and verifies the jobs of one step with generation and verification overlapped."""
 
     def __init__(self, proposer: Proposer, guardian: Optional[Guardian], verifier: VerifierBackend, *,
-                 extract: Optional[ExtractFn] = None, chunk_size: int = 8, guard_temperature: float = 0.0,
+                 extract: Optional[ExtractFn] = None, open_extract: Optional[ExtractFn] = None,
+                 chunk_size: int = 8, guard_temperature: float = 0.0,
                  sink: Optional[Callable[[list[SampleRecord]], None]] = None,
                  prompt_sink: Optional[Callable[[dict[str, list[dict[str, str]]]], None]] = None,
                  events: Optional[Events] = None, stop_when_solved: bool = True):
@@ -232,6 +241,7 @@ class Executor:
         self.guardian = guardian
         self.verifier = verifier
         self.extract = extract or default_extract
+        self.open_extract = open_extract or default_open_extract
         self.chunk_size = max(1, chunk_size)
         self.guard_temperature = guard_temperature
         self.sink = sink
@@ -260,8 +270,8 @@ class Executor:
         One candidate's failure (its reply cannot be read, the guardian fails on it) is that candidate's
         failed sample, never the run's end."""
         proposals = [[_storable_proposal(p) for p in props] for props in proposals]
-        extracted = [[(None, p.error) if p.error is not None else self._extract_one(p.raw) for p in props]
-                     for props in proposals]
+        extracted = [[(None, p.error) if p.error is not None else self._extract_one(p.raw, job.mode)
+                      for p in props] for props, job in zip(proposals, jobs)]
         programs = [[prog for prog, _ in row] for row in extracted]
         reasons = [[why for _, why in row] for row in extracted]
         guarded: list[list[Optional[Any]]] = [[None] * len(props) for props in proposals]
@@ -274,7 +284,7 @@ class Executor:
                     if prog is not None and b not in job.skip:
                         requests.append(GuardRequest(task_key=job.task, task=job.spec, program=prog,
                                                      temperature=self.guard_temperature,
-                                                     seed=derive_seed(job.seed, b, "guard")))
+                                                     seed=derive_seed(job.seed, b, "guard"), mode=job.mode))
                         where.append((a, b))
             if requests:
                 t1 = time.perf_counter()
@@ -286,9 +296,11 @@ class Executor:
         return _Generated(jobs, proposals, programs, reasons, guarded, guard_errors, generate_s, guard_s, n_guarded,
                           first)
 
-    def _extract_one(self, raw: str) -> tuple[Optional[str], str]:
-        """(program, "") or (None, reason) for one reply; an extractor that raises is that reply's reason."""
-        value, error = contained("reading the reply", lambda text: _extracted(self.extract(text)), raw)
+    def _extract_one(self, raw: str, mode: str = "closed") -> tuple[Optional[str], str]:
+        """(program, "") or (None, reason) for one reply (open mode: a candidate); an extractor that raises
+        is that reply's reason."""
+        extract = self.open_extract if mode == "open" else self.extract
+        value, error = contained("reading the reply", lambda text: _extracted(extract(text)), raw)
         return (None, error) if error is not None else value
 
     def _guard(self, requests: list[GuardRequest]) -> list[tuple[Optional[GuardResult], Optional[str]]]:
@@ -339,7 +351,7 @@ class Executor:
                         immediate.append(rec)
                     else:
                         pending[ticket] = rec
-                        items.append((ticket, rec.task, rec.guarded))
+                        items.append((ticket, rec.task, rec.guarded, rec.mode))
                         ticket += 1
                 self._emit(immediate, records)
                 self.verifier.submit(items)
@@ -397,6 +409,7 @@ class Executor:
                     round=job.round, step=job.step, task=job.task, temperature=job.temperature,
                     index=job.index if job.index is not None else b, turn=job.turn, parent=job.parent,
                     of=len(props), seed=job.seed, demonstrations=job.demo_keys, prompt_id=pid, raw=prop.raw,
+                    mode=job.mode,
                     program=prog, guarded=guarded if prog is not None else None, guard_changed=changed,
                     verdict=verdict, prompt_tokens=prop.prompt_tokens, completion_tokens=prop.completion_tokens,
                     guard_prompt_tokens=g_prompt, guard_completion_tokens=g_completion, timings=timings, time=now,
@@ -439,6 +452,7 @@ __all__ = [
     "Executor",
     "SampleJob",
     "default_extract",
+    "default_open_extract",
     "derive_seed",
     "prompt_id",
 ]

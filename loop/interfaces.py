@@ -46,9 +46,10 @@ class Demonstration(_HasTask):
     """A solved task shown to a proposer: the task and its earned impl (never the task file's own)."""
 
     task_key: str
-    impl: str
+    impl: str  # closed mode: the program; open mode: the candidate YAML (its earned fns and impl)
     success_rate: float = 1.0  # fraction of samples that were correct when it was earned
     round: int = 0
+    mode: str = "closed"
 
 
 class RepairTurn(BaseModel):
@@ -72,6 +73,7 @@ class ProposalRequest(_HasTask):
     temperature: float = 0.7
     seed: int = 0
     history: list[RepairTurn] = Field(default_factory=list)
+    mode: str = "closed"  # open: the task is posed without its fns; the answer is a candidate (fns + impl)
     round: int = 0  # Algorithm 1's round (a search proposer may give later rounds a larger budget)
 
 
@@ -118,7 +120,7 @@ class BufferEntry(BaseModel):
     """An earned experience: the selected correct program of a solved task."""
 
     task_key: str
-    impl: str
+    impl: str  # the program, or in open mode the candidate YAML (fns + impl)
     success_count: int
     n_samples: int
     success_rate: float  # its difficulty: low = hard
@@ -129,15 +131,17 @@ class BufferEntry(BaseModel):
     demonstrations: list[str] = Field(default_factory=list)  # task keys shown when it was earned
     # None: earned in this run; else a seeded entry (`seed_buffer`), naming the buffer file it came from
     source: str | None = None
+    mode: str = "closed"
 
 
 class GuardRequest(_HasTask):
     """Ask a guardian to make one candidate program obey the affine rule."""
 
     task_key: str
-    program: str  # the proposal's program text (already extracted from the reply)
+    program: str  # the proposal's program text (already extracted from the reply); open mode: the candidate
     temperature: float = 0.0
     seed: int = 0
+    mode: str = "closed"  # open: only the candidate's impl is repaired, its fns are kept
 
 
 class GuardResult(BaseModel):

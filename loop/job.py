@@ -194,9 +194,13 @@ def build_verifier(cfg, tasks: dict[str, Any]):
     if kind == "ray":
         return backend(v.workers, v.timeout_s, verify_kwargs, num_cpus=v.num_cpus)
     if kind == "inline":
+        from stepforge.benchmark.open_mode import verify_open
         from stepforge.benchmark.verifier import verify
 
-        return backend(lambda key, program: verify(tasks[key], program, **verify_kwargs))
+        def verify_inline(key: str, text: str, mode: str = "closed"):
+            return (verify_open if mode == "open" else verify)(tasks[key], text, **verify_kwargs)
+
+        return backend(verify_inline)
     from stepforge.benchmark.pool import VerifierPool
 
     return backend(VerifierPool(v.workers, v.timeout_s, tasks=tasks, verify_kwargs=verify_kwargs))
@@ -334,7 +338,8 @@ def run_improve(config_path: Optional[str | Path] = None, *, run_dir: Optional[s
                 cfg = C.resolve_model_paths(C.load_config(config_path, overrides))
                 where = str(config_path) if config_path is not None else "config"
             tasks_all = load_benchmark()
-            keys = C.select_tasks(cfg.tasks, tasks_all, where)
+            keys = C.select_tasks(C.strip_modes(cfg.tasks), tasks_all, where)
+            modes = C.task_modes(cfg.tasks, tasks_all, cfg.mode, where)
             if cfg.proposer.tiny_model and cfg.proposer.backend is not None:
                 ensure_tiny_model(cfg.proposer.backend.model)
             C.check_model_paths(cfg, where)
@@ -364,7 +369,8 @@ def run_improve(config_path: Optional[str | Path] = None, *, run_dir: Optional[s
                 stack.callback(executor.close)
                 loop = SelfImprovementLoop(tasks, executor, settings, store=store,
                                            cached=cached, prompts=store.load_prompts(), events=events, seed=seed,
-                                           seed_tasks=seed_tasks, budget=BudgetMeter.from_config(cfg.budget))
+                                           seed_tasks=seed_tasks, modes=modes,
+                                           budget=BudgetMeter.from_config(cfg.budget))
                 result = loop.run()
             summary = write_report(store.root, store)
             return ImproveOutcome(store.root, summary, result, loop.new_samples, loop.replayed_samples)

@@ -102,6 +102,7 @@ class SampleRecord(BaseModel):
     dropped_demonstrations: list[str] = Field(default_factory=list)  # not in the prompt: it would not fit the context
     prompt_id: Optional[str] = None
     raw: str
+    mode: str = "closed"  # open: program/guarded are candidates (fns + impl YAML)
     program: Optional[str] = None  # extracted from the reply (None: nothing parsable found, stage `parse`)
     guarded: Optional[str] = None  # after the guardian (what was verified)
     guard_changed: bool = False

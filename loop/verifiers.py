@@ -11,6 +11,11 @@
   candidate scored `runtime`.
 
 `VERIFIERS` names them for the config's `verifier.kind`.
+
+An item is `(ticket, task key, candidate text)` or `(ticket, task key,
+candidate text, mode)`: in mode `open` the text is an open candidate (fns +
+impl YAML, OPEN_MODE.md), verified with its own fns; a closed item may leave
+the mode out.
 """
 
 from __future__ import annotations
@@ -28,7 +33,23 @@ from stepforge.benchmark.pool import pop_for_worker
 from stepforge.benchmark.verdict import Verdict, failed
 from stepforge.registry import Registry
 
-VerifyFn = Callable[[str, str], Any]  # (task key, program) -> a Verdict
+VerifyFn = Callable[..., Any]  # (task key, program) -> a Verdict; open items: (task key, candidate, "open")
+
+
+def unpack_item(item: tuple) -> tuple[int, str, str, str]:
+    """(ticket, task key, text, mode) of a 3- or 4-tuple item (mode `closed` when left out)."""
+    ticket, task, text, *rest = item
+    return ticket, task, text, (rest[0] if rest else "closed")
+
+
+def _open_impl(text: str) -> Any:
+    """The open candidate of `text` for the verifier pool, or a `fns` verdict if it is malformed."""
+    from stepforge.benchmark.open_mode import CandidateError, load_candidate
+
+    try:
+        return load_candidate(text)
+    except CandidateError as exc:
+        return failed("fns", str(exc))
 
 
 class VerifierBackend(ABC):
@@ -58,9 +79,10 @@ class InlineVerifier(VerifierBackend):
         self._done: list[tuple[int, Verdict]] = []
 
     def submit(self, items: list[tuple[int, str, str]]) -> None:
-        for ticket, task, program in items:
+        for item in items:
+            ticket, task, program, mode = unpack_item(item)
             t0 = time.perf_counter()
-            verdict = self.verify(task, program)
+            verdict = self.verify(task, program) if mode == "closed" else self.verify(task, program, mode)
             own = verdict.seconds or verdict.timings.get("total", 0.0)
             self._done.append((ticket, verdict.timed(own or time.perf_counter() - t0)))
 
@@ -90,8 +112,12 @@ class PoolVerifier(VerifierBackend):
             if batch is None:
                 return
             try:
-                verdicts = self.pool.verify_many([(task, program) for _, task, program in batch])
-                self._outbox.put([(t, v.timed()) for (t, _, _), v in zip(batch, verdicts)])
+                items = [unpack_item(item) for item in batch]
+                impls = [(task, _open_impl(text) if mode == "open" else text) for _, task, text, mode in items]
+                ready = [i for i, (_, impl) in enumerate(impls) if not isinstance(impl, Verdict)]
+                verdicts = dict(zip(ready, self.pool.verify_many([impls[i] for i in ready]))) if ready else {}
+                self._outbox.put([(item[0], (verdicts[i] if i in verdicts else impls[i][1]).timed())
+                                  for i, item in enumerate(items)])
             except BaseException as exc:  # noqa: BLE001 - re-raised in the caller by poll()
                 self._outbox.put(exc)
 
@@ -143,15 +169,16 @@ class VerifierActor:
     def ready(self) -> int:
         return os.getpid()
 
-    def verify(self, task_key: str, program: str) -> dict:
-        return self.warm.verify_dict(task_key, program)
+    def verify(self, task_key: str, program: str, mode: str = "closed") -> dict:
+        impl = _open_impl(program) if mode == "open" else program
+        return impl.model_dump() if isinstance(impl, Verdict) else self.warm.verify_dict(task_key, impl)
 
 
 @dataclass
 class _Slot:
     actor: Any
     ready_ref: Any = None
-    job: Optional[tuple[int, str, str]] = None
+    job: Optional[tuple[int, str, str, str]] = None
     ref: Any = None
     dispatched: float = 0.0
     known: set = field(default_factory=set)  # task keys this actor has set up
@@ -170,7 +197,7 @@ class RayVerifier(VerifierBackend):
         self.num_cpus = num_cpus
         self.startup_timeout_s = startup_timeout_s
         self._cls = ray.remote(max_restarts=0, max_task_retries=0)(VerifierActor)
-        self._queue: deque[tuple[int, str, str]] = deque()
+        self._queue: deque[tuple[int, str, str, str]] = deque()
         self._done: list[tuple[int, Verdict]] = []
         self._pending = 0
         self.replacements = 0
@@ -192,7 +219,7 @@ class RayVerifier(VerifierBackend):
         self._started = time.monotonic()
 
     def submit(self, items: list[tuple[int, str, str]]) -> None:
-        self._queue.extend(items)
+        self._queue.extend(unpack_item(item) for item in items)
         self._pending += len(items)
         self._dispatch()
 
@@ -200,15 +227,17 @@ class RayVerifier(VerifierBackend):
         for slot in self.slots:
             if self._queue and slot.ready_ref is None and slot.job is None:
                 job = pop_for_worker(self._queue, slot.known, lambda item: item[1])
-                slot.job, slot.ref, slot.dispatched = job, slot.actor.verify.remote(job[1], job[2]), time.monotonic()
+                slot.job, slot.ref, slot.dispatched = job, slot.actor.verify.remote(job[1], job[2], job[3]), \
+                    time.monotonic()
                 slot.known.add(job[1])
 
-    def _fail(self, job: tuple[int, str, str], stage: str, message: str) -> tuple[int, Verdict]:
+    def _fail(self, job: tuple[int, str, str, str], stage: str, message: str) -> tuple[int, Verdict]:
         affine_ok = None
         try:
             from stepforge import simulator as sim
+            from stepforge.loop.candidates import candidate_impl
 
-            affine_ok = not sim.check_affine(sim.parse_program(job[2]))
+            affine_ok = not sim.check_affine(sim.parse_program(candidate_impl(job[2])))
         except Exception:  # noqa: BLE001 - unparsable: unknown
             affine_ok = None
         return job[0], failed(stage, message, affine_ok=affine_ok)

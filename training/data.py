@@ -2,8 +2,10 @@
 
 An example is `messages` = the proposer's chat prompt (system + user, exactly
 as the loop built it) + one assistant message holding the answer the
-proposer is asked for: the program in one ```python block (`format_answer`;
-the loop's reply parser reads it back unchanged).
+proposer is asked for: the program in one ```python block, or for an
+open-mode entry the candidate (its earned fns and impl) in one ```yaml block
+(`format_answer`; the loop's reply parsers read both back unchanged). A
+rebuilt prompt is posed in the entry's mode.
 
 Sources:
 
@@ -71,10 +73,16 @@ class DatasetError(StepforgeError, ValueError):
     """The dataset cannot be built: no buffer, a bad buffer line, an unknown task."""
 
 
+OPEN_ANSWER_FENCE = "```yaml"
+
+
 def format_answer(impl: str) -> str:
-    """The assistant reply the proposer prompt asks for: the program in one ```python block."""
+    """The assistant reply the proposer prompt asks for: the program in one ```python block, or an
+    open-mode candidate (fns + impl YAML) in one ```yaml block."""
+    from stepforge.loop.candidates import is_candidate
+
     body = impl.strip("\n")
-    return f"{ANSWER_FENCE}\n{body}\n```"
+    return f"{OPEN_ANSWER_FENCE if is_candidate(impl) else ANSWER_FENCE}\n{body}\n```"
 
 
 def make_example(task_key: str, prompt: Sequence[dict[str, str]], impl: str, source: str,
@@ -125,14 +133,15 @@ class PromptBuilder:
             self._knowledge = load_knowledge(variant=self.knowledge_variant)
         return self._knowledge
 
-    def messages(self, task: Any, demonstrations: Sequence[Any] = (), task_key: str = "task") -> list[dict[str, str]]:
-        """The chat prompt the loop's LLM proposer sends for this task and these demonstrations."""
+    def messages(self, task: Any, demonstrations: Sequence[Any] = (), task_key: str = "task",
+                 mode: str = "closed") -> list[dict[str, str]]:
+        """The chat prompt the loop's LLM proposer sends for this task and these demonstrations (in `mode`)."""
         from stepforge.loop.agents.proposer import LLMProposer
         from stepforge.loop.interfaces import ProposalRequest
 
         if self._proposer is None:
             self._proposer = LLMProposer(None, self.knowledge, style=self.style)
-        request = ProposalRequest(task_key=task_key, task=task, demonstrations=list(demonstrations))
+        request = ProposalRequest(task_key=task_key, task=task, demonstrations=list(demonstrations), mode=mode)
         return self._proposer.messages_for(request)
 
 
@@ -200,7 +209,7 @@ def buffer_examples(entries: Sequence[Any], data: DataSettings, builder: PromptB
             skipped.append(f"{e.task_key} (success rate {e.success_rate:g} outside the range)")
             continue
         meta = {"success_rate": e.success_rate, "round": e.round, "step": e.step, "temperature": e.temperature,
-                "demonstrations": list(e.demonstrations)}
+                "demonstrations": list(e.demonstrations), "mode": getattr(e, "mode", "closed")}
         if e.messages and data.prompts == "recorded":
             examples.append(make_example(e.task_key, e.messages, e.impl, "buffer", {**meta, "prompt": "recorded"}))
             continue
@@ -218,7 +227,7 @@ def buffer_examples(entries: Sequence[Any], data: DataSettings, builder: PromptB
         from stepforge.loop.buffer import ExperienceBuffer
 
         demos = ExperienceBuffer.demonstrations([by_key[k] for k in e.demonstrations], irs)
-        prompt = builder.messages(irs[e.task_key], demos, e.task_key)
+        prompt = builder.messages(irs[e.task_key], demos, e.task_key, mode=meta["mode"])
         examples.append(make_example(e.task_key, prompt, e.impl, "buffer", {**meta, "prompt": "rebuilt"}))
     return examples, skipped
 

@@ -6,6 +6,10 @@
 - `NoGuardian`: returns every program unchanged (the single-model baseline).
 
 `GUARDIANS` names them for the config's `guardian.kind`; `make_guardian` builds one.
+
+In open mode (`GuardRequest.mode`) a request's program is a candidate (fns +
+impl YAML): every guardian repairs its impl and keeps its fns (the LLM
+guardian is shown the task with the candidate's fns in place of the task's).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from stepforge.loop.agents.prompts import guardian_messages
 from stepforge.loop.agents.proposer import generate_isolated
 from stepforge.loop.agents.replies import extract_program_with_reason
 from stepforge.loop.agents.rule_repair import RepairResult, repair_affine
+from stepforge.loop.candidates import candidate_impl, parse_candidate, with_impl
 from stepforge.loop.interfaces import Guardian, GuardRequest, GuardResult
 from stepforge.registry import Registry
 from stepforge.serve.base import GenerationRequest, SamplingParams
@@ -62,8 +67,10 @@ class LLMGuardian(Guardian):
     def repair(self, requests: list[GuardRequest]) -> list[GuardResult]:
         results: list[Optional[GuardResult]] = [None] * len(requests)
         self.last_reasons = [""] * len(requests)
-        todo = [i for i, r in enumerate(requests) if self._needs_model(r.program)]
+        todo = [i for i, r in enumerate(requests) if self._needs_model(candidate_impl(r.program))]
         for i, r in enumerate(requests):
+            if i in todo and r.mode == "open" and parse_candidate(r.program) is None:
+                todo.remove(i)
             if i not in todo:
                 results[i] = GuardResult(program=r.program, changed=False)
                 self.last_reasons[i] = "not sent: the program obeys the rule or does not parse"
@@ -72,7 +79,7 @@ class LLMGuardian(Guardian):
             r = requests[i]
             temperature = self.temperature if self.temperature is not None else r.temperature
             gen.append(GenerationRequest(
-                messages=guardian_messages(r.task, r.program, self.knowledge),
+                messages=guardian_messages(_with_candidate_fns(r), candidate_impl(r.program), self.knowledge),
                 sampling=SamplingParams(n=1, temperature=temperature, seed=r.seed, max_tokens=self.max_tokens),
                 request_id=f"{r.task_key}#guard{i}",
             ))
@@ -89,11 +96,21 @@ class LLMGuardian(Guardian):
             program, changed = r.program, False
             if found is None:
                 self.last_reasons[i] = reason
-            elif _normalised(found.program) != _normalised(r.program):
-                program, changed = found.program, True
+            elif _normalised(found.program) != _normalised(candidate_impl(r.program)):
+                program, changed = with_impl(r.program, found.program), True
             results[i] = GuardResult(program=program, changed=changed, messages=messages,
                                      prompt_tokens=res.prompt_tokens, completion_tokens=res.completion_tokens)
         return [r for r in results if r is not None]
+
+
+def _with_candidate_fns(request: GuardRequest):
+    """The request's task, in open mode with the candidate's fns in place of the task file's."""
+    cand = parse_candidate(request.program) if request.mode == "open" else None
+    if cand is None:
+        return request.task
+    from stepforge.benchmark.schema import FnDecl
+
+    return request.task.model_copy(update={"fns": [FnDecl(**f.model_dump()) for f in cand.fns]})
 
 
 def _normalised(program: str) -> str:
@@ -108,8 +125,9 @@ class RuleGuardian(Guardian):
     def repair(self, requests: list[GuardRequest]) -> list[GuardResult]:
         out = []
         for req in requests:
-            result = repair_affine(req.program)
-            out.append(GuardResult(program=result.program, changed=result.changed))
+            result = repair_affine(candidate_impl(req.program))
+            program = with_impl(req.program, result.program) if result.changed else req.program
+            out.append(GuardResult(program=program, changed=result.changed))
         return out
 
 

@@ -273,12 +273,18 @@ def proposer_messages(
     demonstrations: Sequence[Demonstration],
     task: "Task",
     style: str = "ir",
+    mode: str = "closed",
 ) -> list[dict[str, str]]:
-    """Chat messages asking for the `impl` of `task` (its own impl is never shown)."""
+    """Chat messages asking for the `impl` of `task` (its own impl is never shown); in mode `open`
+    for its fns and impl (`open_prompts.py`: the task is shown without fns)."""
+    from stepforge.loop.agents.open_prompts import open_proposer_messages, render_mixed_demonstrations
+
     _check_style(style)
     task_form = "written in STeP's structural IR (YAML)" if style == "ir" else "written as a Python module"
     system = fill("proposer_system", task_form=task_form, knowledge=knowledge.render(style).rstrip("\n"))
-    demos = render_demonstrations(demonstrations, style)
+    if mode == "open":
+        return open_proposer_messages(knowledge, demonstrations, as_task(task), system)
+    demos = render_mixed_demonstrations(demonstrations, style)
     user = fill("proposer_user", demonstrations=demos, task=render_task(task, style))
     return [{"role": "system", "content": system.rstrip("\n") + "\n"},
             {"role": "user", "content": user.lstrip("\n").rstrip("\n") + "\n"}]

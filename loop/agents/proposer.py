@@ -83,10 +83,10 @@ class LLMProposer(Proposer):
         self.stop = list(stop or [])
 
     def messages_for(self, request: ProposalRequest, keep: Optional[int] = None) -> list[dict[str, str]]:
-        """The chat prompt with the first `keep` demonstrations (all by default), then the repair
-        conversation (`request.history`) if any."""
+        """The chat prompt with the first `keep` demonstrations (all by default), in the request's mode,
+        then the repair conversation (`request.history`) if any."""
         demos = request.demonstrations if keep is None else request.demonstrations[:keep]
-        first = proposer_messages(self.knowledge, demos, request.task, style=self.style)
+        first = proposer_messages(self.knowledge, demos, request.task, style=self.style, mode=request.mode)
         return first + repair_messages(request.history)
 
     def count_prompt_tokens(self, requests: list[ProposalRequest]) -> list[int]:

@@ -16,6 +16,12 @@ answer). If nothing parses, it returns None; `extract_program_with_reason`
 also says why (the parser's message for the most promising candidate). It
 never raises on any text: an unusable reply is a failed sample with stage
 `parse`.
+
+Open mode (`extract_candidate_with_reason`): the answer is YAML with `fns`
+and `impl` in one ```yaml block; the same leniency applies (reasoning, prose,
+several blocks, an unclosed fence, bare YAML), and the candidate's impl goes
+through `extract_program_with_reason`. The candidate comes back re-rendered
+(`OpenCandidate.to_yaml`), so equal candidates are equal text.
 """
 
 from __future__ import annotations
@@ -359,4 +365,54 @@ def _normalise(text: str) -> str:
     return "\n".join(lines) + "\n" if lines else ""
 
 
-__all__ = ["ExtractedProgram", "extract_program", "extract_program_with_reason"]
+# ---------------------------------------------------------------------------
+# open mode
+
+
+def extract_candidate_with_reason(reply: object) -> tuple[Optional[str], str]:
+    """`(candidate YAML, "")` for the best open candidate (fns + impl) in `reply`, or `(None, reason)`.
+
+    Best: from the answer part before the reasoning, fenced before bare, later
+    blocks before earlier ones. Never raises.
+    """
+    from stepforge.benchmark.open_mode import CandidateError, OpenCandidate, load_candidate
+
+    if not isinstance(reply, str):
+        return None, f"the reply is not text ({type(reply).__name__})"
+    if not reply.strip():
+        return None, "the reply is empty"
+    text = reply[:MAX_REPLY_CHARS].replace("\r\n", "\n").replace("\r", "\n").replace("\x00", "")
+    blocks: list[tuple[tuple, str]] = []
+    for part, answer in _split_reasoning(text):
+        fenced = _fenced_blocks(part)
+        for i, (_lang, body) in enumerate(fenced):
+            blocks.append(((answer, True, i), body))
+        if not fenced and part.strip():
+            blocks.append(((answer, False, 0), part))
+    reasons: list[str] = []
+    for _rank, body in sorted(blocks[:MAX_CANDIDATES], key=lambda b: b[0], reverse=True):
+        body = _normalise(body)
+        if "fns" not in body or "impl" not in body:
+            continue
+        try:
+            cand = load_candidate(body)
+        except CandidateError as exc:
+            reasons.append(str(exc))
+            continue
+        except Exception as exc:  # noqa: BLE001 - defensive: any other failure of the YAML reader is a bad reply
+            reasons.append(f"the candidate cannot be read ({type(exc).__name__})")
+            continue
+        found, why = extract_program_with_reason(cand.impl)
+        if found is None:
+            reasons.append(f"impl: {why}")
+            continue
+        try:
+            return OpenCandidate(fns=cand.fns, impl=found.program).to_yaml(), ""
+        except Exception as exc:  # noqa: BLE001 - defensive: re-rendering never fails on a validated candidate
+            reasons.append(f"the candidate cannot be written back ({type(exc).__name__})")
+    if not reasons:
+        return None, "no open candidate in the reply (expected a ```yaml block with the keys fns and impl)"
+    return None, f"no usable open candidate in the reply: {reasons[0]}"
+
+
+__all__ = ["ExtractedProgram", "extract_candidate_with_reason", "extract_program", "extract_program_with_reason"]

@@ -285,13 +285,16 @@ def repair_metrics(samples: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 
 def program_metrics(entries: Sequence[Mapping[str, Any]], inputs_by_task: Mapping[str, Sequence[str]] | None = None
                     ) -> dict[str, dict[str, Any]]:
-    """Per earned program: lines and maintainability index with and without comments."""
+    """Per earned program: lines and maintainability index with and without comments (of an open
+    candidate's impl; its fns are YAML around model-written bodies)."""
+    from stepforge.loop.candidates import candidate_impl
+
     out = {}
     for e in entries:
-        code = e["impl"]
+        code = candidate_impl(e["impl"])
         lines = [ln for ln in code.splitlines() if ln.strip() and not ln.strip().startswith("#")]
         mi = maintainability(code, (inputs_by_task or {}).get(e["task_key"], ()))
-        out[e["task_key"]] = {"lines": len(lines), **mi}
+        out[e["task_key"]] = {"lines": len(lines), **mi, "mode": e.get("mode", "closed")}
     return out
 
 

@@ -4,7 +4,8 @@ Everything is recomputed from the run directory's files (config.yaml,
 samples.jsonl, steps.jsonl, buffer.jsonl, state.json), so a report can be
 made for a finished, a killed or a resumed run, any time later.
 
-summary.json keys: `name`, `variant`, `status`, `stop_reason`, `run` (totals:
+summary.json keys: `name`, `variant`, `mode` (closed, open or mixed; each task
+and group names its own too), `status`, `stop_reason`, `run` (totals:
 samples, verifications, tokens, task completion, throughput), `rounds` (per
 round), `steps` (per step: demonstrations, tasks sampled, solved), `groups`
 (benchmark task groups: tasks, solved), `tasks` (per task: pass@1, pass@n,
@@ -33,7 +34,9 @@ from stepforge.loop.reporting import families as F
 from stepforge.loop.reporting import metrics as M
 from stepforge.loop.runstore import REPORT, RunStore
 
-PLOTS = ("tasks_solved.png", "tokens.png", "search.png", "families.png")  # tokens.png for model runs, search.png for the search
+SOLVED_PLOT, TOKENS_PLOT, SEARCH_PLOT, FAMILIES_PLOT = "tasks_solved.png", "tokens.png", "search.png", "families.png"
+PLOTS = (SOLVED_PLOT, TOKENS_PLOT, SEARCH_PLOT, FAMILIES_PLOT)  # tokens for model runs, search for the search proposer
+SPEND_PLOTS = (TOKENS_PLOT, SEARCH_PLOT)
 
 
 def _group_of(task: str) -> str:
@@ -83,9 +86,16 @@ def build_summary(store: RunStore) -> dict[str, Any]:
     run["tasks_solved"] = len(earned)
     run["task_completion"] = len(earned) / n_tasks if n_tasks else 0.0
     programs = M.program_metrics(buffer, _inputs_by_task(list(earned)))
+    modes = run_modes(state, config, tasks_in_run)
+    for task in tasks_in_run:
+        per_task[task]["mode"] = modes[task]
+    for group in groups:
+        groups[group]["mode"] = _mode_label({modes[t] for t in tasks_in_run if _group_of(t) == group})
+    run["mode"] = _mode_label(set(modes.values()))
     summary = {
         "name": config.get("name"),
         "variant": config.get("variant"),
+        "mode": run["mode"],
         "status": state.get("status", "unknown"),
         "stop_reason": state.get("stop_reason", ""),
         "run": run,
@@ -104,6 +114,18 @@ def build_summary(store: RunStore) -> dict[str, Any]:
     }
     summary["families"] = F.family_summary(summary, config.get("mode") or "closed")
     return summary
+
+
+def run_modes(state: dict, config: dict, tasks: list[str]) -> dict[str, str]:
+    """Each task's mode: the state's `modes` (written when any task runs open), else the config's mode."""
+    modes = state.get("modes") or {}
+    default = config.get("mode") or "closed"
+    return {t: modes.get(t, default) for t in tasks}
+
+
+def _mode_label(modes: set[str]) -> str:
+    """`closed`, `open`, or `mixed` for a set of task modes."""
+    return next(iter(modes)) if len(modes) == 1 else ("mixed" if modes else "closed")
 
 
 # ---------------------------------------------------------------------------
@@ -132,20 +154,27 @@ def write_plots(store: RunStore, summary: dict[str, Any]) -> list[Path]:
     ax.set_title(f"{summary.get('name') or 'run'}: tasks solved ({summary['run']['tasks_solved']}/{n_tasks})")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = store.path(PLOTS[0])
+    path = store.path(SOLVED_PLOT)
     fig.savefig(path)
     plt.close(fig)
     out.append(path)
 
+    path = store.path(FAMILIES_PLOT)
+    F.plot_families(path, list(summary["families"]), [(summary.get("name") or "run", summary["families"])])
+    out.append(path)
+
     spend = spend_plot(summary)
-    for stale in PLOTS[1:]:
+    for stale in SPEND_PLOTS:
         if stale != spend and store.path(stale).is_file():
             store.path(stale).unlink()  # a plot of what this run did not spend
-    if spend == PLOTS[2]:
+    if spend == SEARCH_PLOT:
         out.append(_search_plot(plt, store, rounds, xs))
-    if spend != PLOTS[1]:
-        return out
+    elif spend == TOKENS_PLOT:
+        out.append(_tokens_plot(plt, store, rounds, xs))
+    return out
 
+
+def _tokens_plot(plt, store: RunStore, rounds: list[dict[str, Any]], xs: list[int]) -> Path:
     fig, ax = plt.subplots(figsize=(5.5, 3.5), dpi=120)
     prompt = [r["prompt_tokens"] for r in rounds]
     completion = [r["completion_tokens"] for r in rounds]
@@ -158,24 +187,19 @@ def write_plots(store: RunStore, summary: dict[str, Any]) -> list[Path]:
     ax.set_title("tokens per round")
     ax.legend()
     fig.tight_layout()
-    path = store.path(PLOTS[1])
+    path = store.path(TOKENS_PLOT)
     fig.savefig(path)
     plt.close(fig)
-    out.append(path)
-
-    path = store.path(PLOTS[2])
-    F.plot_families(path, list(summary["families"]), [(summary.get("name") or "run", summary["families"])])
-    out.append(path)
-    return out
+    return path
 
 
 def spend_plot(summary: dict[str, Any]) -> Optional[str]:
     """The plot of what the run spent: tokens.png (models), search.png (the search), None (nothing)."""
     run = summary["run"]
     if run.get("prompt_tokens", 0) + run.get("completion_tokens", 0) > 0:
-        return PLOTS[1]
+        return TOKENS_PLOT
     if any(run.get("cost", {}).values()):
-        return PLOTS[2]
+        return SEARCH_PLOT
     return None
 
 
@@ -194,7 +218,7 @@ def _search_plot(plt, store: RunStore, rounds: list[dict[str, Any]], xs: list[in
     ax.set_title("search spending per round")
     fig.legend(loc="upper right")
     fig.tight_layout()
-    path = store.path(PLOTS[2])
+    path = store.path(SEARCH_PLOT)
     fig.savefig(path)
     plt.close(fig)
     return path
@@ -234,6 +258,7 @@ def render_markdown(store: RunStore, summary: dict[str, Any]) -> str:
     out = [f"# stepforge run: {summary.get('name')}", ""]
     out.append(_table(["setting", "value"], [
         ["variant", summary.get("variant")],
+        ["mode", summary.get("mode", "closed")],
         ["proposer", f"{kind} ({proposer.get('style', 'ir')} prompts), model {model}" if kind == "llm" else kind],
         ["guardian", guardian.get("kind", "rule") if config.get("variant") != "single" else "none (variant single)"],
         ["temperatures x n", f"{config.get('temperatures')} x {config.get('n')}"],
@@ -242,7 +267,7 @@ def render_markdown(store: RunStore, summary: dict[str, Any]) -> str:
         ["seed", config.get("seed")],
         ["status", f"{summary['status']}: {summary.get('stop_reason') or '-'}"],
     ]))
-    out += ["", "## Result", ""]
+    out += ["", f"## Result ({summary.get('mode', 'closed')} mode)", ""]
     out.append(_table(["tasks", "solved", "completion", "samples", "correct", "verifications", "prompt tokens",
                        "completion tokens", "wall s", "samples/s", "verifications/s"], [[
         run["tasks"], run["tasks_solved"], _pct(run["task_completion"]), run["samples"], run["correct_samples"],
@@ -270,7 +295,8 @@ def render_markdown(store: RunStore, summary: dict[str, Any]) -> str:
         s["round"], s["step"], ", ".join(s["demonstrations"]) or "(base knowledge only)", len(s["tasks"]),
         ", ".join(s["solved"]) or "-", s["samples"], s["correct"], _f(s["seconds"], 1)] for s in summary["steps"]]))
     out += ["", "## Per task group", ""]
-    out.append(_table(["group", "tasks", "solved"], [[g, v["tasks"], v["solved"]] for g, v in summary["groups"].items()]))
+    out.append(_table(["group", "mode", "tasks", "solved"],
+                      [[g, v.get("mode", "closed"), v["tasks"], v["solved"]] for g, v in summary["groups"].items()]))
     out += [""] + F.render_families(summary) + ["![solved per family](families.png)"]
     out += ["", "## Per task", "",
             "pass@1 and pass@n use the unbiased estimator over the task's samples of one step (all temperatures); "

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import itertools
+import time
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
+from stepforge.benchmark.schema import FnDecl
+from stepforge.loop.candidates import candidate_impl
 from stepforge.loop.interfaces import Demonstration, Proposal, ProposalRequest, StreamingProposer
 from stepforge.loop.search.config import SearchConfig, as_config
+from stepforge.loop.search.open_library import as_candidate, fn_library
 from stepforge.loop.search.portfolio import interleave, portfolio_members
 from stepforge.loop.search.prior import OpPrior
 from stepforge.loop.search.results import Candidate, SearchStats, search_cost
@@ -49,13 +55,18 @@ def fit_prior(demonstrations: Sequence[Demonstration | tuple[str, Optional[str]]
     cfg = as_config(config)
     pairs = []
     for d in list(demonstrations)[: cfg.max_demonstrations]:
-        if isinstance(d, Demonstration):
-            pairs.append((d.impl, d.task_ir))
+        if isinstance(d, Demonstration):  # an open demonstration counts its program
+            pairs.append((candidate_impl(d.impl), d.task_ir))
         elif isinstance(d, str):
             pairs.append((d, None))
         else:
             pairs.append((d[0], d[1]))
     return OpPrior(mix=cfg.mix).fit(pairs, target_ir=target_ir, floor=cfg.similarity_floor)
+
+
+OPEN_SUBSET_MAX = 3  # most library fns one open-mode search wires
+OPEN_SUBSET_EXPANSIONS = 400
+OPEN_SUBSET_SECONDS = 0.5
 
 
 class SearchProposer(StreamingProposer):
@@ -73,6 +84,13 @@ class SearchProposer(StreamingProposer):
     once a sample is correct). A request of round r searches with
     `SearchConfig.for_round(r)`'s expansion budget and at most
     `SearchConfig.candidates(r, n)` programs.
+
+    Open mode (`request.mode == "open"`): the search wires a task's fns, all
+    of them, so it runs over subsets of a generated fn library
+    (`open_library.py`), smallest first, each with a small budget
+    (`OPEN_SUBSET_EXPANSIONS`, `OPEN_SUBSET_SECONDS`) and all within
+    `max_seconds` per request; each proposal is a candidate, the library fns
+    its program uses and the program.
     """
 
     name = "search"
@@ -119,19 +137,48 @@ class SearchProposer(StreamingProposer):
 
     def iter_candidates(self, request: ProposalRequest, stats: Optional[SearchStats] = None) -> Iterator[Candidate]:
         """The candidates of one request, lazily (for callers that verify as they go)."""
+        if request.mode == "open":
+            return self._open_candidates(request, stats)
         prior = self._prior(request.demonstrations, request.task_ir)
         n = self.config.candidates(request.round, request.n)
         return search_programs(self._task(request), n=n, temperature=request.temperature,
                                seed=request.seed, config=self.config.for_round(request.round), prior=prior,
                                stats=stats)
 
+    def _open_candidates(self, request: ProposalRequest, stats: Optional[SearchStats]) -> Iterator[Candidate]:
+        """Programs over subsets of the generated library (see the class docstring), each once."""
+        library = fn_library(request.task)
+        small = self.config.model_copy(update={"max_expansions": min(self.config.max_expansions,
+                                                                     OPEN_SUBSET_EXPANSIONS),
+                                               "max_seconds": min(self.config.max_seconds, OPEN_SUBSET_SECONDS)})
+        t0 = time.perf_counter()
+        found: set[str] = set()
+        for size in range(1, OPEN_SUBSET_MAX + 1):
+            for subset in itertools.combinations(library, size):
+                if len(found) >= self.config.candidates(request.round, request.n) or time.perf_counter() - t0 > self.config.max_seconds:
+                    return
+                task = request.task.model_copy(update={"fns": [FnDecl(**f.model_dump()) for f in subset]})
+                sub_request = request.model_copy(update={"task": task, "mode": "closed", "n": 1})
+                prior = self._prior(request.demonstrations, sub_request.task_ir)
+                for cand in search_programs(self._task(sub_request), n=1, temperature=request.temperature,
+                                            seed=request.seed, config=small, prior=prior):
+                    if cand.text not in found:
+                        found.add(cand.text)
+                        if stats is not None:
+                            stats.candidates += 1
+                        yield dataclasses.replace(cand, seconds=time.perf_counter() - t0)
+        if stats is not None:
+            stats.seconds = time.perf_counter() - t0
+
     def iter_proposals(self, request: ProposalRequest, stats: Optional[SearchStats] = None) -> Iterator[Proposal]:
         """The request's proposals one at a time; `seconds` and `cost` are the search since the previous one."""
         stats = stats if stats is not None else SearchStats()
         last, spent = 0.0, search_cost(stats)
+        library = fn_library(request.task) if request.mode == "open" else None
         for cand in self.iter_candidates(request, stats):
             now = search_cost(stats)
-            yield Proposal(raw=cand.text, messages=None, prompt_tokens=0, completion_tokens=0,
+            raw = cand.text if library is None else as_candidate(cand.text, library)
+            yield Proposal(raw=raw, messages=None, prompt_tokens=0, completion_tokens=0,
                            seconds=round(cand.seconds - last, 6), cost={k: now[k] - spent[k] for k in now})
             last, spent = cand.seconds, now
 

@@ -134,6 +134,27 @@ def test_ray_verifier_actors_share_the_candidates_of_two_tasks(ray_local):
         verifier.close()
 
 
+def test_tiny_model_in_open_mode_runs_the_whole_path(ray_local, tiny_model_dir, tmp_path):
+    """Open mode with the tiny model: open prompts, candidates parsed leniently, nothing solved, a report."""
+    run = tmp_path / "run"
+    res = CliRunner().invoke(app, ["improve", "--config", str(CONFIGS / "cpu_smoke.yaml"), "--run-dir", str(run),
+                                   "--set", f"proposer.backend.model={tiny_model_dir}", "--set", "mode=open",
+                                   "--set", "temperatures=[0.4]", "--set", "n=1", "--set", "max_rounds=1",
+                                   "--set", "proposer.max_tokens=12", "--no-progress"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    samples = load_jsonl(run / "samples.jsonl")
+    assert len(samples) == 3 and all(r["mode"] == "open" and not r["correct"] for r in samples)
+    assert all(r["verdict"]["stage"] in ("parse", "fns") for r in samples)  # 12 random tokens hold no candidate
+    prompts = {p["prompt_id"]: p["messages"] for p in load_jsonl(run / "prompts.jsonl")}
+    for rec in samples:
+        user = prompts[rec["prompt_id"]][-1]["content"]
+        assert "Write the fns and the impl of the open task" in user
+        assert "fns:" not in user.rsplit("Task:", 1)[1] and rec["prompt_tokens"] > 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["mode"] == "open" and summary["run"]["tasks_solved"] == 0
+    assert "## Result (open mode)" in (run / "report.md").read_text()
+
+
 def test_cpu_smoke_with_repair_turns_reports_the_turns(ray_local, tiny_model_dir, tmp_path):
     """`--set repair_turns=2` on the tiny model: every failed sample gets two follow-ups, shown per turn."""
     run = tmp_path / "run"

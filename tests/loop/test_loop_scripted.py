@@ -10,7 +10,9 @@ run sees the same replies as an uninterrupted one. Unscripted requests get
 runs in a `stepforge improve` subprocess (PYTHONPATH=tests): on real tasks it
 answers with the reference impl for some samples (chosen by the request's
 seed) and with a wrong program for the others, slowly enough (a short sleep
-per request) that the test can kill the run in the middle of a round.
+per request) that the test can kill the run in the middle of a round. An
+open-mode request is answered in a ```yaml block with the task's own fns and
+impl as a candidate (or that candidate with a wrong program).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any, Optional
 
 from support import make_task
 
+from stepforge.benchmark.open_mode import OpenCandidate, reference_candidate
 from stepforge.benchmark.verdict import Verdict
 from stepforge.loop.interfaces import Proposal, ProposalRequest, Proposer
 
@@ -90,7 +93,11 @@ class BenchmarkScripted(Proposer):
             for i in range(r.n):
                 good = allowed and _coin(r.seed, i, self.every) == 0
                 text = self.impls[r.task_key] if good else WRONG
-                props.append(Proposal(raw=f"```python\n{text}```\n", prompt_tokens=7, completion_tokens=len(text) // 4))
+                if r.mode == "open":
+                    text = OpenCandidate(fns=reference_candidate(r.task).fns, impl=text).to_yaml()
+                fence = "yaml" if r.mode == "open" else "python"
+                props.append(Proposal(raw=f"```{fence}\n{text}```\n", prompt_tokens=7,
+                                      completion_tokens=len(text) // 4))
             out.append(props)
         return out
 

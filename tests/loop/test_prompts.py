@@ -83,8 +83,8 @@ def test_the_task_text_is_shown_as_given():
 def test_templates_are_files_and_fully_filled():
     names = {p.stem for p in TEMPLATES_DIR.glob("*.txt")}
     assert {"proposer_system", "proposer_user", "demonstration", "guardian_system", "guardian_user"} <= names
-    for style in ("ir", "python"):
-        for m in proposer_messages(KNOWLEDGE, DEMOS, target("norm/G_0_8_01"), style=style):
+    for style, mode in (("ir", "closed"), ("python", "closed"), ("ir", "open")):
+        for m in proposer_messages(KNOWLEDGE, DEMOS, target("norm/G_0_8_01"), style=style, mode=mode):
             assert not re.search(r"\$\{?[A-Za-z_]", m["content"].replace("$$", "")), style  # no placeholder left
     for m in guardian_messages(target("norm/G_0_8_01"), "return E0\n"):
         assert "$" not in m["content"]
@@ -92,6 +92,7 @@ def test_templates_are_files_and_fully_filled():
         string.Template(path.read_text()).substitute(  # every placeholder of every template is one we fill
             {k: "" for k in ("knowledge", "task_form", "demonstrations", "task", "items", "number", "impl", "title",
                              "affine_rule", "examples", "program", "test_name", "input_names", "output_names",
+                             "answer", "candidate", "text", "language", "vocabulary_intro", "vocabulary",
                              "guarded", "stage", "where", "message")})
 
 

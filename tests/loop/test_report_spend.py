@@ -42,10 +42,12 @@ def test_a_search_run_reports_expansions_not_tokens(tmp_path):
                           overrides=["tasks=[moe-index/G_0_3_04, rope/G_0_3_02]", "max_rounds=1",
                                      "temperatures=[0.4]", "n=2", "verifier.workers=1"])
     samples = load_jsonl(run / "samples.jsonl")
-    assert samples and all(r["cost"]["expansions"] > 0 for r in samples)
+    # a streamed proposal carries the search since the previous one (0 when one goal gives several programs)
+    assert samples and all(r["cost"].get("expansions", 0) >= 0 for r in samples)
+    assert sum(r["cost"].get("expansions", 0) for r in samples) > 0
     summary = json.loads((run / "summary.json").read_text())
     assert summary == outcome.summary
-    total = sum(r["cost"]["expansions"] for r in samples)
+    total = sum(r["cost"].get("expansions", 0) for r in samples)
     assert abs(summary["run"]["cost"]["expansions"] - total) < 1e-3
     assert abs(sum(r["cost"]["expansions"] for r in summary["rounds"]) - total) < 1e-3
     assert summary["run"]["prompt_tokens"] == summary["run"]["completion_tokens"] == 0

@@ -3,7 +3,9 @@
 The proposer is the scripted `benchmark_factory` of test_loop_scripted.py
 (reference impls for some samples, chosen by the sample's seed; one task only
 solvable with demonstrations, so the run has several rounds); verification
-is real (the benchmark's VerifierPool on real tasks).
+is real (the benchmark's VerifierPool on real tasks). Both modes: in open mode
+the replies are candidates (the task's own fns with the impl or a wrong
+program) verified with their own fns.
 """
 
 from __future__ import annotations
@@ -28,10 +30,11 @@ STEPFORGE = str(Path(sys.executable).parent / "stepforge")
 TASKS = ["bmm/bmm_0", "gemm/G_0_6_02", "rope/G_0_3_02", "moe-index/G_0_3_03"]
 
 
-def _config(path: Path) -> Path:
+def _config(path: Path, mode: str = "closed") -> Path:
     cfg = {
         "name": "resume-test",
         "tasks": TASKS,
+        "mode": mode,
         "variant": "agent+si",
         "proposer": {"kind": "custom", "factory": "test_loop_scripted:benchmark_factory",
                      "options": {"every": 3, "needs_demos": ["moe-index/G_0_3_03"]}},
@@ -74,11 +77,11 @@ def _sample_view(run: Path) -> dict:
     return out
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """The uninterrupted run (same config and seeds)."""
+@pytest.fixture(scope="module", params=["closed", "open"])
+def reference(tmp_path_factory, request):
+    """The uninterrupted run (same config and seeds), in each mode."""
     tmp = tmp_path_factory.mktemp("resume_ref")
-    config = _config(tmp / "resume.yaml")
+    config = _config(tmp / "resume.yaml", request.param)
     ref = tmp / "ref"
     done = subprocess.run([STEPFORGE, "improve", "--config", str(config), "--run-dir", str(ref)], env=_env(0.0),
                           capture_output=True, text=True, timeout=240)
@@ -133,6 +136,8 @@ def test_sigkill_then_resume_matches_uninterrupted(reference, tmp_path, kill_aft
     assert [(s["round"], s["step"], s["solved"]) for s in map(json.loads, (run / "steps.jsonl").read_text().splitlines())] \
         == [(s["round"], s["step"], s["solved"]) for s in ref_steps]
     assert "moe-index/G_0_3_03" in run_summary["buffer"]
+    mode = yaml.safe_load(config.read_text())["mode"]
+    assert run_summary["mode"] == mode and {r["mode"] for r in load_jsonl(samples)} == {mode}
     for name in ("report.md", "tasks_solved.png", "tokens.png", "config.yaml", "state.json"):
         assert (run / name).is_file()
 

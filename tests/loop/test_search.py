@@ -316,3 +316,29 @@ def test_portfolio_members_share_one_task_tables():
     assert [share for _, share in members] == pytest.approx([0.375, 0.375, 0.25])
     assert all(m.tables is tables for m, _ in members)
     assert next(members[0][0].run()).text == demo  # the learned prior's first program is the demonstration
+
+
+def test_open_mode_search_writes_candidates_from_its_generated_library():
+    """Open mode: candidates over the generated fn library (its bodies in the fn language); some verify."""
+    from stepforge.benchmark.open_mode import verify_open
+    from stepforge.loop.agents.knowledge import load_knowledge
+    from stepforge.loop.candidates import parse_candidate
+    from stepforge.loop.interfaces import ProposalRequest
+    from stepforge.loop.search.open_library import fn_library
+    from stepforge.loop.search.proposer import SearchProposer
+
+    examples = load_knowledge().example_map
+    for name in ("kb_scan", "kb_zip"):
+        task = examples[name].task
+        library = {f.func_name: f for f in fn_library(task)}
+        own = {f.func_name for f in task.fns}
+        out = SearchProposer().propose([ProposalRequest(task_key=name, task=task, n=8, temperature=0.4,
+                                                        mode="open")])[0]
+        assert len(out) == 8
+        stages = []
+        for p in out:
+            cand = parse_candidate(p.raw)
+            assert cand is not None and cand.fns and all(library[f.func_name] == f for f in cand.fns)
+            assert not own & {f.func_name for f in cand.fns}  # never the task file's fns
+            stages.append(verify_open(task, cand, seeds=(0,)).stage)
+        assert "ok" in stages and "fns" not in stages, (name, stages)

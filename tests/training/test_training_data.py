@@ -325,3 +325,22 @@ def test_cli_errors_are_one_line_exit_2(tiny_model_dir, tmp_path, earned_run):
     assert dry.returncode == 0, dry.stderr
     lines = (tmp_path / "dry" / "dataset.jsonl").read_text().splitlines()
     assert len(lines) == 3 and all(json.loads(x)["messages"][-1]["role"] == "assistant" for x in lines)
+
+
+def test_open_mode_entries_answer_with_the_candidate_and_rebuild_open_prompts():
+    from stepforge.benchmark.open_mode import reference_candidate
+    from stepforge.benchmark.schema import load_benchmark
+    from stepforge.loop.agents.replies import extract_candidate_with_reason
+    from stepforge.loop.interfaces import BufferEntry
+    from stepforge.training.data import PromptBuilder, buffer_examples
+    from stepforge.training.settings import DataSettings
+
+    task = load_benchmark()["gemm/G_0_6_02"]
+    cand = reference_candidate(task).to_yaml()
+    entry = BufferEntry(task_key=task.key, impl=cand, success_count=1, n_samples=2, success_rate=0.5, round=0,
+                        temperature=0.4, mode="open")
+    (example,), skipped = buffer_examples([entry], DataSettings(prompts="rebuild"), PromptBuilder())
+    assert not skipped and example.meta["mode"] == "open"
+    assert example.answer.startswith("```yaml\n") and extract_candidate_with_reason(example.answer)[0] == cand
+    user = example.prompt[-1]["content"]
+    assert "Write the fns and the impl of the open task" in user and "fns:" not in user.rsplit("Task:", 1)[1]
