@@ -14,7 +14,6 @@ app = typer.Typer(
 
 # Each module exposes `register(app)`; heavy imports stay inside the commands.
 _COMMAND_MODULES = (
-    "stepforge.simulator.cli",
     "stepforge.benchmark.cli",
     "stepforge.serve.cli",
     "stepforge.loop.cli",
@@ -22,13 +21,7 @@ _COMMAND_MODULES = (
 )
 
 for _name in _COMMAND_MODULES:
-    try:
-        _module = importlib.import_module(_name)
-    except ModuleNotFoundError as exc:  # a subpackage without commands yet
-        if exc.name != _name:
-            raise
-        continue
-    _module.register(app)
+    importlib.import_module(_name).register(app)
 
 
 def main() -> None:

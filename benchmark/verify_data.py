@@ -282,10 +282,6 @@ def _seed_data(prepared: _Prepared, bd: _BindingData, seed: int, max_elements: i
     return seed_data
 
 
-def _as_fields(value) -> list[torch.Tensor]:
-    return list(value) if isinstance(value, (list, tuple)) else [value]
-
-
 def _reference(task: Task, prepared: _Prepared, binding: dict[str, int], input_data: dict) -> list[list[torch.Tensor]]:
     data64 = {k: [t.double() for t in v] if isinstance(v, list) else v.double() for k, v in input_data.items()}
     with _default_dtype(torch.float64):

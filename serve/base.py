@@ -13,6 +13,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+from stepforge.registry import Registry
+
 from .config import BackendConfig, load_backend_config  # re-exported
 
 __all__ = [
@@ -244,17 +246,10 @@ class ModelBackend(ABC):
 
 
 def make_backend(config: BackendConfig) -> ModelBackend:
-    """Build the backend named by `config.kind`; heavy libraries load lazily."""
-    if config.kind == "hf":
-        from .hf_backend import HFBackend
+    """Build the backend named by `config.kind` (`BACKENDS`); heavy libraries load on first use."""
+    return BACKENDS.create(config.kind, config)
 
-        return HFBackend(config)
-    if config.kind == "vllm":
-        from .vllm_backend import VLLMBackend
 
-        return VLLMBackend(config)
-    if config.kind == "openai":
-        from .openai_backend import OpenAIBackend
-
-        return OpenAIBackend(config)
-    raise ValueError(f"unknown backend kind {config.kind!r}")  # unreachable: validated
+BACKENDS: Registry = Registry("backend kind", {"hf": "stepforge.serve.hf_backend:HFBackend",
+                                               "vllm": "stepforge.serve.vllm_backend:VLLMBackend",
+                                               "openai": "stepforge.serve.openai_backend:OpenAIBackend"})

@@ -20,6 +20,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Union
 
+from stepforge.registry import Registry
 from stepforge.simulator.errors import ResourceError, StepRuntimeError, StepTypeError, format_int
 from stepforge.simulator.fns import StepFn
 from stepforge.simulator.ops import FnListType, StreamList, TypeContext, infer, resolve_params
@@ -387,16 +388,12 @@ def _check_inputs(inputs: Mapping[str, Stream], binding: Mapping[str, int]) -> N
             raise StepRuntimeError(f"input {name}: tensor shape {got} does not match its type {stream.type} ({expected})")
 
 
+ENGINES: Registry = Registry("engine", {"vectorised": "stepforge.simulator.vectorised:VectorisedEngine",
+                                        "naive": "stepforge.simulator.naive:NaiveEngine"})
+
+
 def _engine(name: str):
-    if name == "vectorised":
-        from stepforge.simulator.vectorised import VectorisedEngine
-
-        return VectorisedEngine()
-    if name == "naive":
-        from stepforge.simulator.naive import NaiveEngine
-
-        return NaiveEngine()
-    raise ValueError(f"unknown engine {name!r}; expected 'vectorised' or 'naive'")
+    return ENGINES.create(name)
 
 
 class Engine(ABC):
