@@ -55,8 +55,13 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, object_sto
     sets $RAY_ADDRESS); joining passes no resources (those belong to the
     cluster). Otherwise a quiet private instance starts (never the one a
     `ray start` on this machine left in /tmp/ray) without the dashboard, with
-    a small object store, `num_cpus` CPUs and the raylet subreaper on. A
-    no-op if Ray is running.
+    a small object store and `num_cpus` CPUs. A no-op if Ray is running.
+
+    Ray's raylet-subreaper option (`SUBREAPER_ENV`) is never set: it makes the
+    driver ignore SIGCHLD, so every child process of the driver (the verifier
+    pool's workers, any subprocess) then reports exit status 0. Orphaned
+    engines are reaped explicitly instead (`ModelPool` stops a dead replica's
+    engine processes on its node before replacing it).
     """
     import ray
 
@@ -66,7 +71,6 @@ def init_ray(address: str | None = None, num_cpus: int | None = None, object_sto
     if target:
         ray.init(address=target, logging_level=logging.WARNING)
         return
-    os.environ.setdefault(SUBREAPER_ENV, "true")
     ray.init(
         address=LOCAL,
         num_cpus=num_cpus,

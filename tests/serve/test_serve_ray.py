@@ -100,3 +100,13 @@ def test_an_engine_error_in_an_actor_reaches_the_driver_with_its_log(ray_local):
     message, tail = ray_local.get(fail_like_an_engine.remote())
     assert "ran out of GPU memory" in tail
     assert message.startswith("RuntimeError: Engine core initialization failed") and "ran out of GPU memory" in message
+
+
+def test_child_exit_codes_survive_a_private_ray(ray_local):
+    """A private Ray must not make the driver ignore SIGCHLD (Ray's subreaper option does): children's
+    exit codes (the verifier pool's workers, CLI subprocesses) must stay visible."""
+    import subprocess
+    import sys
+
+    assert ray_local.is_initialized()
+    assert subprocess.run([sys.executable, "-c", "import sys; sys.exit(3)"]).returncode == 3
