@@ -75,6 +75,7 @@ from stepforge.benchmark.selection import TaskSpec, as_spec
 from stepforge.config_io import StrictModel
 from stepforge.errors import StepforgeError
 from stepforge.training.ablate_report import render_markdown, write_csv, write_plot
+from stepforge.training.ablate_sft import _cluster_gpus, _train_sft_task, sft_task_options
 
 from .settings import apply_overrides, read_yaml_mapping, validate_model
 
@@ -331,31 +332,6 @@ def ensure_adapter(cfg: AblationConfig, run_dir: Path, split: dict[str, list[str
     return Path(ray.get(task.remote(kwargs)))
 
 
-def sft_task_options(cluster_gpus: float) -> Optional[dict[str, Any]]:
-    """Ray options of the SFT training task: one GPU when the cluster has one (the driver reserves
-    none), the worker exiting afterwards so the GPU is free before the arms' model actors start.
-    None: no GPU anywhere, train in this process."""
-    if cluster_gpus < 1:
-        return None
-    return {"num_cpus": 1, "num_gpus": 1, "max_calls": 1, "max_retries": 0}
-
-
-def _cluster_gpus() -> float:
-    import sys
-
-    ray = sys.modules.get("ray")
-    if ray is None or not ray.is_initialized():
-        return 0.0
-    return float(ray.cluster_resources().get("GPU", 0.0))
-
-
-def _train_sft_task(kwargs: dict[str, Any]) -> str:
-    """`run_sft` inside a Ray worker that reserves a GPU; the adapter folder."""
-    from .pipeline import run_sft
-
-    return str(run_sft(**kwargs).out)
-
-
 # ---------------------------------------------------------------------------
 # arms
 
@@ -468,7 +444,7 @@ def run_ablation(config_path: str | Path, *, run_dir: str | Path | None = None, 
             try:
                 summary = run_arm(out / "arms" / ARM_DIRS[arm], config_path_arm, progress)
             except Exception as exc:
-                if _is_expected(exc):
+                if isinstance(exc, StepforgeError):
                     raise AblationError(f"arm {arm}: {exc}") from None
                 raise
             rows.append(arm_row(arm, arm_cfg.variant, summary, arm_cfg.n, arm_adapter))
@@ -486,10 +462,6 @@ def run_ablation(config_path: str | Path, *, run_dir: str | Path | None = None, 
                                                    "rows": rows}, indent=2) + "\n", encoding="utf-8")
     write_plot(out / "ablation.png", cfg.name, rows)
     return AblationOutcome(out, rows, markdown, split, adapter)
-
-
-def _is_expected(exc: BaseException) -> bool:
-    return isinstance(exc, StepforgeError)
 
 
 def _start_ray(arm_cfgs) -> bool:
