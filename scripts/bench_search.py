@@ -27,7 +27,6 @@ where the median is over the tasks solved cold.
 from __future__ import annotations
 
 import argparse
-import fnmatch
 import json
 import statistics
 import sys
@@ -36,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 from stepforge.benchmark.schema import Task, load_benchmark
+from stepforge.benchmark.selection import select
 from stepforge.benchmark.verifier import verify
 from stepforge.loop.interfaces import Demonstration, ProposalRequest
 from stepforge.loop.search import SearchConfig, SearchProposer, SearchStats
@@ -98,7 +98,8 @@ def demonstrations_for(task: Task, tasks: dict[str, Task], earned: dict[str, str
 
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--tasks", default="*", help="glob over task keys (default: all)")
+    ap.add_argument("--tasks", default="*",
+                    help="task keys, globs (comma-separated) or a split: published, new, all (default: all)")
     ap.add_argument("--n", type=int, default=1000, help="most candidates verified per task and run")
     ap.add_argument("--max-expansions", type=int, default=6000,
                     help="search expansions per candidate and search of the proposer's portfolio")
@@ -109,7 +110,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = ap.parse_args(argv)
 
     tasks = load_benchmark()
-    keys = [k for k in tasks if fnmatch.fnmatch(k, args.tasks)]
+    keys = select([p.strip() for p in args.tasks.split(",") if p.strip()], tasks, "--tasks")
     config = SearchConfig(max_expansions=args.max_expansions, max_seconds=args.max_seconds)
     proposer = SearchProposer(config)
     print(f"search proposer benchmark: {len(keys)} tasks; per task and run at most {args.n} candidates, "
