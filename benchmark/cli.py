@@ -8,7 +8,7 @@ stopped with its worker and gets the verdict stage `timeout`, whether the
 program, an oracle or the task's `global` is slow. Heavy imports (torch, the
 simulator) happen inside the commands.
 
-`--open` poses tasks in open mode (/work/shared/OPEN_MODE.md): `verify TASK
+`--open` poses tasks in open mode (docs/language.md, section 5a): `verify TASK
 --open --impl CANDIDATE.yaml` verifies a candidate's own fns and program
 (without `--impl`: the task's fns and impl as a candidate), `tasks --open`
 lists the tasks that can be posed openly.

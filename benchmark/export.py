@@ -4,7 +4,7 @@ The file embeds the task's YAML (without its reference impl) and the program,
 and checks them with stepforge's verifier: one test per size binding for the
 numbers, one for the affine rule. It needs only an installed stepforge.
 
-An open-mode solution (`open_mode=True`, OPEN_MODE.md) is a candidate, its
+An open-mode solution (`open_mode=True`, docs/language.md section 5a) is a candidate, its
 own fns and impl as YAML: the file embeds the candidate, fns included, and
 checks it with `verify_open`, which interprets the fns with the fn language
 (the exported file never runs them as Python).

@@ -1,4 +1,4 @@
-"""Open mode (OPEN_MODE.md): the candidate writes the fns too.
+"""Open mode (docs/language.md, section 5a): the candidate writes the fns too.
 
 An open candidate is YAML with `fns` (task-file fn entries) and `impl`.
 `load_candidate` reads it without running any of it (fn bodies are only

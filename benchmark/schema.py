@@ -3,7 +3,7 @@
 A task file is one YAML mapping with the keys of the spec (`test_name`,
 `global`, `inputs`, `parameters`, `fns`, `outputs`, `impl`) and stepforge's
 optional keys (`group`, `description`, `bindings`, `tolerance`, and for open
-mode `open` and `vocabulary`, see OPEN_MODE.md); see docs/task-format.md.
+mode `open` and `vocabulary`, see docs/language.md section 5a); see docs/task-format.md.
 `load_task` reads one file, `load_benchmark` the whole benchmark keyed by
 `<group>/<test_name>`. Every problem with a file is a `TaskFileError` that
 names the file, the key path (`fns[2].init`) and what was expected; callers

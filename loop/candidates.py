@@ -1,7 +1,7 @@
 """Candidates of both modes as the loop carries them: text.
 
 A closed-mode candidate is a STeP program; an open-mode candidate
-(/work/shared/OPEN_MODE.md) is YAML with `fns` and `impl`, always in the
+(docs/language.md, section 5a) is YAML with `fns` and `impl`, always in the
 form `OpenCandidate.to_yaml()` writes (the reply parser re-renders what it
 finds), so equal candidates are equal text. These helpers read such text
 without running any of it and never raise on bad text.

@@ -37,7 +37,7 @@ directory (seed_buffer.jsonl) when the run starts, so `--resume` replays the
 same demonstrations even if the source run changed. Only the adaptive
 variants use the seed (`single` and `agent` stop after round 0).
 
-Modes (/work/shared/OPEN_MODE.md): `mode: closed` (default) gives every task
+Modes (docs/language.md, section 5a): `mode: closed` (default) gives every task
 its fns and asks for the impl; `mode: open` shows the tasks without fns and
 asks for a candidate with fns and impl. A task pattern may set its own mode,
 `open:PATTERN` or `closed:PATTERN` (`tasks: ["closed:gemm/*", "open:norm/*"]`),

@@ -14,7 +14,7 @@
 
 An item is `(ticket, task key, candidate text)` or `(ticket, task key,
 candidate text, mode)`: in mode `open` the text is an open candidate (fns +
-impl YAML, OPEN_MODE.md), verified with its own fns; a closed item may leave
+impl YAML, docs/language.md section 5a), verified with its own fns; a closed item may leave
 the mode out.
 """
 

@@ -14,7 +14,7 @@ Modes, one column each (`MODES`; a new mode is one more `Mode` there):
               file (`benchmark/export.py`) and `pytest.main` run on it, in this
               same warm process (so it shares the verifier's warm caches: the
               difference is the harness itself)
-    open      `verifier.verify` in open mode (/work/shared/OPEN_MODE.md): each
+    open      `verifier.verify` in open mode (docs/language.md, section 5a): each
               task's own fns and impl posed as an open candidate, its fns
               interpreted in the fn language (`open_mode.verify_open`), warm,
               with the same caches

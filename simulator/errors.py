@@ -61,7 +61,7 @@ class StepRuntimeError(SimulatorError):
 
 
 class FnLanguageError(SimulatorError):
-    """A model-written fn body that is outside the fn language (OPEN_MODE.md); none of it ran.
+    """A model-written fn body that is outside the fn language (docs/language.md, section 5a); none of it ran.
 
     The message reads `fn <func_name>, line <n>: <construct> is not allowed`.
     """

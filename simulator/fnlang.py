@@ -1,4 +1,4 @@
-"""The fn language of open mode (OPEN_MODE.md): model-written fn bodies, parsed and interpreted.
+"""The fn language of open mode (docs/language.md, section 5a): model-written fn bodies, parsed and interpreted.
 
 `OpenCompiler` is the body compiler `fns.make_fn` takes for untrusted bodies:
 `fnlang_parse` accepts the body or rejects it (`FnLanguageError`, naming the

@@ -1,8 +1,8 @@
-"""The fn language's parser (OPEN_MODE.md): accept a model-written body, or reject it before it runs.
+"""The fn language's parser (docs/language.md, section 5a): accept a model-written body, or reject it before it runs.
 
 `parse_body` parses the text with `ast.parse` (parsing runs nothing) after
 bounding its length, then bounds its statements, nodes and nesting.
-`compile_body` walks the tree accepting only the constructs OPEN_MODE.md lists
+`compile_body` walks the tree accepting only the constructs docs/language.md section 5a lists
 and turns each node into a closure over `fnlang_eval`: nothing is exec'd,
 eval'd or compiled as Python. Anything outside the language raises
 `FnLanguageError` naming the fn, the line and the construct.

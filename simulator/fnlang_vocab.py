@@ -1,4 +1,4 @@
-"""The fn vocabulary of open mode (OPEN_MODE.md): each name, the torch function it means.
+"""The fn vocabulary of open mode (docs/language.md, section 5a): each name, the torch function it means.
 
 `KNOWN` is an explicit table from a name to an `Entry`: the torch function a
 call `torch.F(...)` / `torch.nn.functional.F(...)` runs, the Tensor method a

@@ -23,6 +23,14 @@ def test_every_cited_file_exists():
 
 
 
+def test_no_citation_of_a_spec_outside_the_repository():
+    outside = re.compile(r"(?<![\w/])(STEP_SPEC|DESIGN|BENCHMARK|OPEN_MODE)\.md|/work/shared|\.\./shared")
+    found = [f"{p.relative_to(REPO)}:{i}" for p in SOURCES + sorted(REPO.glob("docs/*.md")) + [REPO / "README.md"]
+             if p != Path(__file__).resolve()
+             for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if outside.search(line)]
+    assert not found, "cite the docs/ files instead: " + ", ".join(found)
+
+
 def test_no_source_module_over_500_lines_and_no_class_over_300():
     too_long = []
     for path in SOURCES:

@@ -1,4 +1,4 @@
-"""Prompts of open mode (OPEN_MODE.md): the task without its fns, the fn language, open examples.
+"""Prompts of open mode (docs/language.md, section 5a): the task without its fns, the fn language, open examples.
 
 An open proposer prompt keeps the closed prompt's shape and prefix, so that
 prefix caching serves both modes::

@@ -2,7 +2,7 @@
 
 An open task has no fns; the search proposer, which only wires fns, is given
 a library built from the task's declared types and parameters, every body
-written in the fn language (OPEN_MODE.md), and searches programs over it as
+written in the fn language (docs/language.md, section 5a), and searches programs over it as
 over task fns. A found program becomes a candidate with the library fns it
 uses (`as_candidate`). The library:
 

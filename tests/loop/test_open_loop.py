@@ -1,4 +1,4 @@
-"""Open mode (OPEN_MODE.md) through the loop: replies, dedup, prompts, guardians, verifier backends, a run.
+"""Open mode (docs/language.md, section 5a) through the loop: replies, dedup, prompts, guardians, verifier backends, a run.
 
 An open candidate is the task's own fns and impl as YAML (`reference_candidate`)
 unless a test changes it; everything runs on CPU without a network.

@@ -34,7 +34,7 @@ from stepforge.simulator.types import MultihotType
 
 TASKS = load_benchmark()
 
-# Why the original bodies were outside (OPEN_MODE.md admits none of these):
+# Why the original bodies were outside (docs/language.md section 5a admits none of these):
 # a callable bound by `global` (gelu = torch.nn.GELU()), a dtype cast, a field of a
 # torch result by attribute, a dtype keyword (rope's float64 angles).
 KNOWN_REASONS = {
