@@ -61,6 +61,12 @@ class ScriptedPool:
     def generate(self, requests):
         return self.model.generate(requests)
 
+    def count_prompts(self, requests):
+        return [100 for _ in requests]  # what generate reports as each request's prompt tokens
+
+    def context_length(self):
+        return None  # no local tokenizer: nothing to pack
+
     def close(self):
         pass
 
