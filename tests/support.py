@@ -114,3 +114,14 @@ PUBLISHED_GROUPS = ("attention", "bmm", "gemm", "norm", "rope", "moe-index", "mo
 def added_task_keys(tasks) -> list[str]:
     """The keys of the tasks outside the published benchmark's groups, in benchmark order."""
     return [key for key, task in tasks.items() if task.group not in PUBLISHED_GROUPS]
+
+
+# A rope/G_0_3_02 program whose Repeat makes 35 * 2**25 elements: a resource error before anything is allocated.
+BLOW_UP = """\
+big = step.Repeat(n=33554432).apply(E0)
+ones = step.Accum(fn=fn_position, b=1).apply(big)
+positions = step.Scan(fn=fn_position, b=1).apply(ones)
+pairs = step.Zip().apply((positions, E1))
+S0 = step.Map(fn=fn_rotate).apply(pairs)
+return S0
+"""

@@ -6,6 +6,7 @@ import os
 import time
 
 import pytest
+from support import BLOW_UP
 
 from stepforge.benchmark.pool import PoolError, VerifierPool
 from stepforge.benchmark.schema import TaskFileError, load_benchmark
@@ -22,14 +23,6 @@ def with_fn(task, func_name: str, apply: str):
 BASE = TASKS["norm/G_0_8_01"]
 LOOPS = with_fn(BASE, "fn_sqrt", "while True:\n    pass\nreturn [input[0]]\n")
 CRASHES = with_fn(BASE, "fn_sqrt", "import os\nos._exit(1)\nreturn [input[0]]\n")
-BLOW_UP = """\
-big = step.Repeat(n=33554432).apply(E0)
-ones = step.Accum(fn=fn_position, b=1).apply(big)
-positions = step.Scan(fn=fn_position, b=1).apply(ones)
-pairs = step.Zip().apply((positions, E1))
-S0 = step.Map(fn=fn_rotate).apply(pairs)
-return S0
-"""
 
 
 @pytest.fixture(scope="module")

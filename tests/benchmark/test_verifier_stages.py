@@ -6,7 +6,7 @@ import re
 import time
 
 import pytest
-from support import added_task_keys
+from support import BLOW_UP, added_task_keys
 
 from stepforge import simulator as sim
 from stepforge.benchmark.schema import TaskFileError, load_benchmark
@@ -203,14 +203,6 @@ def test_fn_that_raises_is_a_runtime_verdict():
     assert "fn_sqrt" in verdict.message and "boom" in verdict.message
 
 
-BLOW_UP = """\
-big = step.Repeat(n=33554432).apply(E0)
-ones = step.Accum(fn=fn_position, b=1).apply(big)
-positions = step.Scan(fn=fn_position, b=1).apply(ones)
-pairs = step.Zip().apply((positions, E1))
-S0 = step.Map(fn=fn_rotate).apply(pairs)
-return S0
-"""
 
 
 def test_oversized_program_is_a_resource_verdict_before_allocating():
