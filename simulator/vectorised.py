@@ -1,7 +1,9 @@
 """The vectorised engine: every operator on whole tensors.
 
 Map evaluates its fn over all positions at once (vmap, see `fns`); Accum and
-Scan loop only over the folded positions, vectorised across all others;
+Scan are one cumsum/cummax where the fn is a running sum or maximum (see
+`reductions`), otherwise they loop only over the folded positions, vectorised
+across all others;
 Partition and Merge use masks and index_copy over the routes; the structural
 operators are views (reshape, unsqueeze, expand). Works on CPU or CUDA tensors.
 A value is a list of field tensors; a stream list is a Python list of values.
@@ -15,6 +17,7 @@ import torch
 
 from stepforge.simulator.errors import StepRuntimeError
 from stepforge.simulator.interpreter import Engine, TypedOp
+from stepforge.simulator.reductions import running_reduction
 from stepforge.simulator.values import Stream, StreamType
 
 
@@ -56,7 +59,9 @@ class VectorisedEngine(Engine):
         n_outer, n_inner = _numel(outer), _numel(inner)
         xs = [f.reshape((n_outer, n_inner) + f.shape[sd:]) for f in arg]
         state = fn.init_state(binding, (n_outer,), device=arg[0].device)
-        whole = fn.fold_steps(state, xs, binding, keep_all=scan)
+        whole = running_reduction(fn.source, state, xs, keep_all=scan)
+        if whole is None:
+            whole = fn.fold_steps(state, xs, binding, keep_all=scan)
         if whole is not None:
             return [w.reshape((axes if scan else outer) + w.shape[2 if scan else 1:]) for w in whole]
         history = []
