@@ -1,8 +1,10 @@
 """Verified candidates per second: the in-process verifier against the pytest harness.
 
-    python scripts/bench_verify.py [--repeats 4] [--workers 2] [--harness-repeats 1] [--only SUBSTRING]
+    python scripts/bench_verify.py [--tasks published] [--repeats 4] [--workers 2] [--harness-repeats 1] [--only SUBSTRING]
 
-Candidates are the benchmark's reference solutions, each verified as a
+Candidates are the reference solutions of the selected tasks (`--tasks`: a
+split, published / new / all, or keys and globs; default published, the 26
+tasks the figures have always been measured on), each verified as a
 candidate is: every size binding the task declares (and the defaults) with
 seeds 0, 1, 2, at the default sizes. One core (torch.set_num_threads(1)).
 
@@ -190,21 +192,26 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--repeats", type=int, default=4, help="timed passes over the candidates (in process, pool)")
     parser.add_argument("--harness-repeats", type=int, default=1, help="timed passes for the pytest harness")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--tasks", default="published",
+                        help="a split (published, new, all) or comma-separated task keys and globs (default: published)")
     parser.add_argument("--only", default=None, help="only tasks whose key contains this")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
     from stepforge.benchmark.schema import load_benchmark
+    from stepforge.benchmark.selection import select
     from stepforge.benchmark.verifier import DEFAULT_SEEDS
 
-    jobs = [(key, task, task.impl) for key, task in load_benchmark().items()
-            if task.impl and (args.only is None or args.only in key)]
+    tasks = load_benchmark()
+    keys = select([p.strip() for p in args.tasks.split(",") if p.strip()], tasks, "--tasks")
+    jobs = [(key, tasks[key], tasks[key].impl) for key in keys
+            if tasks[key].impl and (args.only is None or args.only in key)]
     if not jobs:
         print("no reference solutions to verify")
         return 1
     seeds = tuple(DEFAULT_SEEDS)
-    print(f"{len(jobs)} candidates (reference solutions), every binding x seeds {seeds}; torch "
+    print(f"{len(jobs)} candidates (reference solutions of --tasks {args.tasks}), every binding x seeds {seeds}; torch "
           f"{torch.__version__}, {torch.get_num_threads()} thread; {_load()}")
 
     figures: dict[str, ModeFigures] = {}
