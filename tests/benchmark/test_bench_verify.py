@@ -24,3 +24,13 @@ def test_script_prints_the_pool_and_throughput_lines_last():
                         r"\(\d+\.\d\dx closed\); 1 passed", lines[-3])
     assert re.fullmatch(r"pool of 1 workers: \d+\.\d/s, \d+\.\d\dx one process", lines[-2])
     assert re.fullmatch(r"verify throughput \d+\.\d/s, pytest harness \d+\.\d/s, ratio \d+\.\dx", lines[-1])
+
+
+def test_tasks_selects_a_split():
+    """`--tasks new` leaves out the published tasks: bmm/bmm_0 is not among the candidates."""
+    out = subprocess.run([sys.executable, str(SCRIPT), "--tasks", "new", "--only", "bmm/", "--repeats", "1"],
+                         capture_output=True, text=True, timeout=600, env=dict(os.environ))
+    assert out.returncode == 1 and "no reference solutions to verify" in out.stdout
+    out = subprocess.run([sys.executable, str(SCRIPT), "--tasks", "no-such-split"],
+                         capture_output=True, text=True, timeout=600, env=dict(os.environ))
+    assert out.returncode != 0 and "no-such-split" in (out.stdout + out.stderr)
