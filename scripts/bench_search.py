@@ -37,6 +37,7 @@ from typing import Optional
 from stepforge.benchmark.schema import Task, load_benchmark
 from stepforge.benchmark.selection import select
 from stepforge.benchmark.verifier import verify
+from stepforge.errors import ConfigError
 from stepforge.loop.interfaces import Demonstration, ProposalRequest
 from stepforge.loop.search import SearchConfig, SearchProposer, SearchStats
 
@@ -110,7 +111,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = ap.parse_args(argv)
 
     tasks = load_benchmark()
-    keys = select([p.strip() for p in args.tasks.split(",") if p.strip()], tasks, "--tasks")
+    try:
+        keys = select([p.strip() for p in args.tasks.split(",") if p.strip()], tasks, "--tasks")
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     config = SearchConfig(max_expansions=args.max_expansions, max_seconds=args.max_seconds)
     proposer = SearchProposer(config)
     print(f"search proposer benchmark: {len(keys)} tasks; per task and run at most {args.n} candidates, "

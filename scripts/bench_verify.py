@@ -202,9 +202,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     from stepforge.benchmark.schema import load_benchmark
     from stepforge.benchmark.selection import select
     from stepforge.benchmark.verifier import DEFAULT_SEEDS
+    from stepforge.errors import ConfigError
 
     tasks = load_benchmark()
-    keys = select([p.strip() for p in args.tasks.split(",") if p.strip()], tasks, "--tasks")
+    try:
+        keys = select([p.strip() for p in args.tasks.split(",") if p.strip()], tasks, "--tasks")
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     jobs = [(key, tasks[key], tasks[key].impl) for key in keys
             if tasks[key].impl and (args.only is None or args.only in key)]
     if not jobs:

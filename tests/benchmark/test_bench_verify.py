@@ -33,4 +33,4 @@ def test_tasks_selects_a_split():
     assert out.returncode == 1 and "no reference solutions to verify" in out.stdout
     out = subprocess.run([sys.executable, str(SCRIPT), "--tasks", "no-such-split"],
                          capture_output=True, text=True, timeout=600, env=dict(os.environ))
-    assert out.returncode != 0 and "no-such-split" in (out.stdout + out.stderr)
+    assert out.returncode == 2 and "no-such-split" in out.stderr and "Traceback" not in out.stderr
