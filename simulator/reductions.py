@@ -9,7 +9,8 @@ recognised from its text only (it is matched, never run): every output field
 i must be exactly `state[i] + input[j]` or `torch.maximum(state[i], input[j])`,
 with input field j of field i's element shape. Anything else, or inputs with a
 NaN (where cummax and a step-by-step maximum may disagree), returns None and
-the caller folds step by step.
+the caller folds step by step; so does `batching.fast_batching(False)`, which
+turns every shortcut off (the verdict-equivalence tests compare both ways).
 
 Sums accumulate in a different order than the step loop (a running sum on CPU
 accumulates in float64), so results agree to float32 rounding, not bit for bit.
@@ -22,6 +23,8 @@ import re
 from typing import Optional
 
 import torch
+
+from stepforge.simulator.batching import fast_batching_enabled
 
 _TERM = re.compile(r"state\[(\d+)\]\+input\[(\d+)\]|torch\.maximum\(state\[(\d+)\],input\[(\d+)\]\)")
 _MAX_SOURCE = 400  # a recognisable body is short; longer text is not scanned
@@ -63,6 +66,8 @@ def running_reduction(source: str, state: list[torch.Tensor], inputs: list[torch
     (batch, steps, ...); None where the body is not recognised or the shapes and
     values do not allow it (the caller then folds step by step).
     """
+    if not fast_batching_enabled():
+        return None
     terms = recognise(source)
     if terms is None or len(terms) != len(state) or not inputs or inputs[0].shape[1] == 0:
         return None

@@ -1,10 +1,10 @@
 """The verifier's caches and the simulator's batching shortcuts change no verdict.
 
 Fast: the process-wide cache (warm: every candidate after the first of a task
-reuses its fns, inputs and oracle outputs), the lean vmap and fn bodies called
-on whole batches. Slow: `verify(..., cache=False)` under
+reuses its fns, inputs and oracle outputs), the lean vmap, fn bodies called
+on whole batches and folds run as one cumsum/cummax (simulator/reductions.py). Slow: `verify(..., cache=False)` under
 `fast_batching(False)` (everything computed afresh, every batch through
-`torch.func.vmap`). Both must give the same stage and pass/fail for the 26
+`torch.func.vmap`, every fold step by step). Both must give the same stage and pass/fail for the
 reference solutions, the mutation corpus (tests/mutations.py) and the
 differential suite's generated programs.
 """

@@ -85,3 +85,12 @@ def test_a_long_numbering_scan_agrees_with_the_naive_engine():
     vec, nai = run_both(program, inputs, fns, binding)
     assert_same_streams(vec, nai, where="numbering scan")
     assert torch.equal(vec[0].data.flatten().sort().values, torch.arange(240, dtype=torch.float32))
+
+
+def test_turned_off_with_the_other_shortcuts():
+    from stepforge.simulator.batching import fast_batching
+
+    with fast_batching(False):
+        assert running_reduction("return [state[0] + input[0]]", [torch.zeros(1)], [torch.ones(1, 3)], False) is None
+    assert torch.equal(running_reduction("return [state[0] + input[0]]", [torch.zeros(1)], [torch.ones(1, 3)], False)[0],
+                       torch.tensor([3.0]))
