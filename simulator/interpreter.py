@@ -54,6 +54,14 @@ class TypedProgram:
     statements: list[TypedStatement]
     outputs: list[StreamType]
     dyn_bounds: dict
+    _liveness: dict = field(default_factory=dict, repr=False, compare=False)  # input names -> liveness(...)
+
+    def liveness(self, inputs: Iterable[str]) -> tuple[set[str], list[set[str]]]:
+        """`liveness(self.program, inputs)`, computed once per set of input names."""
+        key = frozenset(inputs)
+        if key not in self._liveness:
+            self._liveness[key] = liveness(self.program, key)
+        return self._liveness[key]
 
 
 def typecheck(
@@ -235,21 +243,20 @@ def check_resources(typed: TypedProgram, binding: Mapping[str, int], max_element
     for name, bound in typed.dyn_bounds.items():
         bounds[name] = _evaluate(bound, bounds, None, "a route size")
     limit = format_int(max_elements, grouped=True)
-    for ts in typed.statements:
-        for op in ts.ops:
-            outs = op.out_type if isinstance(op.out_type, list) else [op.out_type]
-            for out in outs:
-                total = _elements(out, bounds, op.call)
+    sizes = [[[_elements(out, bounds, op.call) for out in _outs(op)] for op in ts.ops] for ts in typed.statements]
+    for ts, per_op in zip(typed.statements, sizes):
+        for op, outs in zip(ts.ops, per_op):
+            for out, total in zip(_outs(op), outs):
                 if total > max_elements:
                     raise ResourceError(
                         f"{op.call.brief()} would make a stream {out} of {format_int(total, grouped=True)} "
                         f"elements (limit {limit})", op.call.line)
     if max_live_elements is None:
         max_live_elements = LIVE_FACTOR * max_elements
-    unread, drops = liveness(typed.program, inputs or {})
+    unread, drops = typed.liveness(inputs or {})
     held = {name: _elements(t, bounds, None) for name, t in (inputs or {}).items() if name not in unread}
-    for ts, drop in zip(typed.statements, drops):
-        made = _made(ts, bounds)
+    for ts, per_op, drop in zip(typed.statements, sizes, drops):
+        made = _made(ts, per_op)
         total = sum(held.values()) + sum(made.values())
         if total > max_live_elements:
             raise ResourceError(
@@ -261,16 +268,18 @@ def check_resources(typed: TypedProgram, binding: Mapping[str, int], max_element
             held.pop(name, None)
 
 
-def _made(ts: TypedStatement, bounds) -> dict[str, int]:
-    """The elements of each value a statement binds (a comprehension's whole list, both halves of a Copy)."""
+def _outs(op: TypedOp) -> list:
+    return op.out_type if isinstance(op.out_type, list) else [op.out_type]
+
+
+def _made(ts: TypedStatement, per_op: list[list[int]]) -> dict[str, int]:
+    """The elements of each value a statement binds (a comprehension's whole list, both halves of a Copy),
+    from the element counts of each op's outputs."""
     st = ts.stmt
     if isinstance(st, Apply):
-        op = ts.ops[0]
-        outs = op.out_type if isinstance(op.out_type, list) else [op.out_type]
-        sizes = [_elements(o, bounds, op.call) for o in outs]
-        return dict(zip(st.targets, sizes)) if st.unpack else {st.targets[0]: sum(sizes)}
-    if isinstance(st, Comprehension):
-        return {st.target: sum(_elements(op.out_type, bounds, op.call) for op in ts.ops)}
+        return dict(zip(st.targets, per_op[0])) if st.unpack else {st.targets[0]: sum(per_op[0])}
+    if isinstance(st, Comprehension):  # an item that is a list of streams counts 0, as _elements of a list does
+        return {st.target: sum(outs[0] for op, outs in zip(ts.ops, per_op) if not isinstance(op.out_type, list))}
     return {}
 
 
@@ -412,7 +421,7 @@ class Engine(ABC):
         """One operator application on engine values."""
 
     def run(self, typed: TypedProgram, inputs: Mapping[str, Stream], binding: dict) -> list[Stream]:
-        unread, drops = liveness(typed.program, inputs)
+        unread, drops = typed.liveness(inputs)
         env: dict[str, Any] = {name: self.load(s, binding) for name, s in inputs.items() if name not in unread}
         for ts, drop in zip(typed.statements, drops):
             st = ts.stmt
