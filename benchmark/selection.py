@@ -221,6 +221,11 @@ def select(spec: Any, tasks: Union[Sequence[str], Mapping[str, Any]], where: str
     return chosen
 
 
+def select_option(text: str, tasks: Union[Sequence[str], Mapping[str, Any]], where: str = "--tasks") -> list[str]:
+    """`select` for a command-line value: comma-separated keys, globs and split names."""
+    return select([p.strip() for p in text.split(",") if p.strip()], tasks, where)
+
+
 __all__ = [
     "DIFFICULTIES",
     "MODES",
@@ -233,6 +238,7 @@ __all__ = [
     "difficulty_of_stats",
     "group_of",
     "program_stats",
+    "select_option",
     "select",
     "select_patterns",
     "split_of",

@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 from stepforge.benchmark.schema import Task, load_benchmark
-from stepforge.benchmark.selection import select
+from stepforge.benchmark.selection import select_option
 from stepforge.benchmark.verifier import verify
 from stepforge.errors import ConfigError
 from stepforge.loop.interfaces import Demonstration, ProposalRequest
@@ -112,10 +112,9 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     tasks = load_benchmark()
     try:
-        keys = select([p.strip() for p in args.tasks.split(",") if p.strip()], tasks, "--tasks")
+        keys = select_option(args.tasks, tasks)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        ap.error(str(exc))  # exits 2 with the usage and the message
     config = SearchConfig(max_expansions=args.max_expansions, max_seconds=args.max_seconds)
     proposer = SearchProposer(config)
     print(f"search proposer benchmark: {len(keys)} tasks; per task and run at most {args.n} candidates, "

@@ -200,16 +200,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 
     from stepforge.benchmark.schema import load_benchmark
-    from stepforge.benchmark.selection import select
+    from stepforge.benchmark.selection import select_option
     from stepforge.benchmark.verifier import DEFAULT_SEEDS
     from stepforge.errors import ConfigError
 
     tasks = load_benchmark()
     try:
-        keys = select([p.strip() for p in args.tasks.split(",") if p.strip()], tasks, "--tasks")
+        keys = select_option(args.tasks, tasks)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        parser.error(str(exc))  # exits 2 with the usage and the message
     jobs = [(key, tasks[key], tasks[key].impl) for key in keys
             if tasks[key].impl and (args.only is None or args.only in key)]
     if not jobs:

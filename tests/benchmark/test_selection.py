@@ -135,3 +135,12 @@ def test_tasks_command_filters_and_reports_difficulty_and_split():
         ["bmm/bmm_0", "rope/G_0_3_02", "rope/G_0_3_03", "rope/G_0_4_01"]
     res = runner.invoke(app, ["tasks", "--difficulty", "extreme"])
     assert res.exit_code == 2 and "difficulty[0]" in res.output
+
+
+def test_select_option_reads_a_comma_separated_command_line_value():
+    from stepforge.benchmark.selection import select_option
+
+    keys = ["norm/a", "norm/b", "bmm/c"]
+    assert select_option(" norm/b , bmm/* ,", keys) == ["norm/b", "bmm/c"]
+    with pytest.raises(ConfigError, match="--tasks"):
+        select_option("nothing/*", keys)
