@@ -1,6 +1,6 @@
-"""Benchmark of the search proposer on the 26 benchmark tasks.
+"""Benchmark of the search proposer on the benchmark's tasks (`--tasks`: a split, keys or globs; default all 58).
 
-For each task (`load_benchmark()`), the search proposer's candidates are
+For each selected task (`load_benchmark()`), the search proposer's candidates are
 verified in the order it makes them (`stepforge.benchmark.verifier.verify`)
 until the first correct one; reported: solved or not, the time to the first
 correct program (search + verification of every candidate before it),
@@ -18,8 +18,8 @@ Budget per task and run: at most `--n` candidates, `--max-expansions` and
 `--task-seconds` in all. Temperature 0 (the prior's order), seed 0.
 
 The last line is exactly
-    search solved <A>/26 cold, <B>/26 with demonstrations, median <t>s per solved task
-where the median is over the tasks solved cold.
+    search solved <A>/<T> cold, <B>/<T> with demonstrations, median <t>s per solved task
+for T selected tasks, where the median is over the tasks solved cold.
 
     python scripts/bench_search.py [--tasks GLOB] [--json out.json]
 """
