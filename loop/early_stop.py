@@ -156,7 +156,7 @@ def run_streaming(executor: "Executor", jobs: list["SampleJob"], solved: Collect
                         settle(ji, seq, rec)
                     else:
                         pending[ticket], where[ticket] = rec, (ji, seq)
-                        executor.verifier.submit([(ticket, rec.task, rec.guarded)])
+                        executor.verifier.submit([(ticket, rec.task, rec.guarded, rec.mode)])
                         ticket += 1
             elif item:
                 _, ji, drawn, stopped = item

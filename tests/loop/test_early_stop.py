@@ -21,7 +21,7 @@ from stepforge.loop.algorithm import LoopSettings, run_algorithm1
 from stepforge.loop.early_stop import LAG
 from stepforge.loop.executor import Executor, SampleJob
 from stepforge.loop.interfaces import Proposal, ProposalRequest, StreamingProposer
-from stepforge.loop.verifiers import InlineVerifier, VerifierBackend
+from stepforge.loop.verifiers import InlineVerifier, VerifierBackend, unpack_item
 
 TEMPS = (0.4, 0.7, 1.0)
 
@@ -58,7 +58,7 @@ class LateVerifier(VerifierBackend):
 
     def _work(self):
         while True:
-            ticket, task, program = self._in.get()
+            ticket, task, program, _mode = unpack_item(self._in.get())
             time.sleep(self.delay_s)
             self._out.put((ticket, ok_verify(task, program)))
 
@@ -173,3 +173,29 @@ def test_loop_with_a_streaming_proposer_solves_and_records_only_what_was_needed(
         ("B", 1.0, 0), ("B", 1.0, 1), ("B", 1.0, 2), ("B", 1.0, 3)]
     entry = next(e for e in result.buffer if e.task_key == "B")
     assert entry.n_samples == 8
+
+
+class ModeRecordingVerifier(InlineVerifier):
+    """InlineVerifier that remembers the mode of every item it was given."""
+
+    def __init__(self):
+        super().__init__(ok_verify)
+        self.modes: list[str] = []
+
+    def submit(self, items):
+        self.modes.extend(item[3] if len(item) > 3 else "closed" for item in items)
+        super().submit([item[:3] for item in items])
+
+
+def test_an_open_job_reaches_the_verifier_as_open_items():
+    """The early-stop path used to drop the sample's mode, so every open candidate was parsed as a program."""
+    verifier = ModeRecordingVerifier()
+    proposer = StreamScripted({("A", 0.4): ["no", "ok"]})
+    executor = Executor(proposer, None, verifier, extract=lambda r: r, open_extract=lambda r: r, stop_when_solved=True)
+    jobs = [SampleJob(round=0, step=0, task="A", spec=make_task("A"), temperature=0.4, n=2, seed=0, mode="open")]
+    try:
+        records = executor.run(jobs)
+    finally:
+        executor.close()
+    assert [r.correct for r in records] == [False, True] and all(r.mode == "open" for r in records)
+    assert verifier.modes == ["open", "open"]
