@@ -278,8 +278,8 @@ def _made(ts: TypedStatement, per_op: list[list[int]]) -> dict[str, int]:
     st = ts.stmt
     if isinstance(st, Apply):
         return dict(zip(st.targets, per_op[0])) if st.unpack else {st.targets[0]: sum(per_op[0])}
-    if isinstance(st, Comprehension):  # an item that is a list of streams counts 0, as _elements of a list does
-        return {st.target: sum(outs[0] for op, outs in zip(ts.ops, per_op) if not isinstance(op.out_type, list))}
+    if isinstance(st, Comprehension):  # each item is one stream (the type check refuses multi-output ops here)
+        return {st.target: sum(sum(outs) for outs in per_op)}
     return {}
 
 

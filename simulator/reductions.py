@@ -30,11 +30,15 @@ _TERM = re.compile(r"state\[(\d+)\]\+input\[(\d+)\]|torch\.maximum\(state\[(\d+)
 _MAX_SOURCE = 400  # a recognisable body is short; longer text is not scanned
 
 
-@functools.lru_cache(maxsize=4096)
 def recognise(source: str) -> Optional[tuple[tuple[str, int], ...]]:
     """Per output field ("sum" | "max", input field), or None if the body is not a plain running reduction."""
     if len(source) > _MAX_SOURCE or "#" in source:
-        return None
+        return None  # decided before the cache, so the cache only ever holds short texts
+    return _recognise_short(source)
+
+
+@functools.lru_cache(maxsize=4096)
+def _recognise_short(source: str) -> Optional[tuple[tuple[str, int], ...]]:
     text = re.sub(r"\s+", "", source)
     if text.startswith("return"):
         text = text[len("return"):]
