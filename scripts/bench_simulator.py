@@ -1,9 +1,11 @@
 """Time the simulator's two engines: naive (element by element) vs vectorised.
 
-    python scripts/bench_simulator.py [--repeats 3] [--only SUBSTRING] [--builtin] [--sizes default,large] [--device cpu]
+    python scripts/bench_simulator.py [--tasks published] [--repeats 3] [--only SUBSTRING] [--builtin]
+        [--sizes default,large] [--device cpu]
 
-Programs: the benchmark's reference solutions (`stepforge.benchmark.schema.
-load_benchmark`, inputs built from each task's `data_gen`, parameters and
+Programs: the reference solutions of the selected tasks (`--tasks`: a
+split, published / new / all, or keys and globs; default published, the 26
+tasks the figures have always been measured on; inputs built from each task's `data_gen`, parameters and
 `global`), or, when the benchmark cannot be loaded (or with --builtin), a
 built-in representative set: batched matmul, layer norm, online-softmax
 attention and routed experts (Partition / Map / Merge). The script says which.
@@ -21,7 +23,17 @@ last two lines are
     speedup <X>x at M=16 N=32 K=32 D=32 (naive <a>s, vectorised <b>s)
 
 over the programs that ran at that size (the first over those with an
-oracle). Timings are for reading, not tests.
+oracle). Just before them, a line says how far an interpreter that issues
+the vectorised engine's torch kernels can get at all:
+
+    kernel replay: vectorised <n> kernels in <f>s, oracles <m> kernels in <g>s (<q>x the oracles' time)
+
+Each program's kernels (and its oracle's) are recorded once at the
+dispatcher (a TorchDispatchMode) with their very arguments and replayed back
+to back, best of --repeats: the same tensor work with no interpreter at all,
+so <q> is the floor of the first line's ratio for any engine that issues
+those kernels (fewer, fused kernels are the only way below it).
+Timings are for reading, not tests.
 With --device cuda the inputs are built on the CPU (same seeds, same data),
 moved to the GPU, and both engines run there (torch.device as the default
 for every tensor they create); each timing ends with a CUDA synchronize.
@@ -37,6 +49,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from stepforge.simulator import (
     MultihotType,
@@ -126,17 +139,25 @@ def task_case(key: str, task) -> Case:
     return Case(key, task.impl, build, oracle)
 
 
-def benchmark_cases() -> tuple[list[Case], str]:
+def benchmark_cases(selection: str = "all") -> tuple[list[Case], str]:
+    """The reference solutions of the tasks `selection` names (see `selection.select_option`).
+
+    A selection that names no task raises ConfigError; a benchmark that cannot be
+    loaded gives no cases and says why.
+    """
     try:
         from stepforge.benchmark.schema import load_benchmark
 
         tasks = load_benchmark()
     except Exception as exc:  # the benchmark is optional for this script
         return [], f"benchmark not loadable ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
-    cases = [task_case(key, t) for key, t in tasks.items() if t.impl]
+    from stepforge.benchmark.selection import select_option
+
+    keys = select_option(selection, tasks)
+    cases = [task_case(key, tasks[key]) for key in keys if tasks[key].impl]
     if not cases:
-        return [], "benchmark has no reference solutions"
-    return cases, f"the benchmark's {len(cases)} reference solutions"
+        return [], "the selected tasks have no reference solutions"
+    return cases, f"the reference solutions of --tasks {selection} ({len(cases)})"
 
 
 # ---------------------------------------------------------------------------
@@ -324,6 +345,71 @@ def time_case(case: Case, sizes: dict, repeats: int, seed: int = 0, device: str 
             "oracle": time_oracle(case, sizes, repeats, seed)}
 
 
+class KernelRecorder(TorchDispatchMode):
+    """Records every kernel dispatched inside it: (op, args, kwargs, result)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        self.calls.append((func, args, kwargs, out))
+        return out
+
+
+def record_kernels(call: Callable[[], Any]) -> list[tuple]:
+    """The kernels `call()` dispatches, in order, with their arguments and results."""
+    recorder = KernelRecorder()
+    with recorder:
+        call()
+    return recorder.calls
+
+
+def replay_kernels(calls: list[tuple]) -> list:
+    """Run recorded kernels again on their recorded arguments; their new results."""
+    return [func(*args, **kwargs) for func, args, kwargs, _ in calls]
+
+
+def time_replay(calls: list[tuple], repeats: int, device: str = "cpu") -> float:
+    """Best of `repeats` back-to-back replays of `calls` (after a warm-up)."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    replay_kernels(calls)
+    sync()
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for func, args, kwargs, _ in calls:
+            func(*args, **kwargs)
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def replay_case(case: Case, sizes: dict, repeats: int, seed: int = 0, device: str = "cpu") -> dict:
+    """Kernel counts and replay times of a program's vectorised run and of its oracle."""
+    program = parse_program(case.text)
+    inputs, fns, binding, input_data = case.build(sizes, seed)
+    inputs = {n: Stream(s.type, _to_device(s.data, device)) for n, s in inputs.items()}
+    for name, value in list(input_data.items()):
+        input_data[name] = _to_device(value, device)
+
+    def vectorised():
+        with torch.device(device):
+            run_program(program, _clone(inputs), fns, dict(binding), engine="vectorised")
+
+    vectorised()  # warm: what fns learn on their first call is not part of a run
+    calls = record_kernels(vectorised)
+    out = {"kernels": len(calls), "replay": time_replay(calls, repeats, device)}
+    if case.oracle is not None:
+        oracle = case.oracle(sizes, seed)
+        oracle()
+        oracle_calls = record_kernels(oracle)
+        out.update(oracle_kernels=len(oracle_calls), oracle_replay=time_replay(oracle_calls, repeats, device))
+    return out
+
+
 def time_oracle(case: Case, sizes: dict, repeats: int, seed: int = 0) -> Optional[float]:
     """Best of `repeats` runs (after a warm-up) of the task's own torch oracle on the same inputs."""
     if case.oracle is None:
@@ -345,6 +431,8 @@ def _label(sizes: dict) -> str:
 def main(argv: Optional[list] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3, help="vectorised runs to take the best of (after a warm-up)")
+    parser.add_argument("--tasks", default="published",
+                        help="a split (published, new, all) or comma-separated task keys and globs (default: published)")
     parser.add_argument("--only", default=None, help="only programs whose name contains this")
     parser.add_argument("--builtin", action="store_true", help="use the built-in programs even if the benchmark loads")
     parser.add_argument("--sizes", default="default,large", help="comma list of: " + ", ".join(SIZES))
@@ -354,7 +442,12 @@ def main(argv: Optional[list] = None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: CUDA is not available")
 
-    cases, source = ([], "--builtin given") if args.builtin else benchmark_cases()
+    from stepforge.errors import ConfigError
+
+    try:
+        cases, source = ([], "--builtin given") if args.builtin else benchmark_cases(args.tasks)
+    except ConfigError as exc:
+        parser.error(str(exc))  # exits 2 with the usage and the message
     if not cases:
         cases = builtin_cases()
         print(f"programs: built-in representative set (bmm, layernorm, attention, experts); {source}")
@@ -373,6 +466,7 @@ def main(argv: Optional[list] = None) -> int:
         print(f"{'program':32s} {'naive s':>9s} {'vectorised s':>13s} {'speedup':>9s} {'oracle s':>9s}  check")
         tn = tv = 0.0
         to = tvo = 0.0  # oracle time, and vectorised time over the programs that have an oracle
+        replay = {"kernels": 0, "replay": 0.0, "oracle_kernels": 0, "oracle_replay": 0.0}  # over those too
         skipped, ratios = [], []
         for case in cases:
             try:
@@ -387,6 +481,8 @@ def main(argv: Optional[list] = None) -> int:
             if r["oracle"] is not None:
                 to += r["oracle"]
                 tvo += r["vectorised"]
+                for k, v in replay_case(case, sizes, args.repeats, device=args.device).items():
+                    replay[k] += v
             ratios.append(r["naive"] / r["vectorised"])
             check = "ok" if r["ok"] else f"MISMATCH (max rel diff {r['worst']:.2e})"
             oracle = f"{r['oracle']:9.4f}" if r["oracle"] is not None else f"{'-':>9s}"
@@ -396,9 +492,12 @@ def main(argv: Optional[list] = None) -> int:
         geomean = math.exp(sum(map(math.log, ratios)) / len(ratios)) if ratios else float("nan")
         print(f"{'total':32s} {tn:9.3f} {tv:13.4f} {tn / tv if tv else float('nan'):8.1f}x  (geometric mean of "
               f"per-program speedups {geomean:.1f}x)" + (f"  ({len(skipped)} skipped: {', '.join(skipped)})" if skipped else ""))
-        totals[size_name.strip()] = (sizes, tn, tv, to, tvo)
-    sizes, tn, tv, to, tvo = totals.get("large", list(totals.values())[-1])
+        totals[size_name.strip()] = (sizes, tn, tv, to, tvo, replay)
+    sizes, tn, tv, to, tvo, replay = totals.get("large", list(totals.values())[-1])
     ratio = f"{tvo / to:.2f}x" if to > 0 else "no oracles"
+    floor = f"{replay['replay'] / to:.2f}x the oracles' time" if to > 0 else "no oracles"
+    print(f"kernel replay: vectorised {replay['kernels']} kernels in {replay['replay']:.4f}s, oracles "
+          f"{replay['oracle_kernels']} kernels in {replay['oracle_replay']:.4f}s ({floor})")
     print(f"vectorised {tvo:.4f}s, oracles {to:.4f}s at {_label(sizes)} ({ratio})")
     print(f"speedup {tn / tv:.1f}x at {_label(sizes)} (naive {tn:.3f}s, vectorised {tv:.3f}s)")
     return 0

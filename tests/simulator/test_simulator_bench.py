@@ -54,6 +54,28 @@ def test_script_prints_the_speedup_line_last(bench, capsys, monkeypatch):
     assert lines[0].startswith("programs: built-in representative set")
     assert sum(" ok" in line for line in lines) == 8  # 4 programs x 2 sizes, engines agree
     assert re.fullmatch(r"speedup \d+\.\dx at M=2 N=2 K=3 D=2 \(naive \d+\.\d{3}s, vectorised \d+\.\d{3}s\)", lines[-1])
+    assert re.fullmatch(r"vectorised \d+\.\d{4}s, oracles \d+\.\d{4}s at M=2 N=2 K=3 D=2 \(\d+\.\d\dx\)", lines[-2])
+    replay = re.fullmatch(r"kernel replay: vectorised (\d+) kernels in \d+\.\d{4}s, oracles (\d+) kernels in "
+                          r"\d+\.\d{4}s \(\d+\.\d\dx the oracles' time\)", lines[-3])
+    assert replay and int(replay[1]) > int(replay[2]) > 0
+
+
+def test_replayed_kernels_recompute_the_run(bench):
+    """The replay floor does the run's own tensor work: replaying the recorded kernels gives the recorded results."""
+    case = bench.builtin_cases()[2]  # attention: a Map, a Zip and an online-softmax Accum
+    inputs, fns, binding, _ = case.build({"M": 2, "N": 3, "K": 4, "D": 5}, 0)
+    program = parse_program(case.text)
+    run_program(program, inputs, fns, dict(binding))  # warm, as replay_case does: fns try their layouts once
+    results = []
+    calls = bench.record_kernels(lambda: results.append(run_program(program, inputs, fns, dict(binding))))
+    ops = {str(func) for func, *_ in calls}
+    assert len(calls) >= 5 and any("exp" in op for op in ops) and not any("rand" in op for op in ops), ops
+    again = bench.replay_kernels(calls)
+    for (func, _, _, recorded), new in zip(calls, again):
+        if isinstance(recorded, torch.Tensor) and recorded.is_floating_point():
+            assert new is not recorded and torch.equal(recorded, new), func  # computed again, to the same values
+    final = results[0][0].data
+    assert any(isinstance(r, torch.Tensor) and r.shape == final.shape and torch.allclose(r, final) for *_, r in calls)
 
 
 def test_device_option(bench, capsys, monkeypatch):
