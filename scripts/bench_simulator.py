@@ -3,40 +3,30 @@
     python scripts/bench_simulator.py [--tasks published] [--repeats 3] [--only SUBSTRING] [--builtin]
         [--sizes default,large] [--device cpu]
 
-Programs: the reference solutions of the selected tasks (`--tasks`: a
-split, published / new / all, or keys and globs; default published, the 26
-tasks the figures have always been measured on; inputs built from each task's `data_gen`, parameters and
-`global`), or, when the benchmark cannot be loaded (or with --builtin), a
-built-in representative set: batched matmul, layer norm, online-softmax
-attention and routed experts (Partition / Map / Merge). The script says which.
+Programs: the reference solutions of the selected tasks (`--tasks`: a split,
+published / new / all, or keys and globs; default published, the 26 tasks the
+figures have always been measured on), or, when the benchmark cannot be
+loaded (or with --builtin), a built-in set: batched matmul, layer norm,
+online-softmax attention and routed experts. The script says which.
 
 Each program runs at the default sizes (M=5 N=7 K=9 D=16) and at M=16 N=32
-K=32 D=32, with torch.set_num_threads(1). The vectorised time is the best of
---repeats runs after one warm-up run (fns learn once whether they vmap; the
-verifier keeps them warm the same way); the naive time is one run. Both
-results are compared (allclose) and a mismatch is printed. Each program's
-task oracle (its `data_transform`, in float32 on the same inputs; for the
-built-in set, plain torch) is timed the same way as the vectorised run. The
-last two lines are
+K=32 D=32, one thread. The vectorised time is the best of --repeats runs after
+a warm-up (fns learn once how they batch, as in the verifier); the naive time
+is one run; the results are compared (allclose). Each task's oracle (its
+`data_transform` in float32 on the same inputs) is timed as the vectorised
+run. Each program's kernels and its oracle's are also recorded at the
+dispatcher (a TorchDispatchMode) and replayed back to back, best of --repeats:
+the same tensor work with no interpreter, the floor of the vectorised/oracle
+ratio for any engine that issues those kernels. The last three lines are
 
+    kernel replay: vectorised <n> kernels in <f>s, oracles <m> kernels in <g>s (<q>x the oracles' time)
     vectorised <v>s, oracles <o>s at M=16 N=32 K=32 D=32 (<r>x)
     speedup <X>x at M=16 N=32 K=32 D=32 (naive <a>s, vectorised <b>s)
 
-over the programs that ran at that size (the first over those with an
-oracle). Just before them, a line says how far an interpreter that issues
-the vectorised engine's torch kernels can get at all:
-
-    kernel replay: vectorised <n> kernels in <f>s, oracles <m> kernels in <g>s (<q>x the oracles' time)
-
-Each program's kernels (and its oracle's) are recorded once at the
-dispatcher (a TorchDispatchMode) with their very arguments and replayed back
-to back, best of --repeats: the same tensor work with no interpreter at all,
-so <q> is the floor of the first line's ratio for any engine that issues
-those kernels (fewer, fused kernels are the only way below it).
-Timings are for reading, not tests.
-With --device cuda the inputs are built on the CPU (same seeds, same data),
-moved to the GPU, and both engines run there (torch.device as the default
-for every tensor they create); each timing ends with a CUDA synchronize.
+over the programs that ran at that size (the first two over those with an
+oracle). Timings are for reading, not tests. With --device cuda the inputs
+are built on the CPU (same seeds), moved to the GPU, and both engines run
+there; each timing ends with a CUDA synchronize.
 """
 
 from __future__ import annotations

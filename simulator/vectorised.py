@@ -25,6 +25,11 @@ def _numel(shape) -> int:
     return math.prod(shape)
 
 
+def _as_shape(t: torch.Tensor, shape: tuple) -> torch.Tensor:
+    """`t.reshape(shape)`, skipping the call where the shape is already that (most Maps over 1-D streams)."""
+    return t if t.shape == shape else t.reshape(shape)
+
+
 class VectorisedEngine(Engine):
     def load(self, stream: Stream, binding):
         return stream.field_tensors()
@@ -42,10 +47,10 @@ class VectorisedEngine(Engine):
             sd = len(op.arg_type[0].shape)
         else:
             sd = len(op.arg_type.shape)
-        axes = arg[0].shape[:sd]
-        flat = [f.reshape((_numel(axes),) + f.shape[sd:]) for f in arg]
+        axes = tuple(arg[0].shape[:sd])
+        flat = [_as_shape(f, (_numel(axes),) + f.shape[sd:]) for f in arg]
         out = op.params["fn"].map(flat, binding)
-        return [o.reshape(tuple(axes) + o.shape[1:]) for o in out]
+        return [_as_shape(o, axes + o.shape[1:]) for o in out]
 
     def _zip(self, op, arg, binding):
         return [f for value in arg for f in value]
@@ -57,13 +62,13 @@ class VectorisedEngine(Engine):
         axes = tuple(arg[0].shape[:sd])
         outer, inner = axes[: sd - k], axes[sd - k:]
         n_outer, n_inner = _numel(outer), _numel(inner)
-        xs = [f.reshape((n_outer, n_inner) + f.shape[sd:]) for f in arg]
+        xs = [_as_shape(f, (n_outer, n_inner) + f.shape[sd:]) for f in arg]
         state = fn.init_state(binding, (n_outer,), device=arg[0].device)
         whole = running_reduction(fn.source, state, xs, keep_all=scan)
         if whole is None:
             whole = fn.fold_steps(state, xs, binding, keep_all=scan)
         if whole is not None:
-            return [w.reshape((axes if scan else outer) + w.shape[2 if scan else 1:]) for w in whole]
+            return [_as_shape(w, (axes if scan else outer) + w.shape[2 if scan else 1:]) for w in whole]
         history = []
         for t in range(n_inner):
             state = fn.fold(state, [x[:, t] for x in xs], binding)
