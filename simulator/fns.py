@@ -248,11 +248,13 @@ class StepFn:
         out_shapes = self.out_shapes(binding)
         if batch == 0:
             return [torch.zeros((0,) + s, dtype=torch.float32, device=inputs[0].device) for s in out_shapes]
-        result = None
         layout = self._batches_itself(inputs, state)
         if layout is not None:
             result = self._try_direct(inputs, state, layout, [(batch,) + s for s in out_shapes])
-        if result is None and self._vmappable is not False:
+            if result is not None:
+                return result  # _call_whole gave exactly these shapes
+        result = None
+        if self._vmappable is not False:
             result = self._try_vmap(inputs, state)
         if result is None:
             result = self._loop(inputs, state)

@@ -14,6 +14,7 @@ keeps the checked program itself (the verifier, once per size binding).
 
 from __future__ import annotations
 
+import functools
 import math
 from abc import ABC, abstractmethod
 from collections import OrderedDict
@@ -389,9 +390,18 @@ def run_typed(typed: TypedProgram, inputs: Mapping[str, Stream], binding: Mappin
     return _engine(engine).run(typed, inputs, binding)
 
 
+@functools.lru_cache(maxsize=1024)
+def _input_shapes(stype: StreamType, binding: tuple) -> list[tuple[int, ...]]:
+    return _tensor_shapes(stype, dict(binding), None)
+
+
 def _check_inputs(inputs: Mapping[str, Stream], binding: Mapping[str, int]) -> None:
+    items = tuple(sorted(binding.items()))
     for name, stream in inputs.items():
-        expected = _tensor_shapes(stream.type, binding, None)
+        try:
+            expected = _input_shapes(stream.type, items)
+        except TypeError:  # an unhashable binding value: not remembered
+            expected = _tensor_shapes(stream.type, binding, None)
         got = [tuple(t.shape) for t in stream.field_tensors()]
         if got != expected:
             raise StepRuntimeError(f"input {name}: tensor shape {got} does not match its type {stream.type} ({expected})")

@@ -11,16 +11,12 @@ from stepforge.simulator.shapes import Shape, format_shape, shape_values
 from stepforge.simulator.types import ElemType, LeafType
 
 
-_MAX_SHAPES_MEMO = 64  # bindings whose tensor shapes one stream type remembers
-
-
 @dataclass(frozen=True)
 class StreamType:
     """A stream's element type and shape (dims innermost first).
 
-    Types key the interpreter's caches and are asked for their tensor shapes
-    on every run, so each remembers its hash and, per binding of its size
-    symbols, its shapes; neither memo is pickled (string hashes differ
+    Types key the interpreter's caches on every run and their dims hash
+    Fractions, so each remembers its hash (not pickled: string hashes differ
     between processes).
     """
 
@@ -36,24 +32,8 @@ class StreamType:
 
     def tensor_shapes(self, binding: Mapping[str, int]) -> list[tuple[int, ...]]:
         """The concrete tensor shape of each field under `binding`."""
-        memo = self.__dict__.get("_shapes")
-        if memo is None:
-            symbols = sorted({name for d in self.shape for name in d.symbols}
-                             | {name for f in self.fields() for d in f.elem_dims() for name in d.symbols})
-            memo = ({}, tuple(symbols))
-            object.__setattr__(self, "_shapes", memo)
-        shapes, symbols = memo
-        try:
-            key = tuple(int(binding[name]) for name in symbols)
-        except (KeyError, TypeError, ValueError):
-            key = None  # an unbound or odd size: computed (and reported) below
-        found = shapes.get(key) if key is not None else None
-        if found is None:
-            stream_axes = tuple(reversed(shape_values(self.shape, binding)))
-            found = [stream_axes + shape_values(f.elem_dims(), binding) for f in self.fields()]
-            if key is not None and len(shapes) < _MAX_SHAPES_MEMO:
-                shapes[key] = found
-        return list(found)
+        stream_axes = tuple(reversed(shape_values(self.shape, binding)))
+        return [stream_axes + shape_values(f.elem_dims(), binding) for f in self.fields()]
 
     def __hash__(self) -> int:
         value = self.__dict__.get("_hash")
@@ -63,7 +43,7 @@ class StreamType:
         return value
 
     def __getstate__(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k not in ("_hash", "_shapes")}
+        return {k: v for k, v in self.__dict__.items() if k != "_hash"}
 
     def __str__(self) -> str:
         return f"{self.elem} {format_shape(self.shape)}"
