@@ -276,3 +276,27 @@ def test_resource_error_covers_buffer_and_tuple_fields():
     with pytest.raises(ResourceError) as err:
         run_program(parse_program(text), inputs, fns(), B, max_elements=47)
     assert err.value.line == 2 and "48 elements" in err.value.message
+
+
+def test_a_stream_type_remembers_its_hash_but_does_not_pickle_it(tmp_path):
+    """The remembered hash is per process (symbol names are strings, whose hashes are salted per process):
+    a type pickled after hashing must hash afresh, and so still find its equal as a dict key, elsewhere."""
+    import os
+    import pickle
+    import subprocess
+    import sys
+
+    stype = StreamType(parse_dtype("Buffer(fp32, [N, D])"), parse_dims(["K", "M"]))
+    assert hash(stype) == hash(StreamType(parse_dtype("Buffer(fp32, [N, D])"), parse_dims(["K", "M"])))
+    (tmp_path / "t.pkl").write_bytes(pickle.dumps(stype))
+    script = (
+        "import pickle, sys\n"
+        "from stepforge.simulator import StreamType, parse_dims, parse_dtype\n"
+        "t = pickle.loads(open(sys.argv[1], 'rb').read())\n"
+        "fresh = StreamType(parse_dtype('Buffer(fp32, [N, D])'), parse_dims(['K', 'M']))\n"
+        "print(t == fresh, {fresh: 1}.get(t), hash(t) == hash(fresh))\n"
+    )
+    for seed in ("1", "2"):
+        out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "t.pkl")], capture_output=True, text=True,
+                             env={**os.environ, "PYTHONHASHSEED": seed}, check=True).stdout
+        assert out.split() == ["True", "1", "True"], out
