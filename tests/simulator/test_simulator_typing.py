@@ -300,3 +300,18 @@ def test_a_stream_type_remembers_its_hash_but_does_not_pickle_it(tmp_path):
         out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "t.pkl")], capture_output=True, text=True,
                              env={**os.environ, "PYTHONHASHSEED": seed}, check=True).stdout
         assert out.split() == ["True", "1", "True"], out
+
+
+def test_an_input_of_the_wrong_shape_is_refused_after_runs_of_the_right_one():
+    """The input check remembers expected shapes per (type, binding); a later wrong tensor is still caught."""
+    from stepforge.simulator import StepRuntimeError
+
+    fns = fn_table(B, FNS)
+    program = parse_program("y = step.Map(fn=f_s).apply(E0)\nreturn y")
+    for _ in range(2):
+        (out,) = run_program(program, {"E0": stream("fp32", ["N", "M"], torch.zeros(2, 3))}, fns, B)
+        assert torch.equal(out.data, torch.ones(2, 3))
+    with pytest.raises(StepRuntimeError, match=r"input E0: tensor shape \[\(3, 2\)\] does not match its type"):
+        run_program(program, {"E0": stream("fp32", ["N", "M"], torch.zeros(3, 2))}, fns, B)
+    with pytest.raises(StepRuntimeError, match=r"input E0: tensor shape \[\(2, 3\)\] does not match"):
+        run_program(program, {"E0": stream("fp32", ["N", "M"], torch.zeros(2, 3))}, fns, {**B, "N": 4})
